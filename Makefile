@@ -1,0 +1,35 @@
+# make test  – create .venv if needed, install (CPU torch pinned), run ruff + pytest
+# make demo  – create .venv if needed, install, run the CPU demo (FRESH=1 starts over)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# constraints.txt pins torch to the CPU build; torchvision is never installed.
+	$(PIP) install -q -c constraints.txt -e '.[dev,demo]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m ldm.demo $(if $(FRESH),--fresh,)
+
+bench: install
+	$(BIN)/python bench/autoencoder.py
+	$(BIN)/python bench/unet.py
+	$(BIN)/python bench/data.py
+
+clean:
+	rm -rf $(VENV) runs demo_runs .pytest_cache

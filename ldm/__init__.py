@@ -1,0 +1,1 @@
+"""ldm: text-to-image latent diffusion."""

@@ -1,0 +1,1 @@
+"""Checkpoint format and key mappings for external layouts."""

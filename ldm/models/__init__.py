@@ -1,0 +1,1 @@
+"""Plain nn.Module models: autoencoder, U-Net, text encoders, discriminator."""

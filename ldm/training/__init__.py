@@ -1,0 +1,1 @@
+"""Lightning systems (autoencoder, latent diffusion), optimisation, callbacks and loggers."""

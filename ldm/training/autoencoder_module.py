@@ -1,0 +1,152 @@
+"""The Lightning system that trains the KL autoencoder with its GAN loss.
+
+Manual optimisation with ONE AdamW holding two parameter groups (autoencoder + learned log-variance,
+and the discriminator with its own learning rate). Each step backpropagates the generator loss
+with the discriminator frozen, then (once ``disc_start`` is reached) the discriminator loss on
+detached reconstructions, and takes a single optimiser step. One ``optimizer.step()`` per batch
+keeps ``trainer.global_step`` equal to the number of batches trained (Lightning counts every
+optimiser step in manual optimisation, so two optimisers would double it and halve
+``max_steps``), and the learning-rate schedule applies to both groups alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.eval.reconstruction import psnr, ssim
+from ldm.training.optim import build_optimizer, build_scheduler
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Trains an ``AutoencoderKL`` with reconstruction + KL + PatchGAN losses.
+
+    Args:
+        autoencoder: The ``AutoencoderKL`` to train.
+        loss: The ``AutoencoderLoss`` (owns the discriminator and the learned log-variance).
+        lr: Learning rate of the autoencoder group.
+        disc_lr: Learning rate of the discriminator group (None: ``lr``).
+        betas: AdamW betas (taming/SD use (0.5, 0.9) for GAN training).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps.
+        lr_schedule: ``constant`` or ``cosine`` after warm-up.
+        min_lr_ratio: Cosine floor.
+        total_steps: Steps the cosine schedule spans.
+        gradient_clip_val: Gradient-norm clipping (None: off); done here because Lightning
+            does not clip in manual optimisation.
+    """
+
+    checkpoint_kind = "autoencoder"
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        loss: nn.Module,
+        lr: float = 4.5e-6,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
+        total_steps: int = 0,
+        gradient_clip_val: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.loss = loss
+        self.lr = lr
+        self.disc_lr = lr if disc_lr is None else disc_lr
+        self.betas = tuple(betas)
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.total_steps = total_steps
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = False
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.loss.discriminator
+
+    def _disc_active(self, step: int) -> bool:
+        return step >= self.loss.disc_start and self.loss.disc_factor > 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        step = self.global_step
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+
+        reconstruction, posterior = self.autoencoder(x)
+        self.discriminator.requires_grad_(False)
+        g_loss, g_log = self.loss.generator_loss(
+            x, reconstruction, posterior, step, self.autoencoder.get_last_layer()
+        )
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self.discriminator.requires_grad_(True)
+        logs = {f"train/{k}": v for k, v in g_log.items()}
+        if self._disc_active(step):
+            d_loss, d_log = self.loss.discriminator_loss(x, reconstruction.detach(), step)
+            self.manual_backward(d_loss)
+            logs.update({f"train/{k}": v for k, v in d_log.items()})
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        logs["train/lr"] = torch.tensor(sched.get_last_lr()[0])
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(x))
+        self.log("train/loss", g_loss.detach(), prog_bar=True, on_step=True, batch_size=len(x))
+        return g_loss.detach()
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        posterior = self.autoencoder.encode(x)
+        reconstruction = self.autoencoder.decode(posterior.mode())
+        g_loss, g_log = self.loss.generator_loss(
+            x, reconstruction, posterior, self.global_step, None
+        )
+        logs = {f"val/{k}": v for k, v in g_log.items() if k in ("rec_loss", "kl_loss", "nll_loss")}
+        logs["val/psnr"] = psnr(reconstruction, x).mean()
+        if min(x.shape[-2:]) >= 11:  # SSIM's 11x11 window needs at least that much image
+            logs["val/ssim"] = ssim(reconstruction, x).mean()
+        self.log_dict(logs, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(x))
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], max_images: int = 8
+                   ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
+        """Inputs and their reconstructions (posterior mode), for the image logger."""
+        x = batch["image"][:max_images].to(self.device)
+        reconstruction = self.autoencoder.decode(self.autoencoder.encode(x).mode())
+        return {"inputs": (x, None), "reconstructions": (reconstruction, None)}
+
+    def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Weights saved in our checkpoints: the autoencoder (with its scale_factor buffer)."""
+        return {"autoencoder": self.autoencoder.state_dict(),
+                "loss": self.loss.state_dict()}
+
+    def configure_optimizers(self) -> Any:
+        disc_params = {id(p) for p in self.discriminator.parameters()}
+        ae_params = list(self.autoencoder.parameters()) + [
+            p for p in self.loss.parameters() if id(p) not in disc_params
+        ]
+        optimizer = build_optimizer(
+            [
+                {"params": ae_params, "lr": self.lr},
+                {"params": list(self.discriminator.parameters()), "lr": self.disc_lr},
+            ],
+            lr=self.lr,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+        )
+        scheduler = build_scheduler(optimizer, self.warmup_steps, self.lr_schedule,
+                                    self.total_steps, self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "step"}}

@@ -1,0 +1,97 @@
+"""Experiment loggers: wandb (online with a key, offline otherwise), CSV, or none.
+
+wandb never prompts and never needs an account: with ``wandb_mode: auto`` it goes online only
+when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry written by
+``wandb login``), and otherwise runs in offline mode, writing to ``<run_dir>/wandb`` for a
+later ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+
+def wandb_has_key() -> bool:
+    """Whether a wandb API key is configured (environment or netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` becomes ``online`` with a key and ``offline`` without; other modes pass."""
+    if mode == "auto":
+        return "online" if wandb_has_key() else "offline"
+    return mode
+
+
+def build_logger(
+    kind: str,
+    run_dir: str | Path,
+    name: str,
+    project: str = "ldm",
+    wandb_mode: str = "auto",
+    config: dict[str, Any] | None = None,
+) -> Logger | bool:
+    """The Lightning logger for a run.
+
+    Args:
+        kind: ``wandb``, ``csv`` or ``none``.
+        run_dir: The run directory (logs go under it).
+        name: Run name.
+        project: wandb project.
+        wandb_mode: ``auto``, ``online`` or ``offline``.
+        config: The resolved run config, stored as the wandb run config / CSV hparams.
+
+    Returns:
+        A logger, or ``False`` for none.
+    """
+    run_dir = Path(run_dir)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        logger = CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        if config:
+            logger.log_hyperparams(config)
+        return logger
+    if kind != "wandb":
+        raise ValueError(f"unknown logger '{kind}'; expected wandb, csv or none")
+    mode = resolve_wandb_mode(wandb_mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"
+    (run_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        name=name,
+        project=project,
+        save_dir=str(run_dir),
+        offline=mode == "offline",
+        config=config or {},
+        settings=_wandb_settings(),
+    )
+    return logger
+
+
+def _wandb_settings() -> Any:
+    import wandb
+
+    # No console capture (keeps Lightning's progress bar clean); no login prompt ever.
+    return wandb.Settings(console="off", silent=True)
+
+
+def define_step_metrics(logger: Logger | bool) -> None:
+    """Declare ``trainer/global_step`` as every metric's x-axis so no point is dropped."""
+    if isinstance(logger, WandbLogger):
+        experiment = logger.experiment
+        if hasattr(experiment, "define_metric"):
+            experiment.define_metric("trainer/global_step")
+            experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
