@@ -132,3 +132,61 @@ class ImageLogger(pl.Callback):
                                 dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking and self.every_n_steps > 0:
             self._log(trainer, pl_module, batch, "val")
+
+
+class ThroughputMonitor(pl.Callback):
+    """Log samples/s (images or cached latents), step time, peak memory and (on GPU) MFU.
+
+    Args:
+        batch_key: Batch entry whose length is the per-device batch size.
+        flops_per_sample: Training FLOPs per sample (forward+backward), for MFU; 0 disables.
+        peak_flops: Peak FLOP/s of one device (default: looked up for known GPUs).
+    """
+
+    PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "4090": 165e12}
+
+    def __init__(self, batch_key: str = "image", flops_per_sample: float = 0.0,
+                 peak_flops: float | None = None) -> None:
+        self.batch_key = batch_key
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self._t0: float | None = None
+
+    def _peak(self) -> float | None:
+        if self.peak_flops:
+            return self.peak_flops
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in self.PEAK_BF16.items() if k in name), None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        import time
+
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        import time
+
+        if self._t0 is None:
+            return
+        cuda = torch.cuda.is_available() and pl_module.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        n = len(batch[self.batch_key]) if isinstance(batch, dict) and self.batch_key in batch else 0
+        if not n and isinstance(batch, dict):
+            n = len(next(iter(batch.values())))
+        world = trainer.world_size
+        metrics = {"perf/step_time_s": dt, "perf/images_per_s": n * world / dt}
+        if cuda:
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = self._peak()
+            if peak and self.flops_per_sample:
+                metrics["perf/mfu"] = n * self.flops_per_sample / dt / peak
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(n, 1))
