@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         build.seed_everything(cfg.run.seed)
+        cfg = build.resolve(cfg)
         path = build.prepare_run_dir(cfg)
         datamodule = build.build_datamodule(cfg)
-        module = build.build_module(cfg)
+        module = build.build_module(cfg, datamodule)
         trainer = build.build_trainer(cfg, path)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

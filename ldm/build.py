@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,9 @@ from ldm.config import to_container, to_yaml
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
+    from ldm.diffusion import DiffusionLoss, NoiseSchedule, Sampler
     from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.latent_diffusion import LatentDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,155 @@ def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
     return model
 
 
+def build_unet(section: Any) -> torch.nn.Module:
+    """``model.unet`` → ``UNetModel``."""
+    from ldm.models.unet import UNetModel
+
+    return UNetModel(**kwargs(section))
+
+
+def build_text_encoder(section: Any) -> torch.nn.Module:
+    """``model.text_encoder`` → a frozen ``TextEncoder`` of the configured kind."""
+    from ldm.models.text_encoders import build_text_encoder as build
+
+    args = kwargs(section)
+    return build(args.pop("kind"), **args)
+
+
+def build_schedule(section: Any) -> NoiseSchedule:
+    """``model.diffusion`` → the ``NoiseSchedule``."""
+    from ldm.diffusion import NoiseSchedule
+
+    d = kwargs(section)
+    return NoiseSchedule(schedule=d["schedule"], num_timesteps=d["num_timesteps"],
+                         beta_start=d["beta_start"], beta_end=d["beta_end"],
+                         zero_terminal_snr=d["zero_terminal_snr"])
+
+
+def build_diffusion_loss(section: Any) -> DiffusionLoss:
+    """``model.diffusion`` → the configured ``DiffusionLoss``."""
+    from ldm.diffusion import DiffusionLoss
+
+    d = kwargs(section)
+    return DiffusionLoss(prediction=d["prediction"], loss_weighting=d["loss_weighting"],
+                         min_snr_gamma=d["min_snr_gamma"], offset_noise=d["offset_noise"],
+                         timestep_sampling=d["timestep_sampling"])
+
+
+def build_sampler(section: Any, disable_progress: bool = False, **override: Any) -> Sampler:
+    """``sampling`` (+ overrides such as ``steps=``) → a ``Sampler``."""
+    from ldm.diffusion import Sampler
+
+    s = {**kwargs(section), **{k: v for k, v in override.items() if v is not None}}
+    return Sampler(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], karras=s["karras"],
+                   timestep_spacing=s["timestep_spacing"], disable_progress=disable_progress)
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Fill what a config takes from elsewhere: an ldm run's autoencoder section comes from
+    ``model.autoencoder_ckpt`` (so the saved config rebuilds the same autoencoder)."""
+    if cfg.task == "ldm" and cfg.model.autoencoder_ckpt:
+        from ldm.checkpoint.format import read_metadata
+        from ldm.config import load
+
+        meta = read_metadata(cfg.model.autoencoder_ckpt)
+        source = load(base={"model": {"autoencoder": _section_of(meta, "autoencoder")}})
+        cfg.model.autoencoder = source.model.autoencoder
+    return cfg
+
+
+def _section_of(meta: dict[str, str], name: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.create(meta.get("config", "{}")), resolve=True)
+    return config.get("model", {}).get(name, {})  # type: ignore[union-attr]
+
+
+def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None
+                           ) -> LatentDiffusion:
+    """``model`` → ``LatentDiffusion``. The autoencoder is, in order: the one given, the one in
+    ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``."""
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    m = cfg.model
+    if autoencoder is None:
+        autoencoder = (load_autoencoder(m.autoencoder_ckpt) if m.autoencoder_ckpt
+                       else build_autoencoder(m.autoencoder))
+    return LatentDiffusion(
+        unet=build_unet(m.unet),
+        autoencoder=autoencoder,
+        text_encoder=build_text_encoder(m.text_encoder),
+        schedule=build_schedule(m.diffusion),
+        prediction=m.diffusion.prediction,
+        use_context_mask=m.use_context_mask,
+    )
+
+
+def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffusion:
+    """Rebuild a ``LatentDiffusion`` from one of our ldm checkpoints (EMA U-Net by default)."""
+    from ldm.config import load
+
+    if ckpt.kind != "ldm":
+        raise CheckpointError(f"a '{ckpt.kind}' checkpoint holds no diffusion model")
+    cfg = load(base=ckpt.config)
+    model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt))
+    unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
+        else "unet"
+    model.unet.load_state_dict(ckpt.module_state(unet_key), strict=True)
+    return model
+
+
+def load_for_sampling(
+    path: str | Path, config_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+    use_ema: bool = True,
+) -> tuple[LatentDiffusion, DictConfig]:
+    """A ``LatentDiffusion`` (eval mode) and its config from any supported checkpoint.
+
+    Args:
+        path: One of our ``ldm`` checkpoints, an original Stable Diffusion single file
+            (``.safetensors``/``.ckpt``) or a diffusers-layout folder.
+        config_files: Configs merged over the checkpoint's own (required for SD files, which
+            carry none, e.g. ``configs/ldm/sd1.yaml``).
+        overrides: ``key=value`` overrides.
+        use_ema: Use EMA U-Net weights when the checkpoint has them.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: Not a diffusion checkpoint (e.g. an autoencoder-only one).
+    """
+    from ldm.checkpoint.format import FORMAT, read_metadata
+    from ldm.config import load
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        from ldm.checkpoint.diffusers_layout import load_diffusers_folder
+
+        cfg = load(config_files, overrides)
+        model = load_diffusers_folder(path, cfg)
+    elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
+        ckpt = load_checkpoint(path)
+        if ckpt.kind != "ldm":
+            raise CheckpointError(
+                f"{path} is a '{ckpt.kind}' checkpoint; sampling needs an 'ldm' checkpoint "
+                "(train one with task=ldm)"
+            )
+        cfg = load(config_files, overrides, base=ckpt.config)
+        model = load_latent_diffusion(ckpt, use_ema=use_ema)
+    else:
+        from ldm.checkpoint.stable_diffusion import load_sd_single_file
+
+        if not config_files:
+            raise CheckpointError(
+                f"{path} is an original Stable Diffusion file, which carries no config: pass "
+                "-c configs/ldm/sd1.yaml (SD 1.x) or -c configs/ldm/sd2.yaml (SD 2.x)"
+            )
+        cfg = load(config_files, overrides)
+        model = load_sd_single_file(path, cfg, use_ema=use_ema)
+    return model.eval(), cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +256,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def build_module(cfg: DictConfig) -> pl.LightningModule:
+def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.LightningModule:
     """The LightningModule for ``cfg.task``."""
     if cfg.task == "autoencoder":
         from ldm.training.autoencoder_module import AutoencoderModule
@@ -122,7 +274,34 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             total_steps=max(cfg.trainer.max_steps, 0),
             gradient_clip_val=cfg.trainer.gradient_clip_val,
         )
-    raise NotImplementedError(f"task '{cfg.task}' has no training module yet")
+    from ldm.training.diffusion_module import DiffusionModule
+
+    empty = None
+    if cfg.data.cached and datamodule is not None:
+        prompt = datamodule.empty_prompt()
+        empty = (prompt["context"], prompt["context_mask"])
+    ema = cfg.model.ema
+    return DiffusionModule(
+        model=build_latent_diffusion(cfg),
+        loss=build_diffusion_loss(cfg.model.diffusion),
+        p_uncond=cfg.model.p_uncond,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        eps=cfg.optim.eps,
+        warmup_steps=cfg.optim.warmup_steps,
+        lr_schedule=cfg.optim.schedule,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+        total_steps=max(cfg.trainer.max_steps, 0),
+        ema_decay=ema.decay if ema.enabled else None,
+        ema_every=ema.update_every,
+        sampler=build_sampler(cfg.sampling, disable_progress=True),
+        sample_prompts=list(cfg.sampling.prompts),
+        guidance=cfg.sampling.guidance,
+        negative_prompt=cfg.sampling.negative_prompt,
+        sample_seed=cfg.sampling.seed,
+        empty_context=empty,
+    )
 
 
 def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None

@@ -71,6 +71,7 @@ class AutoencoderConfig:
     scale_factor: float = opt(
         1.0, "Initial latent scale factor (a buffer; measure it with ldm.training.scale_factor)."
     )
+    use_checkpoint: bool = opt(False, "Gradient checkpointing of encoder/decoder levels.")
 
 
 @dataclass
@@ -144,6 +145,15 @@ class TextEncoderConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Exponential moving average of the U-Net weights (`ldm.training.ema.EMA`)."""
+
+    enabled: bool = opt(True, "Keep an EMA of the U-Net; sampling uses it by default.")
+    decay: float = opt(0.9999, "Target decay d; warm-up uses min(d, (1+n)/(10+n)).")
+    update_every: int = opt(1, "Update the average every k optimizer steps.")
+
+
+@dataclass
 class ModelConfig:
     """All model sections; which are used depends on `task`."""
 
@@ -156,6 +166,10 @@ class ModelConfig:
     diffusion: DiffusionConfig = section(DiffusionConfig, "Diffusion process and loss.")
     text_encoder: TextEncoderConfig = section(TextEncoderConfig, "Frozen text encoder.")
     p_uncond: float = opt(0.1, "Probability of replacing a caption by the empty prompt (CFG).")
+    use_context_mask: bool = opt(
+        False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
+    )
+    ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
 
 
 @dataclass
@@ -386,6 +400,19 @@ def _validate_structure(node: Any, schema: type, source: str, prefix: str = "") 
             _validate_structure(child, type(default), source, full + ".")
 
 
+_LIST_KEYS = {info.key for info in iter_keys() if info.type.startswith("list")}
+
+
+def _listify(item: str) -> str:
+    """``key=value`` for a list-typed key with a bare value becomes ``key=['value']``."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    if key in _LIST_KEYS and value and not value.lstrip().startswith("["):
+        return f"{key}=['{value}']"
+    return item
+
+
 def load(
     files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: Any | None = None
 ) -> DictConfig:
@@ -416,15 +443,15 @@ def load(
             sources.append((OmegaConf.load(path), str(path)))
         except Exception as e:  # YAML syntax errors carry multi-line messages
             raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
-    dotlist = [o[2:] if o.startswith("--") else o for o in overrides]
-    for item in dotlist:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+    dotlist = [_listify(o[2:] if o.startswith("--") else o) for o in overrides]
     if dotlist:
         try:
             sources.append((OmegaConf.from_dotlist(dotlist), "command-line overrides"))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from e
+        except Exception as e:  # YAML parse errors of values are not OmegaConf exceptions
+            raise ConfigError(
+                f"cannot parse overrides {' '.join(dotlist)}: {str(e).splitlines()[0]} "
+                "(quote list items that contain braces or commas: key=['a{0..9}.tar'])"
+            ) from None
     for node, source in sources:
         if isinstance(node, ListConfig):
             raise ConfigError(f"{source} must be a mapping of config sections, not a list")

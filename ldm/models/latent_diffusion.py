@@ -1,0 +1,162 @@
+"""Text-to-image latent diffusion as one plain module: frozen autoencoder and text encoder, the
+trainable U-Net, the noise schedule and the sampling loop (no Lightning; ``sample.py`` uses it).
+
+Rombach et al. 2022, eq. 3: the U-Net ε_θ(z_t, t, τ_θ(y)) denoises autoencoder latents
+z = scale_factor · E(x), conditioned by cross-attention on the text encoding τ_θ(y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion import CFGDenoiser, Denoiser, NoiseSchedule, Sampler
+
+
+class LatentDiffusion(nn.Module):
+    """U-Net + frozen autoencoder + frozen text encoder + noise schedule.
+
+    Args:
+        unet: The denoising network ``unet(x_t, t, context=..., context_mask=...)``.
+        autoencoder: An ``AutoencoderKL`` whose ``scale_factor`` buffer scales the latents.
+        text_encoder: A ``TextEncoder`` (``encode(prompts) -> (context, mask)``).
+        schedule: The training noise schedule.
+        prediction: What the U-Net predicts: ``eps``, ``v`` or ``x0``.
+        use_context_mask: Pass the text padding mask to cross-attention (useful for T5/BERT-like
+            encoders; SD's CLIP models were trained attending to padding, so off for them).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        autoencoder: nn.Module,
+        text_encoder: nn.Module,
+        schedule: NoiseSchedule,
+        prediction: str = "eps",
+        use_context_mask: bool = False,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.schedule = schedule
+        self.prediction = prediction
+        self.use_context_mask = use_context_mask
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Only the U-Net trains; the autoencoder and text encoder stay in eval mode."""
+        super().train(mode)
+        self.autoencoder.eval()
+        self.text_encoder.eval()
+        return self
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.embed_dim)
+
+    @property
+    def downsample_factor(self) -> int:
+        return int(self.autoencoder.downsample_factor)
+
+    def conditioning(self, context: Tensor, mask: Tensor | None) -> dict[str, Tensor | None]:
+        """The U-Net's conditioning keyword arguments for a text encoding."""
+        return {"context": context, "context_mask": mask if self.use_context_mask else None}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(B, L, D) context and (B, L) mask; empty prompts reuse the cached empty encoding."""
+        prompts = list(prompts)
+        if all(p == "" for p in prompts):
+            context, mask = self.text_encoder.empty_embedding()
+            return context.expand(len(prompts), -1, -1), mask.expand(len(prompts), -1)
+        return self.text_encoder.encode(prompts)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents of images in [-1, 1] (posterior samples; the VAE runs in float32)."""
+        return self.autoencoder.encode_latents(images.float(), sample=True, generator=generator)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        return self.autoencoder.decode_latents(latents.float()).clamp(-1, 1)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The latent shape for images of ``height`` × ``width`` pixels.
+
+        Raises:
+            ValueError: A side is not a multiple of the autoencoder's downsampling factor.
+        """
+        f = self.downsample_factor
+        if height % f or width % f:
+            raise ValueError(
+                f"height and width must be multiples of {f} (the autoencoder's downsampling "
+                f"factor); got {height}x{width}"
+            )
+        return batch, self.latent_channels, height // f, width // f
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampler: Sampler,
+        guidance: float = 7.5,
+        negative_prompts: Sequence[str] | str = "",
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        net: Callable[..., Tensor] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample images for prompts with classifier-free guidance.
+
+        Args:
+            prompts: B prompts.
+            sampler: A configured ``Sampler`` (name, steps, spacing, ...).
+            guidance: CFG scale (1 disables guidance and the unconditional pass).
+            negative_prompts: One string for all, or B strings; they replace the unconditional
+                (empty-prompt) context.
+            guidance_rescale: Guidance rescale φ (Lin et al. 2024).
+            height: Image height in pixels (default: the autoencoder's training resolution).
+            width: Image width in pixels (default: height).
+            generator: RNG for the initial noise (drawn on the CPU, so results do not depend on
+                the device) and for stochastic samplers.
+            latents: Initial DDPM-space noise (B, C, h, w) instead of drawing it.
+            net: The network to use instead of ``self.unet`` (e.g. EMA weights).
+            callback: Per-step callback passed to the sampler.
+
+        Returns:
+            (images in [-1, 1] of shape (B, 3, H, W), final scaled latents (B, C, h, w)).
+        """
+        prompts = list(prompts)
+        batch = len(prompts)
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * batch
+        if len(negative_prompts) != batch:
+            raise ValueError(f"got {len(negative_prompts)} negative prompts for {batch} prompts")
+        device = next(self.unet.parameters()).device
+        dtype = next(self.unet.parameters()).dtype
+        if latents is None:
+            height = height or int(getattr(self.autoencoder, "resolution", 256))
+            width = width or height
+            shape = self.latent_shape(batch, height, width)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latents = latents.to(device)
+
+        context, mask = self.encode_prompts(prompts)
+        cond = self.conditioning(context.to(device, dtype), mask.to(device))
+        denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
+        if guidance != 1.0:
+            u_context, u_mask = self.encode_prompts(negative_prompts)
+            uncond = self.conditioning(u_context.to(device, dtype), u_mask.to(device))
+            guided = CFGDenoiser(denoiser, cond, uncond, scale=guidance, rescale=guidance_rescale)
+            z = sampler(guided, latents, self.schedule, generator=generator, callback=callback)
+        else:
+            z = sampler(denoiser, latents, self.schedule, generator=generator, callback=callback,
+                        extra_args=cond)
+        return self.decode_latents(z), z

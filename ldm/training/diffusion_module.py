@@ -1,0 +1,227 @@
+"""The Lightning system that trains the text-conditioned latent diffusion U-Net.
+
+Each step: latents z = scale_factor · E(x) from the frozen autoencoder (or sampled from cached
+posterior mean/std), text context from the frozen encoder (or cached embeddings), captions
+replaced by the empty prompt with probability ``p_uncond`` (classifier-free guidance training,
+Ho & Salimans 2022, §3.2), then the weighted denoising loss of the chosen parameterisation.
+A non-finite loss skips the step on every rank; ``max_bad_steps`` in a row stop training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from ldm.data.cached import sample_latents
+from ldm.diffusion import DiffusionLoss, Sampler
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.training.ema import EMA
+from ldm.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+NUM_T_BUCKETS = 4
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses too many steps in a row."""
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains ``model.unet``; the autoencoder and text encoder stay frozen.
+
+    Args:
+        model: The ``LatentDiffusion`` composite.
+        loss: The configured ``DiffusionLoss``.
+        p_uncond: Probability of training a sample with the empty prompt.
+        lr: AdamW learning rate (never scaled silently).
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay.
+        eps: AdamW epsilon.
+        warmup_steps: Linear warm-up steps.
+        lr_schedule: ``constant`` or ``cosine`` after warm-up.
+        min_lr_ratio: Cosine floor.
+        total_steps: Steps the cosine schedule spans.
+        ema_decay: EMA decay; None disables the EMA.
+        ema_every: EMA update interval in optimizer steps.
+        sampler: Sampler for logged image grids.
+        sample_prompts: Prompts for logged grids (default: the batch's captions).
+        guidance: CFG scale of logged grids.
+        negative_prompt: Negative prompt of logged grids.
+        sample_seed: Seed of logged grids (the same noise every time).
+        empty_context: Cached mode: the empty prompt's ``(context L×D, mask L)`` as stored with
+            the shards (default: encode "" with the text encoder).
+        max_bad_steps: Consecutive non-finite losses tolerated before stopping.
+    """
+
+    checkpoint_kind = "ldm"
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        loss: DiffusionLoss,
+        p_uncond: float = 0.1,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
+        total_steps: int = 0,
+        ema_decay: float | None = 0.9999,
+        ema_every: int = 1,
+        sampler: Sampler | None = None,
+        sample_prompts: list[str] | None = None,
+        guidance: float = 7.5,
+        negative_prompt: str = "",
+        sample_seed: int = 0,
+        empty_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_bad_steps: int = 20,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.model = model
+        self.loss_fn = loss
+        self.p_uncond = p_uncond
+        self.optim_args = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.sched_args = dict(warmup_steps=warmup_steps, schedule=lr_schedule,
+                               total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+        self.ema = EMA(model.unet, decay=ema_decay, update_every=ema_every) if ema_decay else None
+        self.sampler = sampler or Sampler("ddim", steps=25, disable_progress=True)
+        self.sample_prompts = list(sample_prompts or [])
+        self.guidance = guidance
+        self.negative_prompt = negative_prompt
+        self.sample_seed = sample_seed
+        self._empty_context = empty_context
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0
+        self.skipped_steps = 0
+
+    # -- batch preparation ---------------------------------------------------------------------
+
+    def empty_context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1, L, D)`` context and ``(1, L)`` mask of the empty prompt, on this device."""
+        if self._empty_context is not None:
+            context, mask = self._empty_context
+            return context.to(self.device).reshape(1, *context.shape[-2:]), mask.to(
+                self.device).reshape(1, -1).bool()
+        return self.model.text_encoder.empty_embedding()
+
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents of a batch (cached posterior or freshly encoded images)."""
+        if "latent_mean" in batch:
+            z = sample_latents(batch["latent_mean"].float(), batch["latent_std"].float())
+            return z * self.model.autoencoder.scale_factor.to(z.dtype)
+        return self.model.encode_images(batch["image"])
+
+    def context(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text context and mask, with captions dropped to the empty prompt w.p. ``p_uncond``."""
+        if "context" in batch:
+            context, mask = batch["context"].float(), batch["context_mask"].bool()
+        else:
+            context, mask = self.model.text_encoder.encode(list(batch["caption"]))
+        if self.training and self.p_uncond > 0:
+            drop = torch.rand(context.shape[0], device=context.device) < self.p_uncond  # (B,)
+            if drop.any():
+                e_context, e_mask = self.empty_context()
+                context = torch.where(drop[:, None, None], e_context.to(context), context)
+                mask = torch.where(drop[:, None], e_mask.to(mask.device), mask)
+        return context, mask
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        z = self.latents(batch)
+        context, mask = self.context(batch)
+        cond = self.model.conditioning(context.to(z.dtype), mask)
+        out = self.loss_fn(self.model.unet, z, self.model.schedule, cond)
+        loss = out.loss.mean()
+        batch_size = z.shape[0]
+        if not self._all_finite(loss):
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("non-finite loss at step %d: step skipped (%d in a row)",
+                        self.global_step, self.bad_steps)
+            if self.bad_steps >= self.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} consecutive non-finite losses: lower optim.lr, use "
+                    "trainer.precision=bf16-mixed or 32 instead of 16-mixed, or enable "
+                    "trainer.gradient_clip_val"
+                )
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+            return None  # every rank skips together (the flag is all-reduced)
+        self.bad_steps = 0
+        logs = {"train/loss": loss.detach()}
+        buckets = (out.t * NUM_T_BUCKETS // self.model.schedule.num_timesteps).clamp(
+            max=NUM_T_BUCKETS - 1)
+        for b in range(NUM_T_BUCKETS):
+            sel = buckets == b
+            if sel.any():
+                logs[f"train/loss_t{b}"] = out.loss.detach()[sel].mean()
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False,
+                 batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and outputs is not None:
+            self.ema.step(self.model.unet)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        z = self.latents(batch)
+        context, mask = self.context(batch)
+        cond = self.model.conditioning(context.to(z.dtype), mask)
+        net = self.ema.model if self.ema is not None else self.model.unet
+        out = self.loss_fn(net, z, self.model.schedule, cond, generator=generator)
+        self.log("val/loss", out.loss.mean(), prog_bar=True, sync_dist=True,
+                 batch_size=z.shape[0])
+
+    # -- images and export ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], max_images: int = 8
+                   ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
+        """Samples for fixed prompts (or the batch's captions) at a fixed seed."""
+        prompts = (self.sample_prompts or list(batch["caption"]))[:max_images]
+        generator = torch.Generator().manual_seed(self.sample_seed)
+        net = self.ema.model if self.ema is not None else None
+        size = None
+        if "latent_mean" in batch:
+            size = batch["latent_mean"].shape[-1] * self.model.downsample_factor
+        elif "image" in batch:
+            size = batch["image"].shape[-1]
+        images, _ = self.model.generate(prompts, self.sampler, guidance=self.guidance,
+                                        negative_prompts=self.negative_prompt, height=size,
+                                        width=size, generator=generator, net=net)
+        return {"samples": (images, prompts)}
+
+    def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """U-Net (raw and EMA) and the autoencoder; the text encoder is named in the config."""
+        modules = {"unet": self.model.unet.state_dict(),
+                   "autoencoder": self.model.autoencoder.state_dict()}
+        if self.ema is not None:
+            modules["unet_ema"] = self.ema.averaged_state_dict()
+        return modules
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.model.unet.parameters(), **self.optim_args)
+        scheduler = build_scheduler(optimizer, **self.sched_args)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
