@@ -309,7 +309,12 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks."""
     import pytorch_lightning as pl
 
-    from ldm.training.callbacks import ImageLogger, SafetensorsCheckpoint
+    from ldm.training.callbacks import (
+        ImageLogger,
+        RNGState,
+        SafetensorsCheckpoint,
+        ThroughputMonitor,
+    )
     from ldm.training.loggers import build_logger, define_step_metrics
 
     t = cfg.trainer
@@ -320,6 +325,8 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     callbacks: list[Any] = [
         SafetensorsCheckpoint(path / "checkpoints", config, t.ckpt_every_n_steps, t.keep_last_k),
         ImageLogger(path / "images", cfg.logging.image_every_n_steps, cfg.logging.num_images),
+        RNGState(),
+        ThroughputMonitor(batch_key="image" if not cfg.data.cached else "latent_mean"),
         *(extra_callbacks or []),
     ]
     manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module

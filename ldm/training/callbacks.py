@@ -37,11 +37,19 @@ def _replace_link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+RESUME_NAME = "resume.ckpt"
+
+
 class SafetensorsCheckpoint(pl.Callback):
     """Write ``<dir>/step-XXXXXXXX.safetensors`` every N steps and at the end; keep the last K.
 
     ``<dir>/last.safetensors`` always names the newest complete checkpoint. Every file carries
-    the resolved config, so it is enough to sample from or to resume the weights.
+    the resolved config, so it is enough to sample from. Alongside, ``<dir>/resume.ckpt`` holds
+    the full training state (optimizer, LR schedule, EMA, loop progress, RNG and data position)
+    for ``train.py --resume``; it is a Lightning checkpoint of tensors and plain values only, read
+    back with ``weights_only=True``. Both are written atomically. On SIGTERM (e.g. SLURM
+    preemption; Lightning raises ``SIGTERMException`` at the next batch boundary) or SIGUSR1, the
+    state is saved before the process exits.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int,
@@ -51,6 +59,30 @@ class SafetensorsCheckpoint(pl.Callback):
         self.every_n_steps = every_n_steps
         self.keep_last_k = keep_last_k
         self._last_saved_step = -1
+        self._usr1 = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import signal
+
+        # Lightning handles SIGUSR1 itself under SLURM auto-requeue; elsewhere it means "save
+        # and stop" (the usual pre-emption warning signal).
+        if stage == "fit" and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            try:
+                signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "_usr1", True))
+            except ValueError:  # not the main thread
+                pass
+
+    def save_resume_state(self, trainer: pl.Trainer) -> Path:
+        """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
+        final = self.dirpath / RESUME_NAME
+        tmp = self.dirpath / f".{RESUME_NAME}.tmp"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        trainer.strategy.barrier("resume-checkpoint")
+        return final
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Save now (rank 0 writes; all ranks must call for sharded strategies)."""
@@ -59,6 +91,7 @@ class SafetensorsCheckpoint(pl.Callback):
             return None
         modules = pl_module.export_modules()
         self._last_saved_step = step
+        self.save_resume_state(trainer)
         if not trainer.is_global_zero:
             return None
         path = self.dirpath / f"step-{step:08d}.safetensors"
@@ -83,10 +116,58 @@ class SafetensorsCheckpoint(pl.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
+        if self._usr1:
+            log.warning("SIGUSR1: saving a checkpoint at step %d and stopping", step)
+            self.save(trainer, pl_module)
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run:
             self.save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and not trainer.fast_dev_run:
+            log.warning("SIGTERM: saving a checkpoint at step %d before exiting",
+                        trainer.global_step)
+            self.save(trainer, pl_module)
+
+
+class RNGState(pl.Callback):
+    """Saves and restores python, numpy and torch (CPU and CUDA) RNG states with the resume
+    checkpoint, so a resumed run draws the same timesteps, noise and dropout masks."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
+                      "has_gauss": has_gauss, "cached": cached},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        python = state_dict["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        n = state_dict["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"],
+                             n["has_gauss"], n["cached"]))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 class ImageLogger(pl.Callback):
