@@ -102,6 +102,7 @@ class DiffusionModule(pl.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0
         self.skipped_steps = 0
+        self._skipped = False
 
     # -- batch preparation ---------------------------------------------------------------------
 
@@ -161,8 +162,10 @@ class DiffusionModule(pl.LightningModule):
                     "trainer.gradient_clip_val"
                 )
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+            self._skipped = True
             return None  # every rank skips together (the flag is all-reduced)
         self.bad_steps = 0
+        self._skipped = False
         logs = {"train/loss": loss.detach()}
         buckets = (out.t * NUM_T_BUCKETS // self.model.schedule.num_timesteps).clamp(
             max=NUM_T_BUCKETS - 1)
@@ -175,8 +178,11 @@ class DiffusionModule(pl.LightningModule):
                  batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None and outputs is not None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before any callback sees the batch end, so
+        checkpoints written at batch end include it)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self._skipped:
             self.ema.step(self.model.unet)
 
     @torch.no_grad()

@@ -1,0 +1,220 @@
+"""Caching autoencoder latents and text embeddings into new shards (see :mod:`ldm.data.cached`).
+
+``precompute`` reads image shards once, runs the given encoder callables, and writes one cached
+shard per input shard (same basename, same sample keys) into ``output_dir``. Every rank does its
+share of the shards (``urls[rank::world_size]``, the same split as training), and within a rank
+DataLoader workers decode whole shards in parallel while the main process runs the encoders. An
+output shard that already exists is skipped unless ``overwrite``, so a killed job can be rerun
+(shards are renamed into place only when complete). Rank 0 also writes ``empty_prompt.safetensors``
+and ``manifest.json``. This module imports no model code: the encoders are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from ldm.data.cached import encode_cached_sample, parse_dtype, save_empty_prompt
+from ldm.data.counters import SkipCounter, SkipSample
+from ldm.data.reader import collate_images, decode_image_sample
+from ldm.data.shards import ShardSpec, assign_shards, check_shards_exist, resolve_rank, worker_info
+from ldm.data.tarstream import iter_tar_samples
+from ldm.data.transforms import ImageSpec
+from ldm.data.write_shards import ShardWriter
+
+ImageEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class PrecomputeSummary:
+    """What one rank cached: output shards, samples, skips per reason, shards left as they were."""
+
+    shards: list[str] = field(default_factory=list)
+    samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    existing: list[str] = field(default_factory=list)
+
+
+def output_name(url: str) -> str:
+    """Basename of a shard URL (query strings and ``pipe:`` commands stripped)."""
+    name = url.split("?", 1)[0].rstrip("/").split("/")[-1].split()[-1]
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+class _ShardBatches(IterableDataset):
+    """Per worker: whole shards decoded into batches, each tagged with its shard URL."""
+
+    def __init__(
+        self, urls: list[str], spec: ImageSpec, caption_key: str, batch_size: int, slots: int
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.spec = spec
+        self.caption_key = caption_key
+        self.batch_size = batch_size
+        self.counter = SkipCounter(num_slots=slots, name="precompute")
+
+    def _flush(self, url: str, samples: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        batch = collate_images(samples) if samples else None
+        if batch is not None:
+            batch["json"] = [s["json"] for s in samples]
+            self.counter.ok(len(samples))
+        return {"url": url, "batch": batch, "done": done}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = worker_info()
+        rng = random.Random(0)  # center crop, no flip: rng unused but required
+        for url in self.urls[worker::num_workers]:
+            pending: list[dict[str, Any]] = []
+            for raw in iter_tar_samples(url, self.counter):
+                try:
+                    sample = decode_image_sample(raw, self.spec, self.caption_key, rng)
+                except SkipSample as skip:
+                    self.counter.skip(skip.reason, url=url, key=raw["__key__"], detail=skip.detail)
+                    continue
+                sample["json"] = raw.get("json")
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield self._flush(url, pending, done=False)
+                    pending = []
+            yield self._flush(url, pending, done=True)
+
+
+def _write_batch(
+    writer: ShardWriter,
+    batch: dict[str, Any],
+    encode_images: ImageEncoder,
+    encode_texts: TextEncoder,
+    dtype: torch.dtype,
+) -> tuple[int, dict[str, Any]]:
+    """Encode one batch and write its samples; returns the count and tensor shapes."""
+    with torch.no_grad():
+        mean, std = encode_images(batch["image"])
+        context, mask = encode_texts(batch["caption"])
+    for i, key in enumerate(batch["key"]):
+        sample: dict[str, Any] = {
+            "__key__": key,
+            "safetensors": encode_cached_sample(mean[i], std[i], context[i], mask[i], dtype),
+            "txt": batch["caption"][i],
+        }
+        if batch["json"][i] is not None:
+            sample["json"] = batch["json"][i]
+        writer.write(sample)
+    shapes = {"latent": list(mean.shape[1:]), "context": list(context.shape[1:])}
+    return len(batch["key"]), shapes
+
+
+def precompute(
+    shards: ShardSpec,
+    output_dir: str,
+    encode_images: ImageEncoder,
+    encode_texts: TextEncoder,
+    *,
+    image_size: int = 256,
+    batch_size: int = 32,
+    caption_key: str = "txt",
+    dtype: str = "float16",
+    min_size: int = 0,
+    max_aspect: float | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrecomputeSummary:
+    """Cache latents and text embeddings for this rank's share of ``shards``.
+
+    Args:
+        shards: Input image shard spec.
+        output_dir: Directory for the cached shards, ``empty_prompt.safetensors`` and
+            ``manifest.json``.
+        encode_images: ``images (B×3×H×W in [-1, 1]) -> (mean, std)``, each B×C×h×w: the frozen
+            autoencoder's posterior, so that ``z = mean + std·ε`` stays exact.
+        encode_texts: ``captions -> (context B×L×D, mask B×L)``.
+        image_size: Center-crop size the images are encoded at.
+        batch_size: Encoder batch size.
+        caption_key: ``"txt"`` or ``"json:<field>"``.
+        dtype: Storage dtype: ``float16``, ``bfloat16`` or ``float32``.
+        min_size: Skip images with a smaller shorter side.
+        max_aspect: Skip images with a larger aspect ratio.
+        rank: This rank (default: torch.distributed / env / 0).
+        world_size: Number of ranks.
+        num_workers: DataLoader workers decoding shards for this rank.
+        overwrite: Recompute shards whose output already exists.
+        progress: Show a progress bar.
+
+    Returns:
+        This rank's summary.
+    """
+    storage = parse_dtype(dtype)
+    urls = check_shards_exist(shards)
+    names = [output_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards must have distinct basenames to map 1:1 to cached shards")
+    rank, world_size = resolve_rank(rank, world_size)
+    mine = assign_shards(
+        urls,
+        epoch=0,
+        seed=0,
+        shuffle=False,
+        rank=rank,
+        world_size=world_size,
+        worker=0,
+        num_workers=1,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    summary = PrecomputeSummary()
+    todo = []
+    for url in mine:
+        target = os.path.join(output_dir, output_name(url))
+        if os.path.exists(target) and not overwrite:
+            summary.existing.append(target)
+        else:
+            todo.append(url)
+    spec = ImageSpec(image_size, False, False, min_size, max_aspect)
+    dataset = _ShardBatches(todo, spec, caption_key, batch_size, slots=num_workers + 1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    writers: dict[str, ShardWriter] = {}
+    shapes: dict[str, Any] = {}
+    for item in tqdm(loader, disable=not progress, unit="batch", desc=f"precompute rank {rank}"):
+        url = item["url"]
+        if url not in writers:
+            target = os.path.join(output_dir, output_name(url))
+            writers[url] = ShardWriter(target.replace("%", "%%"), max_samples=None, mtime=0)
+        if item["batch"] is not None:
+            count, shapes = _write_batch(
+                writers[url], item["batch"], encode_images, encode_texts, storage
+            )
+            summary.samples += count
+        if item["done"]:
+            writer = writers.pop(url)
+            writer.close(allow_empty=True)
+            summary.shards.extend(writer.shards)
+    summary.skipped = {k: v for k, v in dataset.counter.counts().items() if v and k != "ok"}
+    dataset.counter.log_summary(what="while caching")
+    if rank == 0:
+        with torch.no_grad():
+            context, mask = encode_texts([""])
+        save_empty_prompt(output_dir, context[0], mask[0])
+        manifest = {
+            "source": [str(s) for s in ([shards] if isinstance(shards, str) else shards)],
+            "num_shards": len(urls),
+            "image_size": image_size,
+            "caption_key": caption_key,
+            "dtype": dtype,
+            "shapes": shapes,
+            "empty_prompt": "empty_prompt.safetensors",
+        }
+        with open(os.path.join(output_dir, MANIFEST_FILE), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+    return summary

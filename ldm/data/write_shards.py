@@ -1,0 +1,366 @@
+"""Writing image–caption webdataset shards (library + ``python -m ldm.data.write_shards``).
+
+Output is plain webdataset: per sample ``<key>.jpg|png|webp`` (source bytes, not re-encoded,
+when already JPEG/PNG/WebP; other formats PIL can read are converted to PNG), the caption as
+``<key>.txt`` and/or inside ``<key>.json`` under a configurable field (the json also records the
+source path). Keys are sequential ``%09d`` strings (dots in file names would break webdataset's
+key/extension split). Each shard is written under ``<name>.tmp-<pid>`` and renamed when complete,
+so a killed writer never leaves a half shard under a final name.
+
+Sources: an image folder with sidecar captions (``x.jpg`` + ``x.txt``), or a CSV / JSONL table
+with a path column and a caption column (paths relative to the table's directory).
+
+Example::
+
+    python -m ldm.data.write_shards --folder photos/ --out shards/ --prefix train \\
+        --max-samples 10000 --max-bytes 1e9 --caption-format both
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+from webdataset import TarWriter
+
+_DIRECT_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+_CONVERT_EXTS = {".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+_TAR_BLOCK = 512
+
+
+@dataclass
+class SourceItem:
+    """One image with its caption, before writing.
+
+    Attributes:
+        image_path: Path of the image file.
+        caption: Caption text (None when the source had none).
+        meta: Extra JSON-serialisable fields stored in the ``json`` member.
+    """
+
+    image_path: str
+    caption: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WriteSummary:
+    """What a write produced: shard paths, samples written, and skips per reason."""
+
+    shards: list[str] = field(default_factory=list)
+    written: int = 0
+    skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (
+            f"wrote {self.written} samples to {len(self.shards)} shards; "
+            f"skipped {sum(self.skipped.values())} ({skipped})"
+        )
+
+
+def _member_bytes(sample: dict[str, Any]) -> int:
+    """Tar bytes a sample takes: a 512-byte header plus padded data per member."""
+    total = 0
+    for key, value in sample.items():
+        if key.startswith("__"):
+            continue
+        total += _TAR_BLOCK + -(-len(value) // _TAR_BLOCK) * _TAR_BLOCK
+    return total
+
+
+def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Encode member values to bytes: ``str`` → UTF-8, ``dict``/``list`` → JSON."""
+    out: dict[str, Any] = {}
+    for key, value in sample.items():
+        if key.startswith("__"):
+            out[key] = value
+        elif isinstance(value, str):
+            out[key] = value.encode("utf-8")
+        elif isinstance(value, dict | list):
+            out[key] = json.dumps(value, sort_keys=True).encode("utf-8")
+        else:
+            out[key] = bytes(value)
+    return out
+
+
+class ShardWriter:
+    """Rotating, atomic tar shard writer (webdataset format).
+
+    Args:
+        pattern: Output path with a ``%d``-style field for the shard index,
+            e.g. ``"out/train-%06d.tar"``.
+        max_samples: Start a new shard after this many samples (None: no limit).
+        max_bytes: Start a new shard before exceeding this many tar bytes (None: no limit).
+        start_index: Index of the first shard.
+        mtime: Fixed member mtime for byte-reproducible shards (None: current time).
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        max_samples: int | None = 10_000,
+        max_bytes: float | None = None,
+        start_index: int = 0,
+        mtime: float | None = None,
+    ) -> None:
+        if max_samples is not None and max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+        self.pattern = pattern
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.start_index = start_index
+        self.index = start_index
+        self.mtime = mtime
+        self.shards: list[str] = []
+        self._tar: TarWriter | None = None
+        self._file: Any = None
+        self._path = ""
+        self._count = 0
+        self._size = 0
+
+    def _name(self, index: int) -> str:
+        try:
+            return self.pattern % index
+        except TypeError:  # no %d field: a single fixed name (``%%`` escapes a literal %)
+            if index == self.start_index:
+                return self.pattern % ()
+            raise ValueError(f"pattern {self.pattern!r} has no %d field to rotate") from None
+
+    def _open(self) -> None:
+        self._path = self._name(self.index)
+        self.index += 1
+        os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+        self._file = open(f"{self._path}.tmp-{os.getpid()}", "wb")
+        self._tar = TarWriter(self._file, encoder=False, mtime=self.mtime)
+        self._count = 0
+        self._size = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        os.replace(self._file.name, self._path)
+        self.shards.append(self._path)
+        self._tar = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Write one sample ``{"__key__": str, ext: bytes | str | dict, ...}``."""
+        sample = encode_sample(sample)
+        size = _member_bytes(sample)
+        if self._tar is not None and (
+            (self.max_samples is not None and self._count >= self.max_samples)
+            or (self.max_bytes is not None and self._size + size > self.max_bytes)
+        ):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)  # type: ignore[union-attr]
+        self._count += 1
+        self._size += size
+
+    def close(self, allow_empty: bool = False) -> None:
+        """Finish the current shard (rename it to its final name).
+
+        Args:
+            allow_empty: Write a valid empty shard if no sample was written at all.
+        """
+        if allow_empty and self._tar is None and not self.shards:
+            self._open()
+        self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temp file is removed; finished shards stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            os.remove(self._file.name)
+            self._tar = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard(path: str, samples: Iterable[dict[str, Any]], mtime: float | None = None) -> int:
+    """Write all ``samples`` into the single shard ``path`` (atomically); returns the count."""
+    count = 0
+    with ShardWriter(path.replace("%", "%%"), max_samples=None, mtime=mtime) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    return count
+
+
+def load_image_member(path: str, verify: bool = True) -> tuple[str, bytes]:
+    """Read an image file as ``(extension, bytes)`` for a shard member.
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: Unsupported or undecodable image (message starts with the reason).
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        data = f.read()
+    if suffix not in _DIRECT_EXTS and suffix not in _CONVERT_EXTS:
+        raise ValueError(f"unsupported_format: {suffix}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if verify or suffix in _CONVERT_EXTS:
+            img.draft("RGB", (64, 64))
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"corrupt_image: {exc}") from exc
+    if suffix in _DIRECT_EXTS:
+        return _DIRECT_EXTS[suffix], data
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(out, format="PNG")
+    return "png", out.getvalue()
+
+
+def iter_folder(folder: str, caption_ext: str = "txt") -> Iterator[SourceItem]:
+    """Images under ``folder`` (recursively, sorted) with ``<stem>.<caption_ext>`` captions."""
+    exts = set(_DIRECT_EXTS) | _CONVERT_EXTS
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() not in exts:
+                continue
+            caption_path = os.path.join(root, f"{stem}.{caption_ext}")
+            caption = None
+            if os.path.isfile(caption_path):
+                with open(caption_path, encoding="utf-8", errors="replace") as f:
+                    caption = f.read()
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            yield SourceItem(os.path.join(root, name), caption, {"source": rel})
+
+
+def iter_table(
+    path: str, path_column: str = "path", caption_column: str = "caption"
+) -> Iterator[SourceItem]:
+    """Rows of a ``.csv`` or ``.jsonl`` table; relative image paths resolve to its directory."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            rows: Iterable[dict[str, Any]] = (json.loads(line) for line in f if line.strip())
+        else:
+            rows = csv.DictReader(f)
+        for row in rows:
+            image = str(row.get(path_column) or "")
+            caption = row.get(caption_column)
+            yield SourceItem(os.path.join(base, image), caption, {"source": image})
+
+
+def write_shards(
+    items: Iterable[SourceItem],
+    pattern: str,
+    *,
+    max_samples: int | None = 10_000,
+    max_bytes: float | None = None,
+    caption_format: str = "txt",
+    caption_field: str = "caption",
+    verify: bool = True,
+    progress: bool = True,
+    total: int | None = None,
+) -> WriteSummary:
+    """Write source items into webdataset shards.
+
+    Args:
+        items: Images with captions (:func:`iter_folder`, :func:`iter_table`, or your own).
+        pattern: Shard path pattern with a ``%d`` field, e.g. ``"out/train-%06d.tar"``.
+        max_samples: Samples per shard limit.
+        max_bytes: Bytes per shard limit.
+        caption_format: ``"txt"``, ``"json"`` or ``"both"``.
+        caption_field: JSON field holding the caption.
+        verify: Decode each image (at reduced size) and skip undecodable ones.
+        progress: Show a tqdm progress bar.
+        total: Item count for the progress bar.
+
+    Returns:
+        The summary (also loggable with ``str()``).
+    """
+    if caption_format not in ("txt", "json", "both"):
+        raise ValueError(f"caption_format must be txt, json or both, got {caption_format!r}")
+    summary = WriteSummary()
+    index = 0
+    with ShardWriter(pattern, max_samples=max_samples, max_bytes=max_bytes) as writer:
+        for item in tqdm(items, total=total, disable=not progress, unit="img"):
+            caption = (item.caption or "").strip()
+            if not caption:
+                summary.skipped["missing_caption"] += 1
+                continue
+            try:
+                ext, data = load_image_member(item.image_path, verify=verify)
+            except FileNotFoundError:
+                summary.skipped["missing_image"] += 1
+                continue
+            except ValueError as exc:
+                summary.skipped[str(exc).split(":", 1)[0]] += 1
+                continue
+            sample: dict[str, Any] = {"__key__": f"{index:09d}", ext: data}
+            if caption_format in ("txt", "both"):
+                sample["txt"] = caption
+            if caption_format in ("json", "both"):
+                sample["json"] = {**item.meta, caption_field: caption}
+            writer.write(sample)
+            index += 1
+    summary.shards = writer.shards
+    summary.written = index
+    return summary
+
+
+def main(argv: list[str] | None = None) -> WriteSummary:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", help="image folder with sidecar captions")
+    source.add_argument("--table", help="CSV or JSONL with image path and caption columns")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--prefix", default="shard", help="shard name prefix")
+    parser.add_argument("--max-samples", type=int, default=10_000)
+    parser.add_argument("--max-bytes", type=float, default=None)
+    parser.add_argument("--caption-format", choices=("txt", "json", "both"), default="txt")
+    parser.add_argument("--caption-field", default="caption")
+    parser.add_argument("--caption-ext", default="txt", help="sidecar caption extension")
+    parser.add_argument("--path-column", default="path")
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--no-verify", action="store_true", help="do not decode-check images")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.folder:
+        items = list(iter_folder(args.folder, args.caption_ext))
+    else:
+        items = list(iter_table(args.table, args.path_column, args.caption_column))
+    summary = write_shards(
+        items,
+        os.path.join(args.out, f"{args.prefix}-%06d.tar"),
+        max_samples=args.max_samples,
+        max_bytes=args.max_bytes,
+        caption_format=args.caption_format,
+        caption_field=args.caption_field,
+        verify=not args.no_verify,
+        progress=not args.quiet,
+        total=len(items),
+    )
+    print(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
