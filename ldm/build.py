@@ -123,7 +123,8 @@ def build_sampler(section: Any, disable_progress: bool = False, **override: Any)
 
     s = {**kwargs(section), **{k: v for k, v in override.items() if v is not None}}
     return Sampler(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], karras=s["karras"],
-                   timestep_spacing=s["timestep_spacing"], disable_progress=disable_progress)
+                   timestep_spacing=s["timestep_spacing"], final_sigma=s["final_sigma"],
+                   disable_progress=disable_progress)
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
@@ -205,9 +206,9 @@ def load_for_sampling(
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        from ldm.checkpoint.diffusers_layout import load_diffusers_folder
+        from ldm.checkpoint.diffusers_layout import folder_config, load_diffusers_folder
 
-        cfg = load(config_files, overrides)
+        cfg = folder_config(path, load(config_files, overrides))
         model = load_diffusers_folder(path, cfg)
     elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
         ckpt = load_checkpoint(path)

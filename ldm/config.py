@@ -259,6 +259,10 @@ class SamplingConfig:
     eta: float = opt(0.0, "DDIM eta.")
     karras: bool = opt(False, "Karras sigmas (Karras et al. 2022).")
     timestep_spacing: str = opt("leading", "Step spacing.", ["leading", "trailing", "linspace"])
+    final_sigma: str = opt(
+        "zero", "End on the denoised sample (zero) or at the first training sigma (sigma_min, "
+        "as original SD's DDIM).", ["zero", "sigma_min"]
+    )
     prompts: list[str] = opt([], "Prompts for training-time sample grids.")
     negative_prompt: str = opt("", "Negative prompt (replaces the unconditional context).")
     seed: int = opt(0, "Sampling seed.")

@@ -49,7 +49,7 @@ def test_train_py_writes_checkpoints_with_config(shapes_data: dict[str, str],
     run = tmp_path / "ae"
     assert (run / "config.yaml").read_text().startswith("task: autoencoder")
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["last.safetensors", "step-00000004.safetensors"]
+    assert ckpts == ["last.safetensors", "resume.ckpt", "step-00000004.safetensors"]
     ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors", expect_kind="autoencoder")
     assert ckpt.config["data"]["batch_size"] == 4 and ckpt.metadata["step"] == "4"
     assert list((run / "images").glob("*.png"))

@@ -1,0 +1,177 @@
+"""Export a ``LatentDiffusion`` to the diffusers layout, loadable by
+``diffusers.StableDiffusionPipeline.from_pretrained(out_dir)``.
+
+Written without importing diffusers: configs are JSON built by `unet_keys` / `vae_keys`, weights
+are safetensors renamed by their key maps, the text encoder and tokenizer use transformers'
+``save_pretrained``. `ldm.checkpoint.diffusers_layout` re-exports :func:`export_diffusers_folder`
+and holds the loader and the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ldm.checkpoint.unet_keys import unet_kwargs_to_diffusers_config, unet_ldm_to_diffusers
+from ldm.checkpoint.vae_keys import vae_config_ldm_to_diffusers, vae_ldm_to_diffusers
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+MODEL_INDEX = "model_index.json"
+WEIGHTS_NAME = "diffusion_pytorch_model"
+# our model.diffusion.schedule -> diffusers' beta_schedule (cosine = Nichol & Dhariwal 2021,
+# clipped at 0.999, which diffusers calls squaredcos_cap_v2).
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                  "cosine": "squaredcos_cap_v2"}
+# our model.diffusion.prediction -> diffusers' prediction_type.
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return copy.deepcopy(dict(section))
+
+
+def _versioned(class_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config dict: ``_class_name`` (+ ``_diffusers_version`` when installed)."""
+    out: dict[str, Any] = {"_class_name": class_name}
+    try:
+        out["_diffusers_version"] = metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        pass
+    return {**out, **config}
+
+
+def scheduler_config(diffusion: Mapping[str, Any], timestep_spacing: str = "leading"
+                     ) -> dict[str, Any]:
+    """A ``DDIMScheduler`` config for ``model.diffusion``, set up as Stable Diffusion's
+    (``clip_sample=False``, ``set_alpha_to_one=False``, ``steps_offset=1``)."""
+    return _versioned("DDIMScheduler", {
+        "num_train_timesteps": int(diffusion["num_timesteps"]),
+        "beta_schedule": BETA_SCHEDULES[diffusion["schedule"]],
+        "beta_start": float(diffusion["beta_start"]),
+        "beta_end": float(diffusion["beta_end"]),
+        "prediction_type": PREDICTION_TYPES[diffusion["prediction"]],
+        "rescale_betas_zero_snr": bool(diffusion["zero_terminal_snr"]),
+        "timestep_spacing": timestep_spacing,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "trained_betas": None,
+    })
+
+
+def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
+    """The text encoder's CLIPTextModel as diffusers' pipeline runs it (``last_hidden_state``).
+
+    For ``layer="penultimate"`` that is a copy without the last layer: ``hidden_states[-2]``
+    then ``final_layer_norm`` of N layers is ``last_hidden_state`` of the first N − 1 (the
+    layout of diffusers' SD2 ``text_encoder``).
+
+    Raises:
+        ValueError: Not a CLIP text encoder.
+    """
+    model = getattr(text_encoder, "model", None)
+    if model is None or type(model).__name__ != "CLIPTextModel":
+        raise ValueError("only CLIP text encoders (model.text_encoder.kind=clip) export to "
+                         "diffusers' StableDiffusionPipeline")
+    if getattr(text_encoder, "layer", "last") == "last":
+        return model
+    model = copy.deepcopy(model)
+    body = getattr(model, "text_model", model)  # transformers < 5 nests it under text_model
+    body.encoder.layers = body.encoder.layers[:-1]
+    model.config.num_hidden_layers -= 1
+    return model
+
+
+def _save_weights(state: Mapping[str, Tensor], folder: Path, config: Mapping[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(folder / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
+
+
+def export_diffusers_folder(
+    model: LatentDiffusion, cfg: DictConfig | Mapping[str, Any], out_dir: str | Path,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a diffusers ``StableDiffusionPipeline`` folder.
+
+    Args:
+        model: The model (its U-Net weights as they are: load EMA weights first to export them).
+        cfg: Its config (``model.unet``, ``model.autoencoder``, ``model.diffusion``,
+            ``model.text_encoder``, ``sampling.timestep_spacing``, ``data.image_size``).
+        out_dir: Output folder.
+        overwrite: Allow a non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: What diffusers' pipeline cannot express: a non-CLIP text encoder, a context
+            mask, or a U-Net/autoencoder outside the SD family.
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+    """
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite)")
+    m = _plain(cfg["model"])
+    if m["use_context_mask"] or getattr(model, "use_context_mask", False):
+        raise ValueError("diffusers' pipeline passes no context mask: export needs "
+                         "model.use_context_mask=false")
+    text_model = diffusers_text_model(model.text_encoder)
+    unet_kwargs, ae_kwargs = m["unet"], m["autoencoder"]
+    factor = int(model.autoencoder.downsample_factor)
+    image_size = int(_plain(cfg.get("data", {})).get("image_size", ae_kwargs["resolution"]))
+
+    unet_config = unet_kwargs_to_diffusers_config(unet_kwargs)
+    unet_config["sample_size"] = image_size // factor
+    unet_state = unet_ldm_to_diffusers(model.unet.state_dict(), unet_kwargs["channel_mult"],
+                                       unet_kwargs["num_res_blocks"],
+                                       unet_kwargs["attention_resolutions"])
+    _save_weights(unet_state, out / "unet", _versioned("UNet2DConditionModel", unet_config))
+
+    # the buffer, not the config: scale_factor travels with the weights (DESIGN.md, 5); written
+    # as the shortest decimal of its float32 value (0.18215, not 0.1821500062942505)
+    scale = float(str(np.float32(model.autoencoder.scale_factor.item())))
+    vae_config = vae_config_ldm_to_diffusers(**{**ae_kwargs, "scale_factor": scale})
+    _save_weights(vae_ldm_to_diffusers(model.autoencoder.state_dict()), out / "vae",
+                  _versioned("AutoencoderKL", vae_config))
+
+    text_model.save_pretrained(out / "text_encoder")
+    tokenizer = copy.deepcopy(model.text_encoder.tokenizer)
+    tokenizer.model_max_length = int(model.text_encoder.max_length)  # what diffusers pads to
+    tokenizer.save_pretrained(out / "tokenizer")
+
+    spacing = _plain(cfg.get("sampling", {})).get("timestep_spacing", "leading")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config(m["diffusion"], spacing), indent=2) + "\n")
+
+    index = _versioned("StableDiffusionPipeline", {
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", type(text_model).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    })
+    (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return out

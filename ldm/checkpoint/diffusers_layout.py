@@ -1,0 +1,280 @@
+"""diffusers-layout folders (``StableDiffusionPipeline.save_pretrained``): load and export.
+
+A folder holds ``model_index.json`` and one sub-folder per component::
+
+    unet/        config.json + diffusion_pytorch_model.safetensors   (UNet2DConditionModel)
+    vae/         config.json + diffusion_pytorch_model.safetensors   (AutoencoderKL)
+    text_encoder/, tokenizer/                                        (transformers CLIP)
+    scheduler/   scheduler_config.json
+
+Loading reads the JSON configs into our config sections (:func:`diffusers_folder_config`),
+merges them over the caller's config (:func:`folder_config`: the folder decides what its weights
+fix; the rest, such as ``sampling`` or the text encoder's dtype, stays the caller's), builds the
+model with ``ldm.build.build_latent_diffusion`` and loads the U-Net and autoencoder with
+``strict=True`` through the key maps in `unet_keys` / `vae_keys`. The text encoder and tokenizer
+load from the folder itself (``model.text_encoder.name_or_path`` = the folder). diffusers itself
+is not needed for either direction.
+
+Export (:func:`export_diffusers_folder`, in `ldm.checkpoint.diffusers_export`) writes the same
+layout, so
+``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` loads our models. The CLI::
+
+    python -m ldm.checkpoint.diffusers_layout --ckpt CKPT [-c cfg.yaml] --out DIR [key=value ...]
+
+exports one of our checkpoints, an original SD file (with its ``-c configs/ldm/sd1.yaml``) or a
+diffusers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ldm.checkpoint.diffusers_export import (
+    BETA_SCHEDULES,
+    MODEL_INDEX,
+    PREDICTION_TYPES,
+    WEIGHTS_NAME,
+    export_diffusers_folder,
+)
+from ldm.checkpoint.format import CheckpointError
+from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
+from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+__all__ = [
+    "diffusers_folder_config",
+    "export_diffusers_folder",
+    "folder_config",
+    "load_diffusers_folder",
+    "main",
+]
+
+CLIP_TEXT_CLASSES = ("CLIPTextModel",)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict (one-line CheckpointError when missing or malformed)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (not a diffusers-layout folder?)")
+    try:
+        return dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """A component's weights: ``diffusion_pytorch_model.safetensors`` (or its ``.fp16`` variant),
+    the sharded ``.safetensors.index.json`` form, or ``.bin`` read with
+    ``torch.load(weights_only=True)``."""
+    from safetensors.torch import load_file
+
+    for name in (f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return load_file(str(folder / name))
+    index = folder / f"{WEIGHTS_NAME}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    pickled = folder / f"{WEIGHTS_NAME}.bin"
+    if pickled.is_file():
+        try:
+            return dict(torch.load(pickled, map_location="cpu", weights_only=True))
+        except Exception as e:  # never fall back to unpickling code
+            raise CheckpointError(f"{pickled} cannot be read with weights_only=True ({e})"
+                                  ) from None
+    raise CheckpointError(f"no {WEIGHTS_NAME}.safetensors (or .bin) in {folder}")
+
+
+def diffusion_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.diffusion`` keys from a diffusers scheduler config (defaults as DDIMScheduler)."""
+    if scheduler.get("trained_betas") is not None:
+        raise CheckpointError("scheduler trained_betas (explicit betas) are not supported")
+    beta_schedule = scheduler.get("beta_schedule", "linear")
+    schedules = {v: k for k, v in BETA_SCHEDULES.items()}
+    predictions = {v: k for k, v in PREDICTION_TYPES.items()}
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if beta_schedule not in schedules or prediction_type not in predictions:
+        raise CheckpointError(
+            f"unsupported scheduler beta_schedule={beta_schedule!r} or prediction_type="
+            f"{prediction_type!r} (supported: {', '.join(schedules)}; {', '.join(predictions)})"
+        )
+    return {
+        "num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+        "schedule": schedules[beta_schedule],
+        "beta_start": float(scheduler.get("beta_start", 0.0001)),
+        "beta_end": float(scheduler.get("beta_end", 0.02)),
+        "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
+        "prediction": predictions[prediction_type],
+    }
+
+
+def text_encoder_section(root: Path) -> dict[str, Any]:
+    """``model.text_encoder`` for the folder's CLIP text encoder and tokenizer.
+
+    diffusers' SD pipelines condition on ``last_hidden_state`` without a padding mask, so
+    ``layer`` is ``last`` (SD2 folders ship a text encoder whose last layer is SD2's penultimate).
+    ``max_length`` is the tokenizer's ``model_max_length`` (the length diffusers pads to), at most
+    the model's positions.
+    """
+    config = read_json(root / "text_encoder" / "config.json")
+    architectures = config.get("architectures") or []
+    if not any(a in CLIP_TEXT_CLASSES for a in architectures) \
+            and config.get("model_type") != "clip_text_model":
+        raise CheckpointError(f"{root / 'text_encoder'} is not a CLIPTextModel "
+                              f"({architectures or config.get('model_type')})")
+    positions = int(config.get("max_position_embeddings", 77))
+    tokenizer = root / "tokenizer" / "tokenizer_config.json"
+    length = read_json(tokenizer).get("model_max_length", positions) if tokenizer.is_file() \
+        else positions
+    return {
+        "kind": "clip",
+        "name_or_path": str(root.resolve()),
+        "max_length": min(int(length), positions),
+        "layer": "last",
+    }
+
+
+def diffusers_folder_config(path: str | Path) -> dict[str, Any]:
+    """Our config sections for a diffusers-layout folder (plain containers).
+
+    Sets ``task``, ``model.unet``, ``model.autoencoder`` (its ``scale_factor`` is the VAE's
+    ``scaling_factor``), ``model.diffusion`` (schedule and prediction), ``model.text_encoder``,
+    ``model.use_context_mask`` (false), ``data.image_size`` (the U-Net's ``sample_size`` in
+    pixels) and, when the scheduler states one, ``sampling.timestep_spacing``.
+
+    Raises:
+        CheckpointError: Not a diffusers folder, or components outside the SD family.
+    """
+    root = Path(path)
+    index = read_json(root / MODEL_INDEX)
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if c not in index]
+    if missing:
+        raise CheckpointError(f"{root / MODEL_INDEX} lacks components {', '.join(missing)}")
+    unet_config = read_json(root / "unet" / "config.json")
+    vae_config = read_json(root / "vae" / "config.json")
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+    try:
+        unet = unet_kwargs_from_diffusers_config(unet_config)
+        autoencoder = vae_config_diffusers_to_ldm(vae_config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    unet.update(resblock_updown=False, conv_resample=True)  # all diffusers can express
+    config: dict[str, Any] = {
+        "task": "ldm",
+        "model": {
+            "unet": unet,
+            "autoencoder": autoencoder,
+            "autoencoder_ckpt": None,
+            "diffusion": diffusion_section(scheduler),
+            "text_encoder": text_encoder_section(root),
+            "use_context_mask": False,
+        },
+    }
+    if unet_config.get("sample_size"):
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        config["data"] = {"image_size": int(unet_config["sample_size"]) * factor}
+    if scheduler.get("timestep_spacing"):
+        config["sampling"] = {"timestep_spacing": scheduler["timestep_spacing"]}
+    return config
+
+
+def folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
+                  ) -> DictConfig:
+    """``cfg`` with the folder's sections (:func:`diffusers_folder_config`) merged over it."""
+    from omegaconf import OmegaConf
+
+    from ldm.config import load
+
+    base = OmegaConf.create({} if cfg is None else cfg)
+    merged = OmegaConf.merge(base, OmegaConf.create(diffusers_folder_config(path)))
+    return load(base=OmegaConf.to_container(merged, resolve=True))
+
+
+def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
+                          ) -> LatentDiffusion:
+    """A ``LatentDiffusion`` from a diffusers-layout folder.
+
+    The model is built from :func:`folder_config` (``cfg`` with the folder's sections merged
+    over it); the U-Net and autoencoder weights load with ``strict=True``, the text encoder and
+    tokenizer from the folder's ``text_encoder/`` and ``tokenizer/``.
+
+    Raises:
+        CheckpointError: Not a diffusers folder, unsupported components, or weights that do not
+            match their configs.
+    """
+    from ldm import build
+    from ldm.config import to_container
+
+    root = Path(path)
+    cfg = folder_config(root, cfg)
+    model = build.build_latent_diffusion(cfg)
+    u = to_container(cfg.model.unet)
+    unet = read_weights(root / "unet")
+    _load_component(root / "unet", model.unet, lambda: unet_diffusers_to_ldm(
+        unet, u["channel_mult"], u["num_res_blocks"], u["attention_resolutions"]))
+    vae = read_weights(root / "vae")
+    _load_component(root / "vae", model.autoencoder, lambda: vae_diffusers_to_ldm(
+        vae, scale_factor=cfg.model.autoencoder.scale_factor))
+    return model
+
+
+def _load_component(folder: Path, module: torch.nn.Module,
+                    convert: Callable[[], dict[str, Tensor]]) -> None:
+    """``module.load_state_dict(convert(), strict=True)``; a key-map or shape mismatch becomes a
+    one-line CheckpointError."""
+    try:
+        module.load_state_dict(convert(), strict=True)
+    except (KeyError, RuntimeError) as e:
+        detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{folder} does not match its config.json "
+                              f"({' '.join(detail[:2])[:300]})") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: export a checkpoint (ours, original SD or diffusers) as a diffusers folder."""
+    from ldm import build
+    from ldm.config import ConfigError
+
+    p = argparse.ArgumentParser(
+        prog="python -m ldm.checkpoint.diffusers_layout",
+        description="Export a checkpoint to the diffusers layout (StableDiffusionPipeline).",
+    )
+    p.add_argument("--ckpt", required=True, help="our .safetensors, an SD file or a folder")
+    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                   help="config merged over the checkpoint's (required for original SD files)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) U-Net")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before the slow part
+            raise FileExistsError(f"{out} is not empty (pass --overwrite)")
+        model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
+                                             use_ema=not args.no_ema)
+        if Path(args.ckpt).is_dir():
+            cfg = folder_config(args.ckpt, cfg)
+        export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
