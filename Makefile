@@ -21,7 +21,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --durations=15
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m ldm.demo $(if $(FRESH),--fresh,)

@@ -12,6 +12,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread per test process: the suite runs as two pytest-xdist workers on two cores,
+# and tiny models are slower with threads fighting over cores than on one core each.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

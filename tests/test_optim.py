@@ -30,3 +30,14 @@ def test_optimizer_skips_frozen_and_scheduler_steps() -> None:
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def test_lr_is_never_scaled_silently() -> None:
+    from ldm.build import learning_rate
+    from ldm.config import load
+
+    assert learning_rate(load([], ["optim.lr=1e-4", "data.batch_size=8"])) == pytest.approx(1e-4)
+    cfg = load([], ["optim.lr=1e-4", "optim.scale_lr=true", "data.batch_size=8",
+                    "trainer.devices=4", "trainer.num_nodes=2",
+                    "trainer.accumulate_grad_batches=2"])
+    assert learning_rate(cfg) == pytest.approx(1e-4 * 8 * 4 * 2 * 2)

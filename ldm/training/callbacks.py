@@ -271,3 +271,22 @@ class ThroughputMonitor(pl.Callback):
             if peak and self.flops_per_sample:
                 metrics["perf/mfu"] = n * self.flops_per_sample / dt / peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(n, 1))
+
+
+class DataSkipLogger(pl.Callback):
+    """Log the datamodule's skipped-sample counts per reason (corrupt image, missing caption,
+    truncated member, ...) every ``every_n_steps`` steps, summed over ranks."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.global_step % self.every_n_steps or not hasattr(datamodule, "skipped_counts"):
+            return
+        counts = datamodule.skipped_counts("train")
+        metrics = {f"data/skipped_{k}": float(v) for k, v in counts.items() if k != "ok"}
+        metrics["data/skipped_total"] = float(sum(metrics.values()))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, reduce_fx="sum",
+                           sync_dist=trainer.world_size > 1, batch_size=1)
