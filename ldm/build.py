@@ -257,6 +257,23 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def learning_rate(cfg: DictConfig) -> float:
+    """``optim.lr``, times the global batch size only when ``optim.scale_lr`` is on (logged)."""
+    lr = float(cfg.optim.lr)
+    if not cfg.optim.scale_lr:
+        return lr
+    t = cfg.trainer
+    devices = t.devices  # an int, a list of ids, or a string ("auto" counts as one device)
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else 1
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    global_batch = cfg.data.batch_size * max(devices, 1) * t.num_nodes * t.accumulate_grad_batches
+    log.warning("optim.scale_lr: lr %.3g x global batch %d = %.3g", lr, global_batch,
+                lr * global_batch)
+    return lr * global_batch
+
+
 def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.LightningModule:
     """The LightningModule for ``cfg.task``."""
     if cfg.task == "autoencoder":
@@ -265,7 +282,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         return AutoencoderModule(
             autoencoder=build_autoencoder(cfg.model.autoencoder),
             loss=build_autoencoder_loss(cfg.model.loss),
-            lr=cfg.optim.lr,
+            lr=learning_rate(cfg),
             disc_lr=cfg.optim.disc_lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -286,7 +303,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         model=build_latent_diffusion(cfg),
         loss=build_diffusion_loss(cfg.model.diffusion),
         p_uncond=cfg.model.p_uncond,
-        lr=cfg.optim.lr,
+        lr=learning_rate(cfg),
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
         eps=cfg.optim.eps,
@@ -317,9 +334,12 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         ThroughputMonitor,
     )
     from ldm.training.loggers import build_logger, define_step_metrics
+    from ldm.training.strategy import ExecutionOptions, build_strategy
 
     t = cfg.trainer
     config = to_container(cfg)
+    strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
+                              fsdp_sharding=t.fsdp_sharding)
     logger = build_logger(cfg.logging.logger, path, cfg.run.name, cfg.logging.project,
                           cfg.logging.wandb_mode, config)
     define_step_metrics(logger)
@@ -328,6 +348,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         ImageLogger(path / "images", cfg.logging.image_every_n_steps, cfg.logging.num_images),
         RNGState(),
         ThroughputMonitor(batch_key="image" if not cfg.data.cached else "latent_mean"),
+        ExecutionOptions(t.compile, t.gradient_checkpointing, t.vae_precision),
         *(extra_callbacks or []),
     ]
     manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module
@@ -335,7 +356,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,

@@ -206,7 +206,10 @@ class OptimConfig:
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     schedule: str = opt("constant", "LR after warm-up.", ["constant", "cosine"])
     min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of lr.")
-    scale_lr: bool = opt(False, "Multiply lr by global batch size (logged when on).")
+    scale_lr: bool = opt(
+        False, "Multiply lr by the global batch size (batch x devices x nodes x accumulation; "
+        "set trainer.devices explicitly); logged when on."
+    )
 
 
 @dataclass
@@ -216,7 +219,10 @@ class TrainerConfig:
     accelerator: str = opt("auto", "cpu, gpu, auto, ...")
     devices: Any = opt("auto", "Device count, list of ids, or auto.")
     num_nodes: int = opt(1, "Nodes.")
-    strategy: str = opt("auto", "auto, ddp, fsdp, deepspeed, ...")
+    strategy: str = opt(
+        "auto", "auto, ddp, fsdp (per-block wrap; frozen encoders not sharded), deepspeed "
+        "(needs the deepspeed package), or any Lightning strategy name."
+    )
     precision: str = opt("32", "32, bf16-mixed, 16-mixed, ...")
     max_steps: int = opt(-1, "Optimizer steps to train (-1: use max_epochs).")
     max_epochs: int | None = opt(None, "Epochs to train (null: Lightning's default).")
@@ -233,6 +239,24 @@ class TrainerConfig:
     keep_last_k: int = opt(3, "Checkpoints kept (plus `last`).")
     deterministic: bool = opt(False, "torch deterministic algorithms.")
     enable_progress_bar: bool = opt(True, "Lightning progress bar.")
+    compile: bool = opt(False, "torch.compile the U-Net in place (state-dict names unchanged).")
+    gradient_checkpointing: bool = opt(
+        False, "Gradient checkpointing of the trained network (ldm: U-Net, autoencoder: "
+        "autoencoder); turns on its use_checkpoint flags when training starts."
+    )
+    vae_precision: str = opt(
+        "float32", "Precision of the VAE encode in ldm training: float32 disables autocast "
+        "there (fp16 VAE overflow gives NaNs); else autocast to that dtype.",
+        ["float32", "bfloat16", "float16"],
+    )
+    find_unused_parameters: bool = opt(
+        False, "DDP: search for parameters without gradients each step (slower; not needed: "
+        "frozen encoders have requires_grad=False)."
+    )
+    fsdp_sharding: str = opt(
+        "FULL_SHARD", "FSDP sharding strategy.",
+        ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"],
+    )
 
 
 @dataclass

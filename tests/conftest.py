@@ -8,12 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread per test process (and per subprocess a test starts, so that runs compared
+# across processes use the same kernels): the suite runs as two pytest-xdist workers on two
+# cores, and tiny models are slower with threads fighting over cores than on one core each.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# One intra-op thread per test process: the suite runs as two pytest-xdist workers on two cores,
-# and tiny models are slower with threads fighting over cores than on one core each.
 torch.set_num_threads(1)
 
 

@@ -27,6 +27,9 @@ class LatentDiffusion(nn.Module):
         prediction: What the U-Net predicts: ``eps``, ``v`` or ``x0``.
         use_context_mask: Pass the text padding mask to cross-attention (useful for T5/BERT-like
             encoders; SD's CLIP models were trained attending to padding, so off for them).
+        vae_precision: Precision of :meth:`encode_images`: ``float32`` turns any surrounding
+            autocast off there (fp16 VAE activations overflow to inf/NaN), ``bfloat16`` or
+            ``float16`` autocast the encode to that dtype.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class LatentDiffusion(nn.Module):
         schedule: NoiseSchedule,
         prediction: str = "eps",
         use_context_mask: bool = False,
+        vae_precision: str = "float32",
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -45,6 +49,7 @@ class LatentDiffusion(nn.Module):
         self.schedule = schedule
         self.prediction = prediction
         self.use_context_mask = use_context_mask
+        self.vae_precision = vae_precision
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Only the U-Net trains; the autoencoder and text encoder stay in eval mode."""
@@ -76,8 +81,15 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents of images in [-1, 1] (posterior samples; the VAE runs in float32)."""
-        return self.autoencoder.encode_latents(images.float(), sample=True, generator=generator)
+        """Scaled float32 latents of images in [-1, 1] (posterior samples), with the VAE run
+        in ``vae_precision`` whatever autocast is active around the call."""
+        dtype = getattr(torch, self.vae_precision)
+        kind = images.device.type
+        precision = (torch.autocast(kind, enabled=False) if dtype == torch.float32
+                     else torch.autocast(kind, dtype=dtype))
+        with precision:
+            z = self.autoencoder.encode_latents(images.float(), sample=True, generator=generator)
+        return z.float()
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 
 def wandb_has_key() -> bool:
@@ -70,7 +71,7 @@ def build_logger(
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"
     (run_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
+    logger = FinishingWandbLogger(
         name=name,
         project=project,
         save_dir=str(run_dir),
@@ -79,6 +80,23 @@ def build_logger(
         settings=_wandb_settings(),
     )
     return logger
+
+
+class FinishingWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` that also finishes the wandb run when the trainer finalizes.
+
+    Lightning leaves the run open until the process exits, so the next run in the same process
+    (a local ``--sweep`` trial, a test) would be logged into the same wandb run, and a run's
+    summary and exit record would only be written at interpreter exit. Rank 0 only, like every
+    Lightning logger method that touches the experiment.
+    """
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Flush as Lightning does, then finish the run (exit code 1 unless it succeeded)."""
+        super().finalize(status)
+        if self._experiment is not None and hasattr(self._experiment, "finish"):
+            self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
 
 
 def _wandb_settings() -> Any:
