@@ -328,6 +328,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     import pytorch_lightning as pl
 
     from ldm.training.callbacks import (
+        DataSkipLogger,
         ImageLogger,
         RNGState,
         SafetensorsCheckpoint,
@@ -347,6 +348,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         SafetensorsCheckpoint(path / "checkpoints", config, t.ckpt_every_n_steps, t.keep_last_k),
         ImageLogger(path / "images", cfg.logging.image_every_n_steps, cfg.logging.num_images),
         RNGState(),
+        DataSkipLogger(t.log_every_n_steps),
         ThroughputMonitor(batch_key="image" if not cfg.data.cached else "latent_mean"),
         ExecutionOptions(t.compile, t.gradient_checkpointing, t.vae_precision),
         *(extra_callbacks or []),
