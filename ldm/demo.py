@@ -84,17 +84,34 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
     return {"rows": [r.to_dict() for r in rows], "text": format_report(rows)}
 
 
+QUICK = {  # --quick: every stage at toy scale, to check the pipeline in a minute or two
+    "data": ["num_train=512", "num_val=64", "num_heldout=64", "samples_per_shard=256"],
+    "autoencoder": ["trainer.max_steps=20", "trainer.val_check_interval=20",
+                    "trainer.ckpt_every_n_steps=20", "logging.image_every_n_steps=20",
+                    "optim.warmup_steps=5"],
+    "ldm": ["trainer.max_steps=20", "trainer.val_check_interval=20",
+            "trainer.ckpt_every_n_steps=20", "logging.image_every_n_steps=20",
+            "optim.warmup_steps=5", "sampling.steps=5"],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the CPU text-to-image demo.")
-    parser.add_argument("--fresh", action="store_true", help="delete demo_runs/ and start over")
+    parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
+    parser.add_argument("--out", type=Path, default=OUT, help="output directory")
+    parser.add_argument("--configs", type=Path, default=CONFIGS,
+                        help="config tree (shapes.yaml, autoencoder.yaml, ldm.yaml)")
     parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
+    parser.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.fresh and OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(exist_ok=True)
-    stages = Stages(OUT)
+    out, configs = args.out, args.configs
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
     wall = time.perf_counter()
+    quick = QUICK if args.quick else {"data": [], "autoencoder": [], "ldm": []}
+    n_eval = 2 if args.quick else args.samples_per_prompt
 
     import sample
     import train
@@ -104,49 +121,57 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.eval.adherence import demo_prompts_from_metadata
     from ldm.training import scale_factor
 
-    data, ae_ckpt = OUT / "data", OUT / "autoencoder" / "checkpoints" / "last.safetensors"
-    ldm_ckpt = OUT / "ldm" / "checkpoints" / "last.safetensors"
-    stages.run("1 data", data / "metadata.json",
-               lambda: shapes.main(["--config", str(CONFIGS / "shapes.yaml"), "--out", str(data)])
-               and 0)
-    stages.run("2 autoencoder", ae_ckpt,
-               lambda: train.main(["-c", str(CONFIGS / "autoencoder.yaml")]))
-    scale_marker = OUT / "autoencoder" / "scale_factor.done"
+    data = out / "data"
+    ae_cfg, ldm_cfg = configs / "autoencoder.yaml", configs / "ldm.yaml"
+    ae_ckpt = out / "autoencoder" / "checkpoints" / "last.safetensors"
+    ldm_ckpt = out / "ldm" / "checkpoints" / "last.safetensors"
+    stages.run("1 data", data / "metadata.json", lambda: shapes.main(
+        ["--config", str(configs / "shapes.yaml"), "--out", str(data), *quick["data"]]) and 0)
+
+    splits = json.loads((data / "metadata.json").read_text())["splits"]
+    image_data = [f"data.train_shards={splits['train']['shards']}",
+                  f"data.val_shards={splits['val']['shards']}", f"run.root={out}"]
+    ae_args = ["-c", str(ae_cfg), *image_data, *quick["autoencoder"]]
+    stages.run("2 autoencoder", ae_ckpt, lambda: train.main(ae_args))
+    scale_marker = out / "autoencoder" / "scale_factor.done"
     stages.run("3 scale factor", scale_marker, lambda: (
-        scale_factor.main(["--ckpt", str(ae_ckpt), "-c", str(CONFIGS / "autoencoder.yaml"),
-                           "--batches", "20"]) or scale_marker.touch() or 0))
-    cache_marker = OUT / "cached" / "train" / "manifest.json"
-    stages.run("4 cache latents+text", cache_marker, lambda: cache.main(
-        ["-c", str(CONFIGS / "ldm.yaml"), "--out", str(OUT / "cached"), "--dtype", "float16",
-         "data.cached=false", f"data.train_shards={data}/train/shapes-train-{{000000..000009}}"
-         ".tar", f"data.val_shards={data}/val/shapes-val-000000.tar"]))
+        scale_factor.main(["--ckpt", str(ae_ckpt), "-c", str(ae_cfg), "--batches", "20",
+                           *image_data]) or scale_marker.touch() or 0))
+    cached = out / "cached"
+    stages.run("4 cache latents+text", cached / "train" / "manifest.json", lambda: cache.main(
+        ["-c", str(ldm_cfg), "--out", str(cached), "--dtype", "float16", "data.cached=false",
+         f"model.autoencoder_ckpt={ae_ckpt}", *image_data]))
+    cached_data = [
+        f"data.train_shards={cached}/train/{Path(splits['train']['shards']).name}",
+        f"data.val_shards={cached}/val/{Path(splits['val']['shards']).name}",
+        f"run.root={out}", f"model.autoencoder_ckpt={ae_ckpt}",
+    ]
     stages.run("5 diffusion model", ldm_ckpt,
-               lambda: train.main(["-c", str(CONFIGS / "ldm.yaml")]))
+               lambda: train.main(["-c", str(ldm_cfg), *cached_data, *quick["ldm"]]))
 
     prompts = demo_prompts_from_metadata(data / "metadata.json")
-    prompt_file = OUT / "prompts.txt"
+    prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(p.prompt for p in prompts) + "\n")
-    grid = OUT / "samples" / "grid.png"
+    grid = out / "samples" / "grid.png"
     stages.run("6 sample grid", grid, lambda: sample.main(
         ["--ckpt", str(ldm_ckpt), "--from-file", str(prompt_file), "--n", "4",
-         "--outdir", str(OUT / "samples"), "--batch-size", "32"]))
+         "--outdir", str(out / "samples"), "--batch-size", "32"]))
 
-    cfg = load([CONFIGS / "ldm.yaml"])
-    report_path = OUT / "report.json"
+    cfg = load([ldm_cfg])
+    report_path = out / "report.json"
     guidances = [1.0, float(cfg.sampling.guidance)]
     stages.run("7 evaluate", report_path, lambda: report_path.write_text(json.dumps(
-        evaluate(ldm_ckpt, data / "metadata.json", guidances, args.samples_per_prompt),
-        indent=2)) and 0)
+        evaluate(ldm_ckpt, data / "metadata.json", guidances, n_eval), indent=2)) and 0)
 
     report = json.loads(report_path.read_text())
-    lines = ["# make demo report", "", f"grid: {grid} (rows: prompts in {prompt_file}, "
+    lines = ["# make demo report", "", f"grid: {grid} (one row per prompt of {prompt_file}, "
              "4 seeds each)", "", "```", report["text"].rstrip(), "```", "", "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")
     lines.append(f"  {'total (this run)':<24} {time.perf_counter() - wall:7.1f} s")
     text = "\n".join(lines) + "\n"
-    (OUT / "report.md").write_text(text)
+    (out / "report.md").write_text(text)
     print(text)
     return 0
 
