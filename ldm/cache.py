@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, s in summaries.items():
         skipped = ", ".join(f"{k}: {v}" for k, v in s.skipped.items()) or "none"
         print(f"{split}: {s.samples} samples cached in {len(s.shards)} new shards "
-              f"({len(s.existing)} already there); skipped: {skipped}")
+              f"({len(s.existing)} already there; {s.captions_encoded} distinct captions encoded); "
+              f"skipped: {skipped}")
     return 0
 
 

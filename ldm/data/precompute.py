@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +38,14 @@ MANIFEST_FILE = "manifest.json"
 
 @dataclass
 class PrecomputeSummary:
-    """What one rank cached: output shards, samples, skips per reason, shards left as they were."""
+    """What one rank cached: output shards, samples, skips per reason, shards left as they were,
+    and how many captions went through the text encoder (fewer than samples when they repeat)."""
 
     shards: list[str] = field(default_factory=list)
     samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     existing: list[str] = field(default_factory=list)
+    captions_encoded: int = 0
 
 
 def output_name(url: str) -> str:
@@ -90,6 +93,40 @@ class _ShardBatches(IterableDataset):
             yield self._flush(url, pending, done=True)
 
 
+class CaptionMemo:
+    """Wraps a text encoder so that each distinct caption is encoded once.
+
+    Captioned datasets often repeat captions (templated or synthetic data, alt-text); the memo
+    keeps the most recent ``max_entries`` results (least recently used are evicted) and sends only
+    unseen captions of a batch to the encoder. Results are identical to encoding every caption, up
+    to the float rounding of a different batch composition. Requires an encoder whose output rows
+    do not depend on the other prompts of the batch (fixed-length padding with a mask, as every
+    ``ldm`` text encoder does).
+    """
+
+    def __init__(self, encode_texts: TextEncoder, max_entries: int = 8192) -> None:
+        self.encode_texts = encode_texts
+        self.max_entries = max_entries
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        new = list(dict.fromkeys(c for c in captions if c not in self.entries))
+        if new:
+            context, mask = self.encode_texts(new)
+            for i, caption in enumerate(new):
+                self.entries[caption] = (context[i].clone(), mask[i].clone())
+        self.misses += len(new)
+        self.hits += len(captions) - len(new)
+        rows = [self.entries[c] for c in captions]
+        for caption in captions:
+            self.entries.move_to_end(caption)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
 def _write_batch(
     writer: ShardWriter,
     batch: dict[str, Any],
@@ -131,6 +168,7 @@ def precompute(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    memo_captions: int = 8192,
 ) -> PrecomputeSummary:
     """Cache latents and text embeddings for this rank's share of ``shards``.
 
@@ -152,11 +190,15 @@ def precompute(
         num_workers: DataLoader workers decoding shards for this rank.
         overwrite: Recompute shards whose output already exists.
         progress: Show a progress bar.
+        memo_captions: Encode each distinct caption once, remembering the last this many
+            (:class:`CaptionMemo`); 0 encodes every caption.
 
     Returns:
         This rank's summary.
     """
     storage = parse_dtype(dtype)
+    if memo_captions > 0:
+        encode_texts = CaptionMemo(encode_texts, memo_captions)
     urls = check_shards_exist(shards)
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
@@ -200,6 +242,9 @@ def precompute(
             writer = writers.pop(url)
             writer.close(allow_empty=True)
             summary.shards.extend(writer.shards)
+    summary.captions_encoded = (
+        encode_texts.misses if isinstance(encode_texts, CaptionMemo) else summary.samples
+    )
     summary.skipped = {k: v for k, v in dataset.counter.counts().items() if v and k != "ok"}
     dataset.counter.log_summary(what="while caching")
     if rank == 0:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.data.cached import load_empty_prompt, sample_latents
-from ldm.data.precompute import output_name, precompute
+from ldm.data.precompute import CaptionMemo, output_name, precompute
 from ldm.data.reader import ShardDataset
 from ldm.data.write_shards import ShardWriter
 
@@ -173,3 +173,39 @@ def test_sample_latents_and_cached_datamodule(source: str, tmp_path: Path) -> No
     big_mean, big_std = torch.full((20000,), 2.0), torch.full((20000,), 0.5)
     draws = sample_latents(big_mean, big_std, generator=gen)
     assert abs(draws.mean().item() - 2.0) < 0.02 and abs(draws.std().item() - 0.5) < 0.02
+
+
+def test_caption_memo_encodes_each_distinct_caption_once_and_evicts_oldest() -> None:
+    calls: list[list[str]] = []
+
+    def counting(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(list(captions))
+        return encode_texts(captions)
+
+    memo = CaptionMemo(counting, max_entries=3)
+    batch = ["a b", "c", "a b", "d e f"]
+    context, mask = memo(batch)
+    ref_context, ref_mask = encode_texts(batch)
+    assert torch.equal(context, ref_context) and torch.equal(mask, ref_mask)
+    assert calls == [["a b", "c", "d e f"]]
+    memo(["c", "g"])  # "a b" is now least recently used and evicted
+    assert calls[-1] == ["g"] and list(memo.entries) == ["d e f", "c", "g"]
+    memo(["a b"])
+    assert calls[-1] == ["a b"] and (memo.hits, memo.misses) == (2, 5)
+
+
+def test_repeated_captions_are_encoded_once_with_the_same_result(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    with ShardWriter(str(root / "img-%06d.tar"), max_samples=6) as writer:
+        for i in range(12):
+            writer.write({"__key__": f"k{i:03d}", "png": png_bytes(i), "txt": f"caption {i % 3}"})
+    source = str(root / "img-{000000..000001}.tar")
+    memo_summary = precompute(source, str(tmp_path / "memo"), encode_images, encode_texts,
+                              image_size=16, batch_size=4, progress=False)
+    plain_summary = precompute(source, str(tmp_path / "plain"), encode_images, encode_texts,
+                               image_size=16, batch_size=4, progress=False, memo_captions=0)
+    assert (memo_summary.captions_encoded, plain_summary.captions_encoded) == (3, 12)
+    for name in ("img-000000.tar", "img-000001.tar"):
+        memo = (tmp_path / "memo" / name).read_bytes()
+        assert memo == (tmp_path / "plain" / name).read_bytes()
