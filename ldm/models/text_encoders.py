@@ -32,6 +32,7 @@ from ldm.models.text_encoder_base import (
     TextEncoder,
     Tokens,
     check_layer,
+    layer_blocks,
     resolve_pretrained,
 )
 
@@ -64,8 +65,9 @@ class HFTextEncoder(TextEncoder):
     """Any transformers encoder-only model (BERT, RoBERTa, MiniLM, ...) via `AutoModel`.
 
     Output: the last hidden state (no pooling, no normalisation), or with `layer="penultimate"`
-    the output of the second-to-last layer. The attention mask is passed to the model, so padding
-    does not change the embeddings of real tokens.
+    the output of the second-to-last layer, or with `layer="k"` the output of block k (earlier
+    blocks keep words less mixed with their context). The attention mask is passed to the model,
+    so padding does not change the embeddings of real tokens.
 
     Subclasses (`ClipTextEncoder`, `T5TextEncoder`) change the model class, whether the mask is
     passed to the model, and the normalisation applied to the penultimate layer.
@@ -77,7 +79,7 @@ class HFTextEncoder(TextEncoder):
             + `tokenizer/`) and sentence-transformers directories are understood.
         max_length: token sequence length L; prompts are padded/truncated to it. At most the
             model's `max_position_embeddings` where it has one.
-        layer: "last" or "penultimate".
+        layer: "last", "penultimate" or a block number "1".."N".
         dtype: weight/compute dtype name ("float32", "float16", "bfloat16").
     """
 
@@ -104,7 +106,14 @@ class HFTextEncoder(TextEncoder):
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's {limit} positions")
+        self.blocks = layer_blocks(self.layer, self.num_blocks)
         self.freeze()
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks N of the model."""
+        config = self.model.config
+        return int(getattr(config, "num_hidden_layers", None) or config.num_layers)
 
     def _load_model(self, source: PretrainedSource) -> PreTrainedModel:
         """Loads the network; subclasses choose another class."""
@@ -120,7 +129,7 @@ class HFTextEncoder(TextEncoder):
         )
 
     def penultimate_norm(self) -> nn.Module:
-        """Normalisation applied to the penultimate layer's output (none for BERT-likes)."""
+        """Normalisation applied to an inner block's output (none for BERT-likes)."""
         return nn.Identity()
 
     @property
@@ -143,16 +152,16 @@ class HFTextEncoder(TextEncoder):
 
     def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) hidden states of `layer`."""
-        penultimate = self.layer == "penultimate"
+        last = self.blocks == self.num_blocks
         out = self.model(
             input_ids=ids,
             attention_mask=mask.long() if self.pass_attention_mask else None,
-            output_hidden_states=penultimate,
+            output_hidden_states=not last,
         )
-        if not penultimate:
+        if last:
             return out.last_hidden_state
-        # hidden_states = (embeddings, layer 1, ..., layer N); [-2] is layer N-1's output.
-        return self.penultimate_norm()(out.hidden_states[-2])
+        # hidden_states = (embeddings, block 1, ..., block N); [k] is block k's output.
+        return self.penultimate_norm()(out.hidden_states[self.blocks])
 
     def extra_repr(self) -> str:
         return f"{self.name_or_path!r}, layer={self.layer!r}, {super().extra_repr()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 import string
 import warnings
 from collections.abc import Iterator
@@ -229,24 +230,39 @@ def test_follows_the_device(model_dirs: dict[str, Path]) -> None:
     assert prompt_context.is_cuda and prompt_mask.is_cuda
 
 
-@pytest.mark.parametrize("kind", ["clip", "t5"])
-def test_penultimate_layer(model_dirs: dict[str, Path], kind: str, tmp_path: Path) -> None:
-    """Penultimate (+ final norm) equals the last layer of the same model cut to N-1 layers."""
-    last, penultimate = _build(model_dirs, kind), _build(model_dirs, kind, layer="penultimate")
+@pytest.mark.parametrize("layer", ["penultimate", "1"])
+@pytest.mark.parametrize("kind", ["clip", "t5", "hf"])
+def test_inner_layer(model_dirs: dict[str, Path], kind: str, layer: str, tmp_path: Path) -> None:
+    """Block 1 of 2 (= penultimate, + final norm) equals the last layer of the model cut to 1."""
+    last, inner = _build(model_dirs, kind), _build(model_dirs, kind, layer=layer)
     context_last, _ = last.encode(["the red circle"])
-    context_pen, _ = penultimate.encode(["the red circle"])
-    assert not context_last.allclose(context_pen, atol=1e-3)
+    context_inner, _ = inner.encode(["the red circle"])
+    assert not context_last.allclose(context_inner, atol=1e-3)
+    torch.testing.assert_close(
+        _build(model_dirs, kind, layer=str(LAYERS)).encode(["the red circle"])[0], context_last
+    )
 
     config = copy.deepcopy(last.model.config)
-    setattr(config, "num_hidden_layers" if kind == "clip" else "num_layers", LAYERS - 1)
+    setattr(config, "num_layers" if kind == "t5" else "num_hidden_layers", LAYERS - 1)
     cut = type(last.model)(config)
     cut.load_state_dict(last.model.state_dict(), strict=False)
     cut.save_pretrained(tmp_path)
     last.tokenizer.save_pretrained(tmp_path)
     reference = build_text_encoder(kind, name_or_path=str(tmp_path), max_length=MAX_LEN)
     torch.testing.assert_close(
-        reference.encode(["the red circle"])[0], context_pen, rtol=1e-5, atol=1e-5
+        reference.encode(["the red circle"])[0], context_inner, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    ("middle", "unknown text encoder layer 'middle'; valid: last, penultimate, or a block"),
+    ("0", "unknown text encoder layer '0'"),
+    (str(LAYERS + 1), f"layer {LAYERS + 1} does not exist: the model has {LAYERS} blocks"),
+])
+def test_bad_layer_is_one_clear_line(model_dirs: dict[str, Path], layer: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        _build(model_dirs, "hf", layer=layer)
+    assert "\n" not in str(error.value)
 
 
 def test_dtype(model_dirs: dict[str, Path]) -> None:
@@ -256,8 +272,6 @@ def test_dtype(model_dirs: dict[str, Path]) -> None:
     assert encoder.encode(["the red"], dtype=torch.bfloat16)[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         _build(model_dirs, "clip", dtype="float8")
-    with pytest.raises(ValueError, match="unknown layer"):
-        _build(model_dirs, "clip", layer="middle")
 
 
 def test_missing_local_directory(tmp_path: Path) -> None:
