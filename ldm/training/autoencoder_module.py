@@ -19,6 +19,7 @@ from torch import nn
 
 from ldm.eval.reconstruction import psnr, ssim
 from ldm.training.optim import build_optimizer, build_scheduler
+from ldm.training.sharding import full_state_dict
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -128,9 +129,12 @@ class AutoencoderModule(pl.LightningModule):
         return {"inputs": (x, None), "reconstructions": (reconstruction, None)}
 
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Weights saved in our checkpoints: the autoencoder (with its scale_factor buffer)."""
-        return {"autoencoder": self.autoencoder.state_dict(),
-                "loss": self.loss.state_dict()}
+        """Weights saved in our checkpoints: the autoencoder (with its scale_factor buffer).
+        Under FSDP every rank must call (shards are gathered)."""
+        trainer = self._trainer
+        root = trainer.strategy.model if trainer is not None and trainer.strategy.model else self
+        return {"autoencoder": full_state_dict(self.autoencoder, root),
+                "loss": full_state_dict(self.loss, root)}
 
     def configure_optimizers(self) -> Any:
         disc_params = {id(p) for p in self.discriminator.parameters()}

@@ -21,6 +21,7 @@ from ldm.diffusion import DiffusionLoss, Sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.training.ema import EMA
 from ldm.training.optim import build_optimizer, build_scheduler
+from ldm.training.sharding import full_parameters, full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,13 @@ class DiffusionModule(pl.LightningModule):
         checkpoints written at batch end include it)."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self._skipped:
-            self.ema.step(self.model.unet)
+            root = self._root()
+            self.ema.step(self.model.unet, gather=lambda: full_parameters(root))
+
+    def _root(self) -> torch.nn.Module:
+        """The outermost module (the strategy's wrapper under FSDP; else this module)."""
+        trainer = self._trainer
+        return trainer.strategy.model if trainer is not None and trainer.strategy.model else self
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -216,8 +223,9 @@ class DiffusionModule(pl.LightningModule):
         return {"samples": (images, prompts)}
 
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
-        """U-Net (raw and EMA) and the autoencoder; the text encoder is named in the config."""
-        modules = {"unet": self.model.unet.state_dict(),
+        """U-Net (raw and EMA) and the autoencoder; the text encoder is named in the config.
+        Under FSDP every rank must call (the U-Net's shards are gathered)."""
+        modules = {"unet": full_state_dict(self.model.unet, self._root()),
                    "autoencoder": self.model.autoencoder.state_dict()}
         if self.ema is not None:
             modules["unet_ema"] = self.ema.averaged_state_dict()

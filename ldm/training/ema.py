@@ -10,11 +10,13 @@ not dominated by the random initialisation.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
+
+from ldm.training.sharding import unwrapped_name
 
 
 class EMA(nn.Module):
@@ -51,8 +53,14 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def step(self, model: nn.Module) -> bool:
+    def step(self, model: nn.Module,
+             gather: Callable[[], AbstractContextManager[object]] = nullcontext) -> bool:
         """Count a training step; every ``update_every`` steps fold ``model`` into the average.
+
+        Args:
+            model: The trained model.
+            gather: Context in which ``model``'s parameters are whole, entered only for an
+                update (e.g. ``lambda: full_parameters(trainer.strategy.model)`` under FSDP).
 
         Returns:
             Whether an update happened.
@@ -60,24 +68,36 @@ class EMA(nn.Module):
         self.num_calls += 1
         if int(self.num_calls) % self.update_every:
             return False
-        self.update(model)
+        with gather():
+            self.update(model)
         return True
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """``ema ← d·ema + (1−d)·θ`` for every parameter; buffers are copied."""
+        """``ema ← d·ema + (1−d)·θ`` for every parameter; buffers are copied.
+
+        ``model`` may be wrapped (FSDP units, checkpoint wrappers, ``torch.compile``): names are
+        matched after :func:`~ldm.training.sharding.unwrapped_name`. Its parameters must be whole
+        (under FSDP, call inside :func:`~ldm.training.sharding.full_parameters`).
+        """
         decay = self.current_decay()
-        ema_params = dict(self.model.named_parameters())
+        ema_params = {unwrapped_name(n): p for n, p in self.model.named_parameters()}
         ema_vals, new_vals = [], []
         for name, param in model.named_parameters():
-            ema_vals.append(ema_params[name])
-            new_vals.append(param.detach().to(ema_params[name].dtype))
+            target = ema_params[unwrapped_name(name)]
+            if param.shape != target.shape:
+                raise RuntimeError(
+                    f"EMA update got a {tuple(param.shape)} shard of {unwrapped_name(name)} "
+                    f"{tuple(target.shape)}: update inside full_parameters() under FSDP"
+                )
+            ema_vals.append(target)
+            new_vals.append(param.detach().to(target.dtype))
         if ema_vals:
             torch._foreach_lerp_(ema_vals, new_vals, 1.0 - decay)
-        ema_buffers = dict(self.model.named_buffers())
+        ema_buffers = {unwrapped_name(n): b for n, b in self.model.named_buffers()}
         for name, buf in model.named_buffers():
-            if name in ema_buffers:
-                ema_buffers[name].copy_(buf)
+            if unwrapped_name(name) in ema_buffers:
+                ema_buffers[unwrapped_name(name)].copy_(buf)
         self.num_updates += 1
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,10 +16,12 @@
   weights never change, so sharding them only costs an all-gather every forward and puts
   ``requires_grad=False`` tensors into a flat parameter next to trainable ones. Ignored modules
   stay whole on every rank (moved to the rank's device here, which FSDP does not do for them).
-  Not wired yet: with FSDP over several GPUs, parameters are sharded between steps, so the EMA
-  update and ``export_modules`` (which read ``model.unet`` directly) must run inside
-  ``FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False)``. On one GPU
-  FSDP falls back to ``NO_SHARD`` (whole parameters), which the ``gpu`` test covers.
+  Between steps FSDP keeps only this rank's shard of each parameter, under names with
+  ``_fsdp_wrapped_module.`` inserted; the EMA update and ``export_modules`` therefore read the
+  U-Net inside :func:`ldm.training.sharding.full_parameters` (a collective
+  ``summon_full_params``, entered by every rank) and name weights with ``unwrapped_name``, so
+  the EMA stays identical on all ranks and checkpoints look exactly like single-process ones
+  (tested with 2 CPU ranks over gloo).
 - ``deepspeed*``: passed through to Lightning when the ``deepspeed`` package is installed;
   otherwise a one-line :class:`~ldm.config.ConfigError`.
 - anything else (``auto``, ``ddp_spawn``, ``single_device``...): passed through unchanged.
