@@ -76,7 +76,7 @@ class SafetensorsCheckpoint(pl.Callback):
         """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
         final = self.dirpath / RESUME_NAME
         tmp = self.dirpath / f".{RESUME_NAME}.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state
         if trainer.is_global_zero:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
