@@ -37,10 +37,12 @@ from ldm.data.shapes_vocab import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
     COLORS,
+    PARTIAL_TEMPLATES,
     VOCABULARY,
     ShapeAttributes,
     parse_held_out,
     render_caption,
+    render_partial_caption,
     sample_split_attributes,
 )
 from ldm.data.shards import make_rng
@@ -76,6 +78,9 @@ class ShapesConfig:
         jitter: Max random offset of the shape centre, as a fraction of the side.
         supersample: Draw at this factor and downsample (anti-aliasing).
         workers: Processes generating shards in parallel.
+        partial_captions: Fraction of train/val captions that leave one attribute (colour,
+            shape, size or position, chosen uniformly) unnamed, as real captions often do. The
+            image does not change; ``json`` records ``omitted``.
     """
 
     image_size: int = 64
@@ -91,6 +96,7 @@ class ShapesConfig:
     jitter: float = 0.03
     supersample: int = 4
     workers: int = 2
+    partial_captions: float = 0.0
 
 
 def render_image(
@@ -149,10 +155,14 @@ def make_sample(
     offset = (rng.uniform(-cfg.jitter, cfg.jitter), rng.uniform(-cfg.jitter, cfg.jitter))
     template = rng.randrange(len(CAPTION_TEMPLATES))
     caption = render_caption(attrs, template)
+    meta: dict[str, Any] = {}
+    if split != "heldout" and cfg.partial_captions > 0 and rng.random() < cfg.partial_captions:
+        meta["omitted"] = rng.choice(tuple(PARTIAL_TEMPLATES))
+        caption = render_partial_caption(attrs, meta["omitted"])
     image = render_image(attrs, cfg.image_size, offset, cfg.supersample)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
-    meta = {**attrs.to_dict(), "caption": caption, "template": template, "split": split}
+    meta = {**attrs.to_dict(), "caption": caption, "template": template, "split": split, **meta}
     return {
         "__key__": f"{split}{index:08d}",
         "png": buffer.getvalue(),

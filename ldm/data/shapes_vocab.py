@@ -89,6 +89,20 @@ CAPTION_TEMPLATES = (
 )
 
 
+#: Caption phrasings that leave one attribute out (keyed by the attribute they omit).
+PARTIAL_TEMPLATES = {
+    "color": lambda a: f"a {a.size} {a.shape} {_where(a.position)}",
+    "shape": lambda a: f"a {a.size} {a.color} shape {_where(a.position)}",
+    "size": lambda a: f"a {a.color} {a.shape} {_where(a.position)}",
+    "position": lambda a: f"a {a.size} {a.color} {a.shape}",
+}
+
+
+def render_partial_caption(attrs: ShapeAttributes, omit: str) -> str:
+    """A caption that names every attribute of ``attrs`` but ``omit`` (and the background)."""
+    return PARTIAL_TEMPLATES[omit](attrs)
+
+
 def render_caption(attrs: ShapeAttributes, template: int = 0) -> str:
     """Caption text for ``attrs`` in phrasing ``template`` (index into CAPTION_TEMPLATES)."""
     return CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)](attrs)

@@ -11,7 +11,7 @@ import pytest
 
 from ldm.data.counters import SkipCounter
 from ldm.data.reader import ShardDataset
-from ldm.data.shapes import ShapesConfig, generate, load_config, main, render_image
+from ldm.data.shapes import ShapesConfig, generate, load_config, main, make_sample, render_image
 from ldm.data.shapes_vocab import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
@@ -170,3 +170,20 @@ def test_cli_with_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout", "metadata.json", "train"]
     with pytest.raises(Exception, match="num_trian"):
         load_config(str(CONFIG), ["num_trian=3"])
+
+
+def test_partial_captions_leave_one_attribute_out_and_keep_the_image() -> None:
+    full, partial = ShapesConfig(image_size=16), ShapesConfig(image_size=16, partial_captions=1.0)
+    omitted = set()
+    for index in range(40):
+        a, b = make_sample(full, "train", index), make_sample(partial, "train", index)
+        assert a["png"] == b["png"] and "omitted" not in a["json"]
+        meta = b["json"]
+        omitted.add(meta["omitted"])
+        named = parse_attributes(b["txt"])
+        assert meta["omitted"] not in named
+        assert all(named[k] == meta[k] for k in {"color", "shape", "size", "position"} - {
+            meta["omitted"]})
+        held = make_sample(partial, "heldout", index)  # held-out prompts stay complete
+        assert "omitted" not in held["json"]
+    assert omitted == {"color", "shape", "size", "position"}
