@@ -25,12 +25,14 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageDraw
 
 from ldm.data.shapes_vocab import (
@@ -205,6 +207,8 @@ def generate(cfg: ShapesConfig, out_dir: str) -> dict[str, Any]:
     unknown = set(cfg.backgrounds) - set(BACKGROUNDS)
     if unknown:
         raise ValueError(f"unknown backgrounds {sorted(unknown)}; choose from {list(BACKGROUNDS)}")
+    if not 0.0 <= cfg.partial_captions <= 1.0:
+        raise ValueError(f"partial_captions is a fraction in [0, 1], got {cfg.partial_captions}")
     jobs = [(cfg, *job) for job in _shard_jobs(cfg, out_dir)]
     start = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:
@@ -263,4 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OmegaConfBaseException) as error:  # bad settings: one line, exit 2
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)

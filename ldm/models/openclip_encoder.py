@@ -193,6 +193,7 @@ class OpenClipTextEncoder(TextEncoder):
             state = {k: v for k, v in state.items() if not k.startswith("visual.")}
             self.model.load_state_dict(state, strict=True)
         self.model.to(self.weight_dtype)
+        layer_blocks(self.layer, len(self.model.transformer.resblocks))  # k within the model
         context_length = self.model.positional_embedding.shape[0]
         if max_length > context_length:
             raise ValueError(f"max_length={max_length} exceeds the context length {context_length}")

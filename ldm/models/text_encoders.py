@@ -112,8 +112,7 @@ class HFTextEncoder(TextEncoder):
     @property
     def num_blocks(self) -> int:
         """Transformer blocks N of the model."""
-        config = self.model.config
-        return int(getattr(config, "num_hidden_layers", None) or config.num_layers)
+        return int(self.model.config.num_hidden_layers)  # T5 aliases it to num_layers
 
     def _load_model(self, source: PretrainedSource) -> PreTrainedModel:
         """Loads the network; subclasses choose another class."""

@@ -17,19 +17,7 @@ from torch import nn
 from ldm.nn.attention import SpatialTransformer
 from ldm.nn.embeddings import timestep_embedding
 from ldm.nn.resnet import Downsample, ResBlock, Upsample, normalization
-
-#: Attributes under which wrappers (FSDP, activation checkpointing, torch.compile) keep the module.
-_WRAPPED_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-
-
-def _unwrapped(layer: nn.Module) -> nn.Module:
-    """The module inside any wrappers (which forward their arguments unchanged)."""
-    for _ in range(8):
-        inner = next((getattr(layer, a) for a in _WRAPPED_ATTRS if hasattr(layer, a)), None)
-        if not isinstance(inner, nn.Module):
-            return layer
-        layer = inner
-    return layer
+from ldm.nn.wrappers import unwrap
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -45,7 +33,7 @@ class TimestepEmbedSequential(nn.Sequential):
     ) -> torch.Tensor:
         """Apply the layers in order to ``x`` (B, C, H, W)."""
         for layer in self:
-            kind = _unwrapped(layer)
+            kind = unwrap(layer)
             if isinstance(kind, ResBlock):
                 x = layer(x, emb)
             elif isinstance(kind, SpatialTransformer):

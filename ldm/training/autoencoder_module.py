@@ -19,7 +19,7 @@ from torch import nn
 
 from ldm.eval.reconstruction import psnr, ssim
 from ldm.training.optim import build_optimizer, build_scheduler
-from ldm.training.sharding import full_state_dict
+from ldm.training.sharding import full_state_dict, outermost_module
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -131,8 +131,7 @@ class AutoencoderModule(pl.LightningModule):
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """Weights saved in our checkpoints: the autoencoder (with its scale_factor buffer).
         Under FSDP every rank must call (shards are gathered)."""
-        trainer = self._trainer
-        root = trainer.strategy.model if trainer is not None and trainer.strategy.model else self
+        root = outermost_module(self)
         return {"autoencoder": full_state_dict(self.autoencoder, root),
                 "loss": full_state_dict(self.loss, root)}
 

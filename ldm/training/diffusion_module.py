@@ -21,7 +21,7 @@ from ldm.diffusion import DiffusionLoss, Sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.training.ema import EMA
 from ldm.training.optim import build_optimizer, build_scheduler
-from ldm.training.sharding import full_parameters, full_state_dict
+from ldm.training.sharding import full_parameters, full_state_dict, outermost_module
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +184,8 @@ class DiffusionModule(pl.LightningModule):
         checkpoints written at batch end include it)."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self._skipped:
-            root = self._root()
+            root = outermost_module(self)
             self.ema.step(self.model.unet, gather=lambda: full_parameters(root))
-
-    def _root(self) -> torch.nn.Module:
-        """The outermost module (the strategy's wrapper under FSDP; else this module)."""
-        trainer = self._trainer
-        return trainer.strategy.model if trainer is not None and trainer.strategy.model else self
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -225,7 +220,7 @@ class DiffusionModule(pl.LightningModule):
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """U-Net (raw and EMA) and the autoencoder; the text encoder is named in the config.
         Under FSDP every rank must call (the U-Net's shards are gathered)."""
-        modules = {"unet": full_state_dict(self.model.unet, self._root()),
+        modules = {"unet": full_state_dict(self.model.unet, outermost_module(self)),
                    "autoencoder": self.model.autoencoder.state_dict()}
         if self.ema is not None:
             modules["unet_ema"] = self.ema.averaged_state_dict()

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
-from ldm.training.sharding import unwrapped_name
+from ldm.nn.wrappers import unwrapped_name
 
 
 class EMA(nn.Module):
@@ -77,27 +77,28 @@ class EMA(nn.Module):
         """``ema ← d·ema + (1−d)·θ`` for every parameter; buffers are copied.
 
         ``model`` may be wrapped (FSDP units, checkpoint wrappers, ``torch.compile``): names are
-        matched after :func:`~ldm.training.sharding.unwrapped_name`. Its parameters must be whole
+        matched after :func:`~ldm.nn.wrappers.unwrapped_name`. Its parameters must be whole
         (under FSDP, call inside :func:`~ldm.training.sharding.full_parameters`).
         """
         decay = self.current_decay()
-        ema_params = {unwrapped_name(n): p for n, p in self.model.named_parameters()}
+        ema_params = dict(self.model.named_parameters())  # the copy itself is never wrapped
         ema_vals, new_vals = [], []
         for name, param in model.named_parameters():
-            target = ema_params[unwrapped_name(name)]
+            name = unwrapped_name(name)
+            target = ema_params[name]
             if param.shape != target.shape:
                 raise RuntimeError(
-                    f"EMA update got a {tuple(param.shape)} shard of {unwrapped_name(name)} "
+                    f"EMA update got a {tuple(param.shape)} shard of {name} "
                     f"{tuple(target.shape)}: update inside full_parameters() under FSDP"
                 )
             ema_vals.append(target)
             new_vals.append(param.detach().to(target.dtype))
         if ema_vals:
             torch._foreach_lerp_(ema_vals, new_vals, 1.0 - decay)
-        ema_buffers = {unwrapped_name(n): b for n, b in self.model.named_buffers()}
+        ema_buffers = dict(self.model.named_buffers())
         for name, buf in model.named_buffers():
-            if unwrapped_name(name) in ema_buffers:
-                ema_buffers[unwrapped_name(name)].copy_(buf)
+            if (target_buf := ema_buffers.get(unwrapped_name(name))) is not None:
+                target_buf.copy_(buf)
         self.num_updates += 1
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
@@ -107,8 +108,9 @@ class EMA(nn.Module):
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s parameters with the averaged ones."""
+        averaged = dict(self.model.named_parameters())
         for name, param in model.named_parameters():
-            param.copy_(dict(self.model.named_parameters())[name].to(param.dtype))
+            param.copy_(averaged[unwrapped_name(name)].to(param.dtype))
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:

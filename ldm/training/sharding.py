@@ -3,7 +3,8 @@
 Between steps FSDP keeps only this rank's shard of each parameter, under names with
 ``_fsdp_wrapped_module.`` inserted. Code that reads whole weights outside forward/backward (the
 EMA update, checkpoint export) gathers them with :func:`full_parameters` and names them with
-:func:`unwrapped_name`; for unsharded modules both are no-ops, so the same code runs on one CPU.
+:func:`~ldm.nn.wrappers.unwrapped_name`; for unsharded modules both are no-ops, so the same code
+runs on one CPU.
 """
 
 from __future__ import annotations
@@ -14,16 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-#: Attribute names that wrappers (FSDP, activation checkpointing, torch.compile) insert into
-#: parameter names; :func:`unwrapped_name` removes them.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def unwrapped_name(name: str) -> str:
-    """A parameter/buffer name as the unwrapped module calls it."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from ldm.nn.wrappers import unwrapped_name
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -31,6 +23,14 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def outermost_module(pl_module: nn.Module) -> nn.Module:
+    """What the strategy wrapped around a LightningModule (the FSDP root under FSDP), or the
+    module itself when it is not attached to a trainer yet."""
+    trainer = getattr(pl_module, "_trainer", None)
+    wrapped = trainer.strategy.model if trainer is not None else None
+    return wrapped if wrapped is not None else pl_module
 
 
 @contextmanager

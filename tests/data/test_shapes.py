@@ -187,3 +187,5 @@ def test_partial_captions_leave_one_attribute_out_and_keep_the_image() -> None:
         held = make_sample(partial, "heldout", index)  # held-out prompts stay complete
         assert "omitted" not in held["json"]
     assert omitted == {"color", "shape", "size", "position"}
+    with pytest.raises(ValueError, match=r"partial_captions is a fraction in \[0, 1\], got 1.5"):
+        generate(ShapesConfig(partial_captions=1.5), "unused")

@@ -13,8 +13,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ldm.models.unet import UNetModel
+from ldm.nn.wrappers import unwrap, unwrapped_name
 from ldm.training.ema import EMA
-from ldm.training.sharding import full_parameters, full_state_dict, is_sharded, unwrapped_name
+from ldm.training.sharding import (
+    full_parameters,
+    full_state_dict,
+    is_sharded,
+    outermost_module,
+)
 
 UNET = dict(
     in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
@@ -41,6 +47,9 @@ def test_names_and_state_dict_without_sharding() -> None:
     assert unwrapped_name("_orig_mod._checkpoint_wrapped_module.out.0.bias") == "out.0.bias"
     torch.manual_seed(0)
     unet = UNetModel(**UNET)
+    compiled = torch.compile(unet)  # wraps as "_orig_mod"; nothing is compiled until called
+    assert unwrap(compiled) is unet and unwrap(unet) is unet
+    assert outermost_module(unet) is unet  # not attached to a trainer
     assert not is_sharded(unet)
     state = full_state_dict(unet)
     assert list(state) == list(unet.state_dict())
