@@ -63,6 +63,7 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
     from ldm.eval.adherence import (
         demo_prompts_from_metadata,
         format_report,
+        geometry_from_metadata,
         score_pairs,
         summarise,
     )
@@ -70,6 +71,7 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
     model, cfg = build.load_for_sampling(ckpt)
     sampler = build.build_sampler(cfg.sampling, disable_progress=True)
     prompts = demo_prompts_from_metadata(metadata)
+    geometry = geometry_from_metadata(metadata)
     scored = []
     from tqdm import tqdm
 
@@ -79,7 +81,8 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
                                 generator=torch.Generator().manual_seed(1000))
             images, _ = model.generate([p.prompt] * n, sampler, guidance=guidance, latents=noise,
                                        generator=torch.Generator().manual_seed(1000))
-            scored += score_pairs([(p, img) for img in images], guidance=guidance)
+            scored += score_pairs([(p, img) for img in images], guidance=guidance,
+                                  geometry=geometry)
     rows = summarise(scored)
     return {"rows": [r.to_dict() for r in rows], "text": format_report(rows)}
 

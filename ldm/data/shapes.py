@@ -40,6 +40,7 @@ from ldm.data.shapes_vocab import (
     CAPTION_TEMPLATES,
     COLORS,
     PARTIAL_TEMPLATES,
+    SIZES,
     VOCABULARY,
     ShapeAttributes,
     parse_held_out,
@@ -60,8 +61,10 @@ _CENTERS = {
     "bottom right": (0.73, 0.73),
     "center": (0.5, 0.5),
 }
-#: Half-extent of a shape as a fraction of the image side.
-_RADII = {"small": 0.1, "large": 0.19}
+#: Default half-extent of a shape per size, as a fraction of the image side.
+DEFAULT_RADII: dict[str, float] = {"small": 0.1, "large": 0.19}
+#: Largest radius that keeps a jittered triangle (circumradius 1.15 r) at a corner inside.
+MAX_RADIUS = 0.2
 
 
 @dataclass
@@ -83,6 +86,9 @@ class ShapesConfig:
         partial_captions: Fraction of train/val captions that leave one attribute (colour,
             shape, size or position, chosen uniformly) unnamed, as real captions often do. The
             image does not change; ``json`` records ``omitted``.
+        radii: Half-extent of a ``small`` and a ``large`` shape as a fraction of the side
+            (``0 < small < large <= MAX_RADIUS``). At low resolution, raise ``small`` so a small
+            circle stays distinguishable from a small square after an autoencoder.
     """
 
     image_size: int = 64
@@ -99,6 +105,20 @@ class ShapesConfig:
     supersample: int = 4
     workers: int = 2
     partial_captions: float = 0.0
+    radii: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RADII))
+
+
+def check_radii(radii: Mapping[str, float]) -> None:
+    """Raise a one-line ``ValueError`` unless ``radii`` names every size with increasing,
+    in-range fractions of the side."""
+    if set(radii) != set(SIZES):
+        raise ValueError(f"radii must name exactly the sizes {list(SIZES)}, got {sorted(radii)}")
+    values = [radii[size] for size in SIZES]
+    if not 0 < values[0] < values[1] <= MAX_RADIUS:
+        raise ValueError(
+            f"radii must satisfy 0 < small < large <= {MAX_RADIUS} (fractions of the side), got "
+            f"{dict(zip(SIZES, values, strict=True))}"
+        )
 
 
 def render_image(
@@ -106,6 +126,7 @@ def render_image(
     image_size: int = 64,
     offset: tuple[float, float] = (0.0, 0.0),
     supersample: int = 4,
+    radii: Mapping[str, float] | None = None,
 ) -> Image.Image:
     """Draw ``attrs`` as an RGB image.
 
@@ -114,13 +135,14 @@ def render_image(
         image_size: Output side length.
         offset: Centre offset ``(dx, dy)`` as fractions of the side (jitter).
         supersample: Draw at ``image_size * supersample`` and box-downsample (anti-aliasing).
+        radii: Size name -> half-extent as a fraction of the side (default: ``DEFAULT_RADII``).
     """
     side = image_size * supersample
     img = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background])
     draw = ImageDraw.Draw(img)
     fx, fy = _CENTERS[attrs.position]
     cx, cy = (fx + offset[0]) * side, (fy + offset[1]) * side
-    r = _RADII[attrs.size] * side
+    r = (DEFAULT_RADII if radii is None else radii)[attrs.size] * side
     color = COLORS[attrs.color]
     if attrs.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
@@ -161,7 +183,7 @@ def make_sample(
     if split != "heldout" and cfg.partial_captions > 0 and rng.random() < cfg.partial_captions:
         meta["omitted"] = rng.choice(tuple(PARTIAL_TEMPLATES))
         caption = render_partial_caption(attrs, meta["omitted"])
-    image = render_image(attrs, cfg.image_size, offset, cfg.supersample)
+    image = render_image(attrs, cfg.image_size, offset, cfg.supersample, cfg.radii)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     meta = {**attrs.to_dict(), "caption": caption, "template": template, "split": split, **meta}
@@ -209,6 +231,7 @@ def generate(cfg: ShapesConfig, out_dir: str) -> dict[str, Any]:
         raise ValueError(f"unknown backgrounds {sorted(unknown)}; choose from {list(BACKGROUNDS)}")
     if not 0.0 <= cfg.partial_captions <= 1.0:
         raise ValueError(f"partial_captions is a fraction in [0, 1], got {cfg.partial_captions}")
+    check_radii(cfg.radii)
     jobs = [(cfg, *job) for job in _shard_jobs(cfg, out_dir)]
     start = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:

@@ -13,7 +13,8 @@ entry are filled in deterministically), so :func:`ldm.eval.shapes.analyse_shape`
 four. Typical use::
 
     prompts = demo_prompts_from_metadata("data/shapes/metadata.json")
-    scored = score_pairs(zip(prompts, images), guidance=3.0)      # images: one per prompt
+    geometry = geometry_from_metadata("data/shapes/metadata.json")   # the dataset's shape sizes
+    scored = score_pairs(zip(prompts, images), guidance=3.0, geometry=geometry)  # one per prompt
     print(format_report(summarise(scored)))
 """
 
@@ -42,7 +43,7 @@ from ldm.data.shapes_vocab import (
     parse_held_out,
     render_caption,
 )
-from ldm.eval.shapes import SCORED_ATTRIBUTES, analyse_shape
+from ldm.eval.shapes import SCORED_ATTRIBUTES, ShapeGeometry, analyse_shape, shape_geometry
 
 #: Prompt groups, in report order.
 GROUPS: tuple[str, ...] = ("seen", "held-out", "paraphrase")
@@ -221,6 +222,12 @@ def demo_prompts(
     return prompts
 
 
+def _read_metadata(metadata: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    if isinstance(metadata, Mapping):
+        return metadata
+    return json.loads(Path(metadata).read_text(encoding="utf-8"))
+
+
 def demo_prompts_from_metadata(
     metadata: Mapping[str, Any] | str | Path, **kwargs: Any
 ) -> list[DemoPrompt]:
@@ -230,12 +237,17 @@ def demo_prompts_from_metadata(
         metadata: What :func:`ldm.data.shapes.generate` wrote.
         **kwargs: Forwarded to :func:`demo_prompts` (``num_seen``, ``seed``, ...).
     """
-    if not isinstance(metadata, Mapping):
-        metadata = json.loads(Path(metadata).read_text(encoding="utf-8"))
+    metadata = _read_metadata(metadata)
     config = metadata.get("config", {})
     held_out = config.get("held_out") or [e["entry"] for e in metadata.get("held_out", [])]
     kwargs.setdefault("backgrounds", config.get("backgrounds") or tuple(BACKGROUNDS))
     return demo_prompts(held_out, **kwargs)
+
+
+def geometry_from_metadata(metadata: Mapping[str, Any] | str | Path) -> ShapeGeometry:
+    """The analyser's geometry for a generated dataset: its ``config.radii`` (metadata written
+    before that setting existed used the default radii)."""
+    return shape_geometry(_read_metadata(metadata).get("config", {}).get("radii"))
 
 
 @dataclass(frozen=True)
@@ -284,6 +296,7 @@ def score_pairs(
     pairs: Iterable[tuple[DemoPrompt | Mapping[str, str] | str, Any]],
     group: str | None = None,
     guidance: float | None = None,
+    geometry: ShapeGeometry | None = None,
 ) -> list[ScoredSample]:
     """Analyse each image and compare it with what its prompt asked for.
 
@@ -292,10 +305,12 @@ def score_pairs(
             text; the image in any layout :func:`ldm.eval.shapes.to_rgb01` accepts.
         group: Report group; default: the DemoPrompt's group, else ``"all"``.
         guidance: Guidance scale the images were sampled with.
+        geometry: The dataset's shape geometry (:func:`geometry_from_metadata`); default: the
+            generator's default radii.
     """
     scored = []
     for target, image in pairs:
-        analysis = analyse_shape(image)
+        analysis = analyse_shape(image, geometry)
         label = group or (target.group if isinstance(target, DemoPrompt) else "all")
         scored.append(
             ScoredSample(

@@ -38,12 +38,13 @@ Images with no clear foreground (blank, noise, a border that is not one colour) 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ldm.data.shapes import render_image
+from ldm.data.shapes import DEFAULT_RADII, check_radii, render_image
 from ldm.data.shapes_vocab import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes
 
 #: The attributes the analyser recovers and adherence scores.
@@ -251,26 +252,43 @@ def _margin(distances: np.ndarray) -> float:
     return float(1.0 - best / second) if second > 0 else 0.0
 
 
-def _render_alpha(attrs: ShapeAttributes, image_size: int) -> np.ndarray:
-    rgb = to_rgb01(np.asarray(render_image(attrs, image_size)))
+def _render_alpha(
+    attrs: ShapeAttributes, image_size: int, radii: Mapping[str, float]
+) -> np.ndarray:
+    rgb = to_rgb01(np.asarray(render_image(attrs, image_size, radii=radii)))
     return _coverage(rgb, np.ones(3), np.asarray(COLORS[attrs.color]) / 255.0)
 
 
-@functools.lru_cache(maxsize=1)
-def shape_geometry(image_size: int = 128) -> ShapeGeometry:
+def shape_geometry(
+    radii: Mapping[str, float] | None = None, image_size: int = 128
+) -> ShapeGeometry:
     """Measure centres, areas and kind prototypes by rendering with the dataset's generator.
 
     Args:
+        radii: The generator's ``radii`` setting (default: ``DEFAULT_RADII``); a dataset's
+            ``metadata.json`` records it under ``config``.
         image_size: Side of the calibration renders (large, so pixelation is negligible).
+
+    Results are cached per ``(radii, image_size)``.
     """
+    radii = DEFAULT_RADII if radii is None else radii
+    check_radii(radii)
+    return _measure_geometry(tuple(float(radii[size]) for size in SIZES), image_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_geometry(radii_values: tuple[float, ...], image_size: int) -> ShapeGeometry:
+    radii = dict(zip(SIZES, radii_values, strict=True))
     centers = {}
     for position in POSITIONS:
-        m = _moments(_render_alpha(ShapeAttributes("red", "circle", "small", position), image_size))
+        attrs = ShapeAttributes("red", "circle", "small", position)
+        m = _moments(_render_alpha(attrs, image_size, radii))
         centers[position] = (m["cx"] / image_size, m["cy"] / image_size)
     areas, features = {}, {}
     for shape in SHAPES:
         for size in SIZES:
-            m = _moments(_render_alpha(ShapeAttributes("red", shape, size, "center"), image_size))
+            attrs = ShapeAttributes("red", shape, size, "center")
+            m = _moments(_render_alpha(attrs, image_size, radii))
             areas[(shape, size)] = m["area"] / image_size**2
             features.setdefault(shape, []).append((m["c3"], m["c4"]))
     prototypes = {k: tuple(np.mean(v, axis=0).tolist()) for k, v in features.items()}
@@ -323,11 +341,13 @@ def _segment(rgb: np.ndarray, geometry: ShapeGeometry) -> tuple[Any, ...] | str:
     return background, border, foreground, component, color, contrast
 
 
-def analyse_shape(image: Any) -> ShapeAnalysis:
+def analyse_shape(image: Any, geometry: ShapeGeometry | None = None) -> ShapeAnalysis:
     """Recover colour, kind, size and position of the shape in one image.
 
     Args:
         image: Any layout :func:`to_rgb01` accepts (uint8 HWC, [-1, 1] CHW tensor, PIL image).
+        geometry: What the generator draws (:func:`shape_geometry` of the dataset's ``radii``);
+            default: the default radii.
 
     Returns:
         A :class:`ShapeAnalysis`; its attributes are ``None`` (and ``reason`` says why) when the
@@ -337,7 +357,7 @@ def analyse_shape(image: Any) -> ShapeAnalysis:
     h, w = rgb.shape[:2]
     if min(h, w) < 8:
         return ShapeAnalysis(reason="image smaller than 8x8")
-    geometry = shape_geometry()
+    geometry = geometry or shape_geometry()
     segmented = _segment(rgb, geometry)
     if isinstance(segmented, str):
         return ShapeAnalysis(reason=segmented)

@@ -189,3 +189,36 @@ def test_partial_captions_leave_one_attribute_out_and_keep_the_image() -> None:
     assert omitted == {"color", "shape", "size", "position"}
     with pytest.raises(ValueError, match=r"partial_captions is a fraction in \[0, 1\], got 1.5"):
         generate(ShapesConfig(partial_captions=1.5), "unused")
+
+
+def test_radii_set_the_sizes_and_are_recorded(tmp_path: Path) -> None:
+    cfg = load_config(str(CONFIG), ["radii.small=0.13", "image_size=32"])
+    assert cfg.radii == {"small": 0.13, "large": 0.19}  # a partial override keeps the other size
+    attrs = ShapeAttributes("blue", "circle", "small", "center", "white")
+
+    def area(image) -> int:  # pixels that are not background
+        return sum(p != BACKGROUNDS["white"] for p in image.getdata())
+
+    default, larger = render_image(attrs, 64), render_image(attrs, 64, radii=cfg.radii)
+    assert area(larger) / area(default) == pytest.approx(1.3**2, rel=0.05)
+    metadata = generate(small_config(radii=cfg.radii), str(tmp_path))
+    assert json.loads((tmp_path / "metadata.json").read_text())["config"]["radii"] == cfg.radii
+    assert metadata["config"]["radii"] == cfg.radii
+    for index in range(6):  # the same draw; small shapes get bigger, large ones stay
+        a = make_sample(small_config(), "train", index)
+        b = make_sample(small_config(radii=cfg.radii), "train", index)
+        assert a["txt"] == b["txt"]
+        assert (a["png"] == b["png"]) == (a["json"]["size"] == "large")
+
+
+@pytest.mark.parametrize(
+    ("radii", "message"),
+    [
+        ({"small": 0.13}, "must name exactly the sizes"),
+        ({"small": 0.2, "large": 0.19}, "0 < small < large <= 0.2"),
+        ({"small": 0.1, "large": 0.25}, "0 < small < large <= 0.2"),
+    ],
+)
+def test_bad_radii_are_one_line_errors(radii: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate(small_config(radii=radii), str(tmp_path))

@@ -29,12 +29,13 @@ from ldm.eval.adherence import (
     demo_prompts,
     demo_prompts_from_metadata,
     format_report,
+    geometry_from_metadata,
     parse_prompt,
     render_paraphrase,
     score_pairs,
     summarise,
 )
-from ldm.eval.shapes import SCORED_ATTRIBUTES
+from ldm.eval.shapes import SCORED_ATTRIBUTES, shape_geometry
 
 HELD_OUT = load_config("configs/data/shapes.yaml").held_out
 BACKGROUND_NAMES = list(BACKGROUNDS)
@@ -157,6 +158,20 @@ def test_scoring_rendered_prompts_is_perfect(prompts: list[DemoPrompt]) -> None:
     (miss,) = score_pairs([("a small red circle at the top left", blank)])
     assert miss.group == "all" and not miss.found
     assert miss.correct == dict.fromkeys(SCORED_ATTRIBUTES, False)
+
+
+def test_scoring_uses_the_dataset_radii(prompts: list[DemoPrompt]) -> None:
+    radii = {"small": 0.16, "large": 0.19}
+    geometry = geometry_from_metadata({"config": {"radii": radii}})
+    assert geometry is shape_geometry(radii)
+    assert geometry_from_metadata({"config": {}}) is shape_geometry()  # older metadata
+    images = [np.asarray(render_image(ShapeAttributes(**p.target), 32, radii=radii))
+              for p in prompts]
+    pairs = list(zip(prompts, images, strict=True))
+    (right,) = summarise(score_pairs(pairs, "all", geometry=geometry), total=False)
+    assert all(v == 1.0 for v in right.accuracy.values()), right
+    (wrong,) = summarise(score_pairs(pairs, "all"), total=False)  # default radii: small -> large
+    assert wrong.accuracy["size"] < 0.9
 
 
 def sample(group: str, guidance: float | None, target: str, predicted: str) -> ScoredSample:

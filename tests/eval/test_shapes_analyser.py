@@ -14,6 +14,7 @@ from ldm.data.shapes_vocab import ShapeAttributes, parse_held_out
 from ldm.eval.shapes import (
     SCORED_ATTRIBUTES,
     ShapeAnalysis,
+    ShapeGeometry,
     _largest_component,
     analyse_shape,
     shape_geometry,
@@ -25,9 +26,13 @@ from ldm.eval.shapes import (
 NUM_SAMPLES = {64: 600, 32: 300}
 
 
-def dataset_images(image_size: int, count: int) -> list[tuple[np.ndarray, dict]]:
+def dataset_images(
+    image_size: int, count: int, radii: dict[str, float] | None = None
+) -> list[tuple[np.ndarray, dict]]:
     """``count`` real samples (5/6 train, 1/6 held-out split) as uint8 arrays with attributes."""
     cfg = ShapesConfig(image_size=image_size)
+    if radii is not None:
+        cfg.radii = radii
     specs = parse_held_out(cfg.held_out)
     out = []
     for split, n in (("train", count - count // 6), ("heldout", count // 6)):
@@ -50,10 +55,11 @@ def degrade(image: np.ndarray, rng: np.random.Generator, sigma: float, blur: flo
     return (np.clip(noisy, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def accuracy(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
+def accuracy(pairs: list[tuple[np.ndarray, dict]], geometry: ShapeGeometry | None = None
+             ) -> dict[str, float]:
     hits = {name: 0 for name in SCORED_ATTRIBUTES}
     for image, meta in pairs:
-        result = analyse_shape(image)
+        result = analyse_shape(image, geometry)
         for name in SCORED_ATTRIBUTES:
             hits[name] += getattr(result, name) == meta[name]
     return {name: n / len(pairs) for name, n in hits.items()}
@@ -62,6 +68,16 @@ def accuracy(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
 def test_accuracy_on_real_dataset_images(real_images: list[tuple[np.ndarray, dict]]) -> None:
     acc = accuracy(real_images)
     assert min(acc.values()) >= 0.98, acc
+
+
+@pytest.mark.parametrize("small", [0.13, 0.16])  # 0.13: the demo's 32 px dataset
+def test_accuracy_with_configured_radii(small: float) -> None:
+    """A dataset drawn with other radii is read with its own geometry."""
+    radii = {"small": small, "large": 0.19}
+    images = dataset_images(32, 180, radii)
+    assert min(accuracy(images, shape_geometry(radii)).values()) >= 0.98
+    if small > 0.15:  # past the default sizes' midpoint: the default geometry calls them large
+        assert accuracy(images)["size"] < 0.9
 
 
 def test_accuracy_on_noisy_blurred_images(real_images: list[tuple[np.ndarray, dict]]) -> None:
@@ -176,6 +192,16 @@ def test_geometry_is_measured_from_the_renderer() -> None:
     assert c3["triangle"] > 20 * max(c3["circle"], c3["square"], 1e-9)
     assert c4["square"] > 20 * max(c4["circle"], c4["triangle"], 1e-9)
     assert c4["square"] == pytest.approx(1 / 60, rel=0.01)  # |∫(x+iy)^4| / area^3 of a square
+
+
+def test_geometry_follows_the_radii() -> None:
+    geometry = shape_geometry({"small": 0.13, "large": 0.19})
+    for shape in ("circle", "square", "triangle"):
+        ratio = geometry.areas[(shape, "large")] / geometry.areas[(shape, "small")]
+        assert ratio == pytest.approx((0.19 / 0.13) ** 2, rel=0.05)
+    assert shape_geometry({"small": 0.1, "large": 0.19}) is shape_geometry()  # cached
+    with pytest.raises(ValueError, match="0 < small < large"):
+        shape_geometry({"small": 0.19, "large": 0.1})
 
 
 def test_lab_matches_skimage() -> None:
