@@ -5,11 +5,17 @@ posterior mean/std), text context from the frozen encoder (or cached embeddings)
 replaced by the empty prompt with probability ``p_uncond`` (classifier-free guidance training,
 Ho & Salimans 2022, §3.2), then the weighted denoising loss of the chosen parameterisation.
 A non-finite loss skips the step on every rank; ``max_bad_steps`` in a row stop training.
+
+``resume.ckpt`` leaves out the frozen autoencoder and text encoder (:data:`FROZEN_PREFIXES`):
+the run's config rebuilds them from their own files, and for a small U-Net they are most of the
+file. A fingerprint of each (parameter count, sum and sum of squares) is stored instead, and a
+resume whose frozen weights differ fails with a one-line error.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +32,10 @@ from ldm.training.sharding import full_parameters, full_state_dict, outermost_mo
 log = logging.getLogger(__name__)
 
 NUM_T_BUCKETS = 4
+#: State-dict prefixes of the frozen parts that resume checkpoints leave out.
+FROZEN_PREFIXES: tuple[str, ...] = ("model.autoencoder.", "model.text_encoder.")
+#: Relative tolerance of the frozen-weight fingerprint (sums in float64; device-independent).
+_FINGERPRINT_RTOL = 1e-6
 
 
 class NonFiniteLossError(RuntimeError):
@@ -225,6 +235,61 @@ class DiffusionModule(pl.LightningModule):
         if self.ema is not None:
             modules["unet_ema"] = self.ema.averaged_state_dict()
         return modules
+
+    def frozen_fingerprint(self) -> dict[str, list[float]]:
+        """Per frozen prefix: ``[count, sum, sum of squares]`` of its state (float64)."""
+        out: dict[str, list[float]] = {}
+        for name, tensor in self.state_dict().items():
+            prefix = next((p for p in FROZEN_PREFIXES if name.startswith(p)), None)
+            if prefix is None or not tensor.is_floating_point():
+                continue
+            values = tensor.detach().double()
+            entry = out.setdefault(prefix, [0.0, 0.0, 0.0])
+            entry[0] += values.numel()
+            entry[1] += float(values.sum())
+            entry[2] += float(values.square().sum())
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen autoencoder and text encoder out of ``resume.ckpt``."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            return
+        omitted = [name for name in state if name.startswith(FROZEN_PREFIXES)]
+        if not omitted:  # e.g. non-zero ranks under FSDP, which save nothing
+            return
+        for name in omitted:
+            del state[name]
+        checkpoint["frozen_omitted"] = {"prefixes": list(FROZEN_PREFIXES),
+                                        "fingerprint": self.frozen_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put this run's frozen weights back, after checking they are the ones it trained with.
+
+        Raises:
+            ValueError: The autoencoder or text encoder differs from the checkpoint's.
+        """
+        info = checkpoint.get("frozen_omitted")
+        if info is None:  # a checkpoint that carries every weight
+            return
+        now = self.frozen_fingerprint()
+        for prefix, saved in info["fingerprint"].items():
+            current = now.get(prefix, [0.0, 0.0, 0.0])
+            same = current[0] == saved[0] and all(
+                math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-12)
+                for a, b in zip(current[1:], saved[1:], strict=True))
+            if not same:
+                what = prefix.removeprefix("model.").rstrip(".")
+                key = "model.autoencoder_ckpt" if what == "autoencoder" else "model.text_encoder"
+                raise ValueError(
+                    f"the frozen {what} differs from the one this run was trained with "
+                    f"({int(current[0])} vs {int(saved[0])} values, or other weights): resume "
+                    f"with the run's own {key}"
+                )
+        state = checkpoint["state_dict"]
+        for name, tensor in self.state_dict().items():
+            if name.startswith(tuple(info["prefixes"])):
+                state.setdefault(name, tensor)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model.unet.parameters(), **self.optim_args)

@@ -171,3 +171,29 @@ def test_sample_cli_missing_and_wrong_kind(tmp_path: Path,
     empty.write_text("\n# nothing\n")
     assert sample.main(["--ckpt", str(ae), "--from-file", str(empty)]) == 2
     assert "has no prompts" in capsys.readouterr().err
+
+
+def test_resume_state_leaves_out_the_frozen_parts(shapes_data: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    from ldm.training.diffusion_module import FROZEN_PREFIXES
+
+    cfg = load([TINY_LDM], common(shapes_data, tmp_path))
+    module = build.build_module(cfg)
+    full = {k: v.clone() for k, v in module.state_dict().items()}
+    checkpoint = {"state_dict": dict(full)}
+    module.on_save_checkpoint(checkpoint)
+    kept = checkpoint["state_dict"]
+    assert kept and not any(k.startswith(FROZEN_PREFIXES) for k in kept)
+    assert {k.split(".")[1] for k in set(full) - set(kept)} == {"autoencoder", "text_encoder"}
+    assert set(checkpoint["frozen_omitted"]["fingerprint"]) == set(FROZEN_PREFIXES)
+
+    module.on_load_checkpoint(checkpoint)  # the same frozen weights: put back as they were
+    assert set(checkpoint["state_dict"]) == set(full)
+    for name, tensor in checkpoint["state_dict"].items():
+        torch.testing.assert_close(tensor, full[name], rtol=0, atol=0)
+
+    checkpoint["state_dict"] = dict(kept)
+    with torch.no_grad():  # another autoencoder file: refused, with the key to fix
+        next(module.model.autoencoder.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"frozen autoencoder differs .* model.autoencoder_ckpt"):
+        module.on_load_checkpoint(checkpoint)
