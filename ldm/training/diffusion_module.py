@@ -280,11 +280,13 @@ class DiffusionModule(pl.LightningModule):
                 for a, b in zip(current[1:], saved[1:], strict=True))
             if not same:
                 what = prefix.removeprefix("model.").rstrip(".")
-                key = "model.autoencoder_ckpt" if what == "autoencoder" else "model.text_encoder"
+                key = ("model.autoencoder_ckpt (the run's step-*.safetensors hold it too)"
+                       if what == "autoencoder" else "model.text_encoder")
+                how = ("same size, other values" if current[0] == saved[0] else
+                       f"{int(current[0])} values, the run's had {int(saved[0])}")
                 raise ValueError(
-                    f"the frozen {what} differs from the one this run was trained with "
-                    f"({int(current[0])} vs {int(saved[0])} values, or other weights): resume "
-                    f"with the run's own {key}"
+                    f"the frozen {what} differs from the one this run was trained with ({how}): "
+                    f"resume with the run's own {key}"
                 )
         state = checkpoint["state_dict"]
         for name, tensor in self.state_dict().items():
