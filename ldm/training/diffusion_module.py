@@ -32,7 +32,7 @@ from ldm.training.sharding import full_parameters, full_state_dict, outermost_mo
 log = logging.getLogger(__name__)
 
 NUM_T_BUCKETS = 4
-#: State-dict prefixes of the frozen parts that resume checkpoints leave out.
+#: State-dict prefixes of the frozen parts that resume checkpoints leave out (see _frozen_states).
 FROZEN_PREFIXES: tuple[str, ...] = ("model.autoencoder.", "model.text_encoder.")
 #: Relative tolerance of the frozen-weight fingerprint (sums in float64; device-independent).
 _FINGERPRINT_RTOL = 1e-6
@@ -236,18 +236,24 @@ class DiffusionModule(pl.LightningModule):
             modules["unet_ema"] = self.ema.averaged_state_dict()
         return modules
 
+    def _frozen_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Prefix -> state of each frozen part, read from the parts themselves: they are never
+        sharded, so this is local (``self.state_dict()`` would gather the U-Net under FSDP)."""
+        parts = (self.model.autoencoder, self.model.text_encoder)
+        return {prefix: part.state_dict()
+                for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
+
     def frozen_fingerprint(self) -> dict[str, list[float]]:
-        """Per frozen prefix: ``[count, sum, sum of squares]`` of its state (float64)."""
+        """Per frozen prefix: ``[count, sum, sum of squares]`` of its float state (float64)."""
         out: dict[str, list[float]] = {}
-        for name, tensor in self.state_dict().items():
-            prefix = next((p for p in FROZEN_PREFIXES if name.startswith(p)), None)
-            if prefix is None or not tensor.is_floating_point():
-                continue
-            values = tensor.detach().double()
+        for prefix, state in self._frozen_states().items():
             entry = out.setdefault(prefix, [0.0, 0.0, 0.0])
-            entry[0] += values.numel()
-            entry[1] += float(values.sum())
-            entry[2] += float(values.square().sum())
+            for tensor in state.values():
+                if tensor.is_floating_point():
+                    values = tensor.detach().double()
+                    entry[0] += values.numel()
+                    entry[1] += float(values.sum())
+                    entry[2] += float(values.square().sum())
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -260,8 +266,7 @@ class DiffusionModule(pl.LightningModule):
             return
         for name in omitted:
             del state[name]
-        checkpoint["frozen_omitted"] = {"prefixes": list(FROZEN_PREFIXES),
-                                        "fingerprint": self.frozen_fingerprint()}
+        checkpoint["frozen_omitted"] = {"fingerprint": self.frozen_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put this run's frozen weights back, after checking they are the ones it trained with.
@@ -289,9 +294,9 @@ class DiffusionModule(pl.LightningModule):
                     f"resume with the run's own {key}"
                 )
         state = checkpoint["state_dict"]
-        for name, tensor in self.state_dict().items():
-            if name.startswith(tuple(info["prefixes"])):
-                state.setdefault(name, tensor)
+        for prefix, part_state in self._frozen_states().items():
+            for name, tensor in part_state.items():
+                state.setdefault(prefix + name, tensor)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model.unet.parameters(), **self.optim_args)
