@@ -29,8 +29,10 @@ accepted layouts) :func:`analyse_shape`:
 6. names the size by comparing the area with the midpoint of the expected small and large areas
    of that kind, and the position by the nearest of the five centres.
 
-The geometry (centres, expected areas, feature prototypes) is *measured* once by rendering with the
-dataset's own :func:`ldm.data.shapes.render_image`, so it cannot drift from the generator.
+The geometry (centres, expected areas, feature prototypes) is *measured* by rendering with the
+dataset's own :func:`ldm.data.shapes.render_image` (once per setting of the generator's ``radii``,
+which a dataset's ``metadata.json`` records: :func:`ldm.eval.adherence.geometry_from_metadata`),
+so it cannot drift from the generator.
 Images with no clear foreground (blank, noise, a border that is not one colour) give a
 :class:`ShapeAnalysis` whose attributes are all ``None``.
 """
