@@ -8,8 +8,8 @@ A non-finite loss skips the step on every rank; ``max_bad_steps`` in a row stop 
 
 ``resume.ckpt`` leaves out the frozen autoencoder and text encoder (:data:`FROZEN_PREFIXES`):
 the run's config rebuilds them from their own files, and for a small U-Net they are most of the
-file. A fingerprint of each (parameter count, sum and sum of squares) is stored instead, and a
-resume whose frozen weights differ fails with a one-line error.
+file. A fingerprint of each (parameter count, sum and sum of squares, taken when the module is
+built) is stored instead, and a resume whose frozen weights differ fails with a one-line error.
 """
 
 from __future__ import annotations
@@ -114,6 +114,10 @@ class DiffusionModule(pl.LightningModule):
         self.bad_steps = 0
         self.skipped_steps = 0
         self._skipped = False
+        # Taken once, as built from the config: before any device move or precision conversion
+        # (``bf16-true`` converts after a resume is loaded, FSDP before), so saves and resumes
+        # compare like with like; the frozen weights never change afterwards.
+        self.frozen_fingerprint = self._fingerprint_frozen()
 
     # -- batch preparation ---------------------------------------------------------------------
 
@@ -243,7 +247,7 @@ class DiffusionModule(pl.LightningModule):
         return {prefix: part.state_dict()
                 for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
 
-    def frozen_fingerprint(self) -> dict[str, list[float]]:
+    def _fingerprint_frozen(self) -> dict[str, list[float]]:
         """Per frozen prefix: ``[count, sum, sum of squares]`` of its float state (float64)."""
         out: dict[str, list[float]] = {}
         for prefix, state in self._frozen_states().items():
@@ -266,7 +270,7 @@ class DiffusionModule(pl.LightningModule):
             return
         for name in omitted:
             del state[name]
-        checkpoint["frozen_omitted"] = {"fingerprint": self.frozen_fingerprint()}
+        checkpoint["frozen_omitted"] = {"fingerprint": self.frozen_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put this run's frozen weights back, after checking they are the ones it trained with.
@@ -277,9 +281,8 @@ class DiffusionModule(pl.LightningModule):
         info = checkpoint.get("frozen_omitted")
         if info is None:  # a checkpoint that carries every weight
             return
-        now = self.frozen_fingerprint()
         for prefix, saved in info["fingerprint"].items():
-            current = now.get(prefix, [0.0, 0.0, 0.0])
+            current = self.frozen_fingerprint.get(prefix, [0.0, 0.0, 0.0])
             same = current[0] == saved[0] and all(
                 math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-12)
                 for a, b in zip(current[1:], saved[1:], strict=True))

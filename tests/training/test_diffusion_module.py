@@ -193,7 +193,14 @@ def test_resume_state_leaves_out_the_frozen_parts(shapes_data: dict[str, str],
         torch.testing.assert_close(tensor, full[name], rtol=0, atol=0)
 
     checkpoint["state_dict"] = dict(kept)
-    with torch.no_grad():  # another autoencoder file: refused, with the key to fix
-        next(module.model.autoencoder.parameters()).add_(1e-3)
+    torch.manual_seed(1)  # tiny.yaml has no autoencoder_ckpt: another seed, another autoencoder
+    other = build.build_module(cfg)
+    assert other.frozen_fingerprint["model.text_encoder."] == (
+        module.frozen_fingerprint["model.text_encoder."])
     with pytest.raises(ValueError, match=r"frozen autoencoder differs .* model.autoencoder_ckpt"):
-        module.on_load_checkpoint(checkpoint)
+        other.on_load_checkpoint(checkpoint)
+
+    # A bf16-true run converts after a resume is loaded: the fingerprint is the as-built one.
+    module.to(torch.bfloat16)
+    module.on_load_checkpoint({"state_dict": dict(kept), **{
+        k: v for k, v in checkpoint.items() if k != "state_dict"}})
