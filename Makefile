@@ -13,6 +13,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# constraints.txt pins torch to the CPU build; torchvision is never installed.
 	$(PIP) install -q -c constraints.txt -e '.[dev,demo]'
+	# torch-fidelity (reference FID Inception for a parity test) needs torchvision as a package,
+	# not for its Inception: installed without dependencies, outside the import path.
+	$(PIP) install -q --no-deps --target $(VENV)/reference torch-fidelity==0.4.0
 	@touch $(STAMP)
 
 install: $(STAMP)
