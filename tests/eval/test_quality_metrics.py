@@ -21,7 +21,7 @@ from ldm.eval.inception import FIDInceptionV3, load_fid_inception, resize_biline
 DIM = 6
 
 
-def _random_inception(path: Path) -> Path:
+def random_inception(path: Path) -> Path:
     """FID Inception with random weights and BatchNorm statistics, saved as a state dict."""
     torch.manual_seed(0)
     model = FIDInceptionV3()
@@ -39,7 +39,7 @@ def _random_inception(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _random_inception(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
+    return random_inception(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
 
 
 # torch-fidelity is installed outside the import path (make install: `pip install --no-deps
@@ -211,7 +211,7 @@ def test_feature_stats_stream_and_save(tmp_path: Path) -> None:
         load_stats(tmp_path / "bad.npz")
 
 
-def _tiny_clip(root: Path) -> Path:
+def tiny_clip(root: Path) -> Path:
     import transformers
 
     letters = list("abcdefghijklmnopqrstuvwxyz")
@@ -244,7 +244,7 @@ def test_clip_score_matches_the_clip_model_forward(tmp_path: Path) -> None:
 
     from ldm.eval.clip_score import CLIPScorer, clip_score_from_embeddings
 
-    path = _tiny_clip(tmp_path / "clip")
+    path = tiny_clip(tmp_path / "clip")
     images = (torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 255).byte()
     prompts = ["a red circle", "the blue square", "green"]
     ours = CLIPScorer(path).scores(images, prompts)
