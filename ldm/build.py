@@ -322,6 +322,17 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     )
 
 
+def build_quality_monitor(cfg: DictConfig) -> Any:
+    """``quality`` → the training-time metrics callback, or None when disabled. Checks its
+    settings (prompts, files), so call it before anything is written."""
+    if not cfg.quality.every_n_steps:
+        return None
+    from ldm.training.quality import build_quality_monitor as build_monitor
+
+    sampler = build_sampler(cfg.sampling, steps=cfg.quality.steps, disable_progress=True)
+    return build_monitor(cfg, sampler)
+
+
 def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None
                   ) -> pl.Trainer:
     """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks."""
@@ -353,6 +364,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         ExecutionOptions(t.compile, t.gradient_checkpointing, t.vae_precision),
         *(extra_callbacks or []),
     ]
+
     manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module
     return pl.Trainer(
         accelerator=t.accelerator,

@@ -279,6 +279,30 @@ class SamplingConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Quality metrics during training (ldm runs): FID/KID (Heusel et al. 2017; Bińkowski et
+    al. 2018), CLIP score (Hessel et al. 2021) and, on shapes data, prompt adherence, on fixed
+    prompts and seeds, generated across all ranks. Each evaluation costs about n × steps × 2
+    U-Net forwards (guidance on) plus n Inception/CLIP forwards, split over the ranks, and
+    stops training meanwhile: size n and every_n_steps to your budget (`quality/seconds` is
+    logged)."""
+
+    every_n_steps: int = opt(0, "Evaluation interval in optimizer steps (0 disables).")
+    prompts: list[str] = opt([], "Prompts, cycled over the n samples (default: sampling.prompts).")
+    prompts_file: str | None = opt(None, "Text file of prompts, one per line (added to prompts).")
+    n: int = opt(256, "Samples per evaluation (sample i: prompt i mod len, seed seed + i).")
+    batch_size: int = opt(16, "Samples per generation batch on each rank.")
+    steps: int = opt(25, "Sampling steps (the sampler, guidance and negative prompt: sampling.*).")
+    seed: int = opt(0, "Seed of sample 0.")
+    ref: str | None = opt(None, "Reference statistics .npz (python -m ldm.eval.stats): FID, KID.")
+    inception: str | None = opt(None, "Local pt_inception-2015-12-05 weights (needed with ref).")
+    clip: str | None = opt(None, "Local CLIP folder: CLIP score.")
+    shapes_metadata: str | None = opt(
+        None, "metadata.json of a shapes dataset: log prompt adherence with its geometry.")
+    kid_subset_size: int = opt(1000, "KID subset size (clamped to the sample count).")
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -290,3 +314,4 @@ class Config:
     trainer: TrainerConfig = section(TrainerConfig, "Trainer.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling.")
+    quality: QualityConfig = section(QualityConfig, "Quality metrics during training.")
