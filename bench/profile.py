@@ -64,43 +64,44 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    for size in args.sizes.split(","):
+        report(size, args, device)
+
+
+def report(size: str, args: argparse.Namespace, device: torch.device) -> None:
+    """Profile one training step of ``size`` and print its self time by kind and top ops."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    for size in args.sizes.split(","):
-        net, kw, latent, batch = build(size, device)
-        batch = args.batch or batch
-        ctx_dim = kw["context_dim"]
-        x = torch.randn(batch, kw["in_channels"], latent, latent, device=device)
-        t = torch.randint(0, 1000, (batch,), device=device).float()
-        ctx = torch.randn(batch, 77, ctx_dim, device=device)
+    net, kw, latent, batch = build(size, device)
+    batch = args.batch or batch
+    x = torch.randn(batch, kw["in_channels"], latent, latent, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device).float()
+    ctx = torch.randn(batch, 77, kw["context_dim"], device=device)
 
-        def step() -> None:
-            net.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-                out = net(x, t, ctx)
-            out.float().square().mean().backward()
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            out = net(x, t, ctx)
+        out.float().square().mean().backward()
 
-        step()  # warm-up (allocations, kernel selection)
-        with profile(activities=activities) as prof:
-            step()
-        events = prof.key_averages()
-        use_cuda = device.type == "cuda"
-        self_time = {e.key: (e.self_device_time_total if use_cuda else e.self_cpu_time_total)
-                     for e in events}
-        total = sum(self_time.values()) or 1.0
-        by_kind: dict[str, float] = defaultdict(float)
-        for name, us in self_time.items():
-            by_kind[kind_of(name)] += us
-        print(f"\n{size}: batch {batch}, {latent}x{latent} latents, {args.dtype}, {device}, "
-              f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms self time")
-        print(f"{'kind':14s} {'share':>7s} {'ms':>9s}")
-        for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-            print(f"{kind:14s} {us / total:7.1%} {us / 1e3:9.1f}")
-        print(f"top {args.top} ops:")
-        for name, us in sorted(self_time.items(), key=lambda kv: -kv[1])[: args.top]:
-            print(f"  {us / total:6.1%}  {name}")
-        del net
-
+    step()  # warm-up (allocations, kernel selection)
+    with profile(activities=activities) as prof:
+        step()
+    use_cuda = device.type == "cuda"
+    self_time = {e.key: (e.self_device_time_total if use_cuda else e.self_cpu_time_total)
+                 for e in prof.key_averages()}
+    total = sum(self_time.values()) or 1.0
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, us in self_time.items():
+        by_kind[kind_of(name)] += us
+    print(f"\n{size}: batch {batch}, {latent}x{latent} latents, {args.dtype}, {device}, "
+          f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms self time")
+    print(f"{'kind':14s} {'share':>7s} {'ms':>9s}")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:14s} {us / total:7.1%} {us / 1e3:9.1f}")
+    print(f"top {args.top} ops:")
+    for name, us in sorted(self_time.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {us / total:6.1%}  {name}")
 
 if __name__ == "__main__":
     main()
