@@ -3,6 +3,8 @@
 Batches: ``{"image": B×3×H×W float32 in [-1, 1], "caption": list[str], "key": list[str]}``, or
 with ``cached=True`` ``{"latent_mean", "latent_std": B×C×h×w, "context": B×L×D, "context_mask":
 B×L bool, "caption", "key"}`` (float32; :func:`ldm.data.cached.sample_latents` draws z).
+With aspect-ratio ``buckets`` (:mod:`ldm.data.buckets`) each batch is one bucket's shape and also
+carries ``original_size``, ``crop_top_left`` and ``target_size`` (B×2 int64, ``(h, w)`` order).
 
 Data position: each time a train loader is iterated, the dataset's ``(epoch, step)`` is set
 from the attached trainer (``current_epoch`` and the number of batches before this epoch), or from
@@ -22,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
 from ldm.data.reader import ShardDataset
 
@@ -86,6 +89,9 @@ class ShardDataModule(pl.LightningDataModule):
         persistent_workers: Keep workers alive between epochs.
         empty_prompt_path: Cached mode: path/URL of ``empty_prompt.safetensors`` (default: next
             to the first train shard).
+        buckets: Aspect-ratio buckets: the ``data.buckets`` options (a mapping, see
+            :func:`ldm.data.buckets.bucket_set`) or a :class:`BucketSet`; None or
+            ``enabled: false`` trains on ``image_size`` squares.
         rank: Rank override (default: torch.distributed at loader creation).
         world_size: World size override.
     """
@@ -112,6 +118,7 @@ class ShardDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         persistent_workers: bool = False,
         empty_prompt_path: str | None = None,
+        buckets: BucketSet | dict[str, Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -122,6 +129,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.empty_prompt_path = empty_prompt_path
         self._epoch = 0
         self._empty_prompt: dict[str, torch.Tensor] | None = None
+        if buckets is not None and not isinstance(buckets, BucketSet):
+            buckets = bucket_set(buckets)
+        self.buckets = buckets
         common: dict[str, Any] = dict(
             image_size=image_size,
             caption_key=caption_key,
@@ -132,6 +142,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             num_slots=num_workers + 1,
+            buckets=buckets,
         )
         self.train_dataset = ShardDataset(
             list(train_shards),
