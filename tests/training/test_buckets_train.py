@@ -125,3 +125,28 @@ def test_bad_buckets_fail_at_start(mixed_aspect_shards: str, tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+def test_bucketed_resume_mid_epoch_is_exact(mixed_aspect_shards: str, tmp_path: Path,
+                                            recorded: Shapes) -> None:
+    """6 steps straight equal 3 steps, then --resume (mid-epoch: 46 samples, batch 4) to 6."""
+    import torch
+    import train
+
+    from ldm.checkpoint.format import load_checkpoint
+
+    args = ["-c", str(TINY_LDM), *common(mixed_aspect_shards, tmp_path), "logging.logger=csv",
+            "trainer.ckpt_every_n_steps=3", "model.ema.decay=0.9"]
+    assert train.main([*args, "trainer.max_steps=6", "run.name=straight"]) == 0
+    straight_shapes = [shape for shape, _ in recorded.seen]
+    recorded.seen.clear()
+    assert train.main([*args, "trainer.max_steps=3", "run.name=split"]) == 0
+    assert train.main(["--resume", str(tmp_path / "split"), "trainer.max_steps=6"]) == 0
+    assert [shape for shape, _ in recorded.seen] == straight_shapes
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert resumed.metadata["step"] == straight.metadata["step"] == "6"
+    for name, tensor in straight.tensors.items():
+        if name.startswith(("unet.", "unet_ema.")):
+            torch.testing.assert_close(resumed.tensors[name], tensor, atol=1e-6, rtol=0,
+                                       msg=f"{name} differs after resume")
