@@ -23,20 +23,19 @@ This module imports no models (DESIGN.md); it is pure Python + PIL + torch.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm.data.counters import SkipSample
-from ldm.data.transforms import ImageSpec, open_image
+from ldm.data.transforms import ImageSpec, decode_rgb, read_header
 
 Size = tuple[int, int]  # (height, width) in pixels
 
@@ -263,24 +262,18 @@ def image_to_bucket(
         SkipSample: As :func:`ldm.data.transforms.open_image`, or ``too_small`` when the image
             would need more than ``buckets.max_upscale``× enlarging for every bucket.
     """
-    try:
-        width, height = Image.open(io.BytesIO(data)).size  # header only
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        width = height = 0  # open_image below raises the right SkipSample
-    if width and height:
-        bucket = buckets.assign(height, width)
-        if bucket is None:
-            smallest = min(buckets.sizes, key=lambda s: s[0] * s[1])
-            raise SkipSample(
-                "too_small",
-                f"{width}x{height} covers no bucket (smallest {smallest[0]}x{smallest[1]} hxw) "
-                f"at data.buckets.max_upscale={buckets.max_upscale}",
-            )
-        # decode a JPEG at the smallest DCT scale that still covers the bucket
-        draft = math.ceil(min(height, width) * cover_scale(height, width, bucket))
-    else:
-        bucket, draft = buckets.sizes[0], 1
-    img = open_image(data, replace(spec, size=draft))
+    img = read_header(data, spec)
+    width, height = img.size
+    bucket = buckets.assign(height, width)
+    if bucket is None:
+        smallest = min(buckets.sizes, key=lambda s: s[0] * s[1])
+        raise SkipSample(
+            "too_small",
+            f"{width}x{height} covers no bucket (smallest {smallest[0]}x{smallest[1]} hxw) at "
+            f"data.buckets.max_upscale={buckets.max_upscale}",
+        )
+    # a JPEG decodes at the smallest DCT scale that still covers the bucket
+    img = decode_rgb(img, math.ceil(min(height, width) * cover_scale(height, width, bucket)))
     box, (top, left) = cover_crop_box(
         height, width, bucket, spec.random_crop, rng, source=(img.height, img.width)
     )

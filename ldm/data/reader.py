@@ -227,6 +227,7 @@ class ShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.buckets = buckets
+        self.last_batcher: BucketBatcher | None = None  # this process's latest (peak memory)
         self.max_consecutive_skips = max_consecutive_skips
         self.counter = SkipCounter(num_slots=num_slots, name=name)
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, step)
@@ -351,6 +352,7 @@ class ShardDataset(IterableDataset):
                 key=image_bucket_key,
             )
             batches = batcher.batches(samples, sizes)
+            self.last_batcher = batcher
             collate = _collate_cached_bucketed if self.cached else collate_bucketed
         else:
             batches = _batches(samples, self.batch_size, sizes, self.drop_last)
