@@ -193,3 +193,12 @@ def test_aspect_sizes() -> None:
     assert size_for_aspect(1.5, 256 * 256, 64) == (192, 320)
     assert size_for_aspect(1.5, 0, 8, height=32) == (32, 48)
     assert size_for_aspect(2 / 3, 0, 8, width=32) == (48, 32)
+
+
+def test_resampled_bucketed_epoch_has_the_fixed_batch_count(mixed_aspect_shards: str) -> None:
+    ds = ShardDataset(mixed_aspect_shards, batch_size=4, resampled=True, epoch_samples=30,
+                      rank=0, world_size=2, shuffle_buffer=8, buckets=bucket_set(BUCKETS))
+    batches = epoch(ds, workers=2)
+    assert len(batches) == len(ds) == 8
+    assert [len(b["key"]) for b in batches] == [4] * 7 + [2]
+    assert all((b["target_size"] == b["target_size"][0]).all() for b in batches)

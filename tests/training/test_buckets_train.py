@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from PIL import Image
 
 from ldm import build
@@ -130,9 +131,7 @@ def test_bad_buckets_fail_at_start(mixed_aspect_shards: str, tmp_path: Path,
 def test_bucketed_resume_mid_epoch_is_exact(mixed_aspect_shards: str, tmp_path: Path,
                                             recorded: Shapes) -> None:
     """6 steps straight equal 3 steps, then --resume (mid-epoch: 46 samples, batch 4) to 6."""
-    import torch
     import train
-
     from ldm.checkpoint.format import load_checkpoint
 
     args = ["-c", str(TINY_LDM), *common(mixed_aspect_shards, tmp_path), "logging.logger=csv",
