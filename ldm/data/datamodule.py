@@ -16,7 +16,9 @@ stream and skips the batches already consumed, so it continues exactly where it 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +28,9 @@ from torch.utils.data import DataLoader
 
 from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
+from ldm.data.precompute import MANIFEST_FILE
 from ldm.data.reader import ShardDataset
+from ldm.data.shards import expand_shards, local_path
 
 logger = logging.getLogger("ldm.data")
 
@@ -60,6 +64,23 @@ def _skipped(iterator: Iterator[Any], n: int) -> Iterator[Any]:
 
 
 _END = object()
+
+
+def _check_cache_buckets(train_shards: list[str], buckets: BucketSet | None) -> None:
+    """Refuse bucketed latent caches (``manifest.json`` lists buckets) without ``data.buckets``:
+    their latents differ in shape and cannot make square batches."""
+    urls = expand_shards(train_shards)
+    path = local_path(urls[0]) if urls else None
+    manifest = os.path.join(os.path.dirname(path), MANIFEST_FILE) if path else None
+    if buckets is not None or manifest is None or not os.path.isfile(manifest):
+        return
+    with open(manifest, encoding="utf-8") as f:
+        cached_buckets = json.load(f).get("buckets")
+    if cached_buckets:
+        raise ValueError(
+            f"{manifest} says the cache holds aspect-bucketed latents of {len(cached_buckets)} "
+            "sizes; train on it with data.buckets.enabled=true (the buckets it was cached with)"
+        )
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -132,6 +153,8 @@ class ShardDataModule(pl.LightningDataModule):
         if buckets is not None and not isinstance(buckets, BucketSet):
             buckets = bucket_set(buckets)
         self.buckets = buckets
+        if cached:
+            _check_cache_buckets(list(train_shards), buckets)
         common: dict[str, Any] = dict(
             image_size=image_size,
             caption_key=caption_key,

@@ -55,7 +55,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Shapes:
 
 
 def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, tmp_path: Path,
-                                                      recorded: Shapes) -> None:
+                                                      recorded: Shapes,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import sample
     import train
     from ldm.cache import main as cache_main
@@ -106,6 +107,11 @@ def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, 
     assert len(recorded.seen) == 3
     for shape, targets in recorded.seen:
         assert all([4 * n for n in shape[2:]] == t for t in targets)
+    # the same cache without buckets: refused at start with the fix
+    no_buckets = [a for a in cfg_args if a not in BUCKETS]
+    assert train.main([*no_buckets, f"data.train_shards={cached}", "data.cached=true",
+                       "trainer.max_steps=1", "run.name=square"]) == 2
+    assert "train on it with data.buckets.enabled=true" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
