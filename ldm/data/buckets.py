@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets: bucket sizes, resize-to-cover + crop, and the streaming bucket batcher.
+"""Aspect-ratio buckets: bucket sizes and resize-to-cover + crop (batching: bucket_batcher.py).
 
 Images are not square. Instead of centre-cropping every image to one square, each sample goes to
 the bucket (a ``height × width`` of about the target pixel area, both multiples of a step the
@@ -8,7 +8,8 @@ several target areas for multi-resolution training). The original size, the crop
 the bucket travel with the sample (SDXL's micro-conditioning inputs, sec. 2.2:
 ``original_size (h, w)``, ``crop_top_left (top, left)``, ``target_size (h, w)``).
 
-Batches must be of one shape, and the data is a stream: :class:`BucketBatcher` keeps one buffer
+Batches must be of one shape, and the data is a stream:
+:class:`ldm.data.bucket_batcher.BucketBatcher` keeps one buffer
 per bucket on each DataLoader worker and emits a bucket's buffer as a batch when it fills.
 Memory is bounded by ``max_buffered`` samples across buckets: when the buffers hold that many,
 the fullest bucket is emitted as a (smaller) batch. Leftover policy at the end of an exact pass:
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -107,7 +108,7 @@ def cover_scale(height: int, width: int, bucket: Size) -> float:
     return max(bucket[0] / height, bucket[1] / width)
 
 
-def bucket_set(options: Mapping[str, Any], *, random_crop: bool = False) -> BucketSet | None:
+def bucket_set(options: Mapping[str, Any]) -> BucketSet | None:
     """``data.buckets`` (see :class:`ldm.schema.BucketConfig`) → a :class:`BucketSet`, or None
     when bucketing is off.
 
@@ -280,7 +281,7 @@ def image_to_bucket(
     if img.size != (bucket[1], bucket[0]):
         img = img.resize((bucket[1], bucket[0]), Image.Resampling.BICUBIC, box=box,
                          reducing_gap=3.0)
-    if spec.hflip and rng.random() < 0.5:
+    if spec.hflip and rng.random() < 0.5:  # after the crop: crop_top_left is the unflipped one
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.uint8)  # (bh, bw, 3)
     return {
@@ -310,103 +311,3 @@ def size_tensors(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor
         if all(key in s for s in samples):
             out[key] = torch.tensor([list(s[key]) for s in samples], dtype=torch.int64)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming batcher
-# ---------------------------------------------------------------------------------------------
-
-
-def image_bucket_key(sample: Mapping[str, Any]) -> Hashable:
-    """The bucket of a decoded sample: the spatial shape of its image or latent."""
-    tensor = sample["image"] if "image" in sample else sample["latent_mean"]
-    return tuple(tensor.shape[-2:])
-
-
-class BucketBatcher:
-    """Per-bucket buffers that turn one worker's sample stream into one-shape batches.
-
-    Args:
-        batch_size: Samples per batch.
-        max_buffered: Cap on samples held across all buckets (>= ``batch_size``). When reached,
-            the fullest bucket (the first seen among equals) is emitted as a smaller batch.
-        drop_last: At the end of an exact pass, drop the leftover partial batches instead of
-            emitting one per non-empty bucket.
-        key: Bucket of a sample (default: its image/latent spatial shape).
-
-    Attributes:
-        peak: The most samples held at once so far (for tests and ``bench/data.py``).
-        forced: Batches emitted smaller because the cap was reached.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        max_buffered: int,
-        drop_last: bool = False,
-        key: Callable[[Mapping[str, Any]], Hashable] = image_bucket_key,
-    ) -> None:
-        if max_buffered < batch_size:
-            raise ValueError(
-                f"data.buckets.max_buffered={max_buffered} is below the batch size {batch_size}"
-            )
-        self.batch_size = batch_size
-        self.max_buffered = max_buffered
-        self.drop_last = drop_last
-        self.key = key
-        self.peak = 0
-        self.forced = 0
-
-    def batches(
-        self, samples: Iterable[dict[str, Any]], sizes: Iterator[int] | None = None
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Group ``samples`` into one-bucket lists.
-
-        Args:
-            samples: The worker's decoded samples.
-            sizes: Resampled mode: the size of each batch to emit (the stream is infinite and
-                the epoch ends after the last size; leftovers are discarded). None: an exact
-                pass, with ``batch_size`` batches and the leftover policy of the class.
-        """
-        exact = sizes is None
-        wanted = iter(sizes) if sizes is not None else _repeat(self.batch_size)
-        source = iter(samples)
-        buffers: dict[Hashable, list[dict[str, Any]]] = {}
-        held = 0
-        for size in wanted:
-            batch = _take_full(buffers, size)
-            while batch is None:
-                sample = next(source, None)
-                if sample is None:
-                    if exact and not self.drop_last:
-                        yield from (b for b in buffers.values() if b)
-                    return
-                bucket = buffers.setdefault(self.key(sample), [])
-                bucket.append(sample)
-                held += 1
-                self.peak = max(self.peak, held)
-                if len(bucket) >= size:
-                    batch = _take(buffers, self.key(sample), size)
-                elif held >= self.max_buffered:
-                    fullest = max(buffers, key=lambda k: len(buffers[k]))
-                    batch = _take(buffers, fullest, size)
-                    self.forced += 1
-            held -= len(batch)
-            yield batch
-
-
-def _repeat(value: int) -> Iterator[int]:
-    while True:
-        yield value
-
-
-def _take(buffers: dict[Hashable, list], key: Hashable, size: int) -> list:
-    batch, buffers[key] = buffers[key][:size], buffers[key][size:]
-    return batch
-
-
-def _take_full(buffers: dict[Hashable, list], size: int) -> list | None:
-    for key, bucket in buffers.items():
-        if len(bucket) >= size:
-            return _take(buffers, key, size)
-    return None

@@ -27,14 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from ldm.data.buckets import (
-    BucketBatcher,
-    BucketSet,
-    collate_bucketed,
-    image_bucket_key,
-    image_to_bucket,
-    size_tensors,
-)
+from ldm.data.bucket_batcher import BucketBatcher, image_bucket_key
+from ldm.data.buckets import BucketSet, collate_bucketed, image_to_bucket, size_tensors
 from ldm.data.cached import collate_cached, decode_cached_sample
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.shards import (

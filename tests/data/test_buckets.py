@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ldm.data import ShardDataModule
+from ldm.data.bucket_batcher import BucketBatcher
 from ldm.data.buckets import (
-    BucketBatcher,
     area_buckets,
     bucket_set,
     cover_crop_box,
