@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward batch")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--aspect", default=None, metavar="W:H",
+                   help="aspect ratio such as 3:2 (width:height): with --height or --width the "
+                        "other side follows, else about the training area; sides snap to the "
+                        "model's size step")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +79,23 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
 
+def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[int, int]:
+    """``(height, width)``: the flags, else the training size (square, or the first bucket
+    area's square with ``--aspect``)."""
+    data = cfg.data  # type: ignore[attr-defined]
+    side = int(data.buckets.resolutions[0] if data.buckets.enabled else data.image_size)
+    if args.aspect is None:
+        height = args.height or side
+        return height, args.width or height
+    if args.height and args.width:
+        raise ValueError("--aspect takes at most one of --height and --width")
+    from ldm.data.buckets import parse_aspect, size_for_aspect
+
+    levels = len(cfg.model.unet.channel_mult)  # type: ignore[attr-defined]
+    step = model.downsample_factor * 2 ** (levels - 1)  # type: ignore[attr-defined]
+    return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -89,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         s = cfg.sampling
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)
-        height = args.height or int(cfg.data.image_size)  # the training resolution
-        width = args.width or height
+        height, width = image_size(args, cfg, model)
         model.latent_shape(1, height, width)  # validates the size before any work
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,14 @@
-"""Data-loading throughput per CPU core: raw JPEG shards vs cached-latent shards.
+"""Data-loading throughput per CPU core: raw JPEG shards vs cached-latent shards, and aspect
+buckets vs square crops (with the bucket batcher's memory).
 
 Builds, in a temp dir, (1) JPEG shards from scikit-image's sample photos (random crops resized to
 ``--source-size`` on the shorter side, quality 90, like a filtered LAION subset) and (2) cached
 shards with SD-sized tensors (latent mean+std 4×32×32 and CLIP-L context 77×768 + mask, fp16).
 Then reads each with ``ShardDataset`` in the main process on one thread (= one core) and prints
 images/s, beside webdataset's reference pipeline (``WebDataset().decode("pil")`` + the same crop)
-and the rate a GPU consumes samples.
+and the rate a GPU consumes samples. The JPEGs are half portrait, half landscape (aspect 1-1.5),
+so the same shards also read through aspect-ratio buckets of ``--size``² pixels (step 64, aspect
+cap 2), reporting the batcher's peak buffered samples and bytes.
 
 GPU assumption: SD1-size U-Net training at 256 px on one A100 ≈ 140 images/s (MosaicML, "Training
 Stable Diffusion from scratch for <$50k", 2023, 256 px phase); with raw images the autoencoder
@@ -31,6 +34,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.buckets import bucket_set
 from ldm.data.cached import encode_cached_sample
 from ldm.data.reader import ShardDataset
 from ldm.data.transforms import ImageSpec, resize_crop, to_tensor
@@ -97,13 +101,16 @@ def pass_rate(make_iter: Callable[[], Iterable[int]]) -> float:
     return done / (time.perf_counter() - start)
 
 
-def ours(spec: str, batch: int, cached: bool, size: int) -> Callable[[], Iterable[int]]:
+def ours(
+    spec: str, batch: int, cached: bool, size: int, bucketed: bool = False
+) -> tuple[Callable[[], Iterable[int]], ShardDataset]:
+    buckets = {"enabled": True, "resolutions": [size], "step": 64, "max_aspect": 2.0}
     ds = ShardDataset(
         spec, batch_size=batch, image_size=size, random_crop=True, hflip=True, cached=cached,
-        shuffle_buffer=100,
+        shuffle_buffer=100, buckets=bucket_set(buckets) if bucketed else None,
     )  # fmt: skip
     key = "latent_mean" if cached else "image"
-    return lambda: (b[key].shape[0] for b in ds)
+    return (lambda: (b[key].shape[0] for b in ds)), ds
 
 
 def reference(spec: str, batch: int, size: int) -> Callable[[], Iterable[int]]:
@@ -143,10 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         jpg = make_jpeg_shards(root, args.images, args.source_size)
         cached = make_cached_shards(root, args.cached)
         print(f"wrote shards in {time.perf_counter() - t0:.1f} s under {root}")
+        bucketed, bucketed_ds = ours(jpg, args.batch, False, args.size, bucketed=True)
         readers = {
-            "jpeg_ours": ours(jpg, args.batch, False, args.size),
+            "jpeg_ours": ours(jpg, args.batch, False, args.size)[0],
             "jpeg_webdataset": reference(jpg, args.batch, args.size),
-            "cached_ours": ours(cached, args.batch, True, args.size),
+            "cached_ours": ours(cached, args.batch, True, args.size)[0],
+            "jpeg_bucketed": bucketed,
         }
         for make_iter in readers.values():  # warm-up (page cache, lazy imports)
             pass_rate(make_iter)
@@ -157,6 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for name, make_iter in readers.items():
                 rates[name].append(pass_rate(make_iter))
         results = {name: statistics.median(values) for name, values in rates.items()}
+        batcher = bucketed_ds.last_batcher
+        assert batcher is not None and bucketed_ds.buckets is not None
+        largest = max(h * w for h, w in bucketed_ds.buckets.sizes)
+        results["batcher_peak_samples"] = batcher.peak
+        results["batcher_peak_mib"] = batcher.peak * 3 * largest / 2**20  # uint8, upper bound
+        results["batcher_cap_samples"] = bucketed_ds.buckets.buffer_cap(args.batch)
+        results["batcher_forced"] = batcher.forced
     gpu = GPU_IMAGES_PER_S
     print(f"\nper CPU core, {args.size}x{args.size} training samples, batch {args.batch}:")
     rows = [
@@ -172,6 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     print(f"  ours / webdataset ref. (JPEG):   "
           f"{results['jpeg_ours'] / results['jpeg_webdataset']:6.2f}x")  # fmt: skip
+    print(f"\naspect buckets ({args.size}^2 px area, step 64, aspect <= 2) vs square crops:")
+    print(f"  bucketed JPEG (ours)         {results['jpeg_bucketed']:8.1f} img/s/core  "
+          f"= {results['jpeg_bucketed'] / results['jpeg_ours']:4.2f}x square")
+    print(f"  batcher memory per worker: peak {results['batcher_peak_samples']:.0f} samples "
+          f"(<= {results['batcher_peak_mib']:.1f} MiB uint8), cap "
+          f"{results['batcher_cap_samples']:.0f}, {results['batcher_forced']:.0f} batches "
+          "emitted early at the cap")
     return results
 
 

@@ -137,7 +137,28 @@ def resolve(cfg: DictConfig) -> DictConfig:
         meta = read_metadata(cfg.model.autoencoder_ckpt)
         source = load(base={"model": {"autoencoder": _section_of(meta, "autoencoder")}})
         cfg.model.autoencoder = source.model.autoencoder
+    check_buckets(cfg)
     return cfg
+
+
+def model_size_step(cfg: DictConfig) -> tuple[int, str]:
+    """The pixel step every image side must be a multiple of for ``cfg.task``'s models, and
+    what needs it: the autoencoder factor ``2**(levels-1)``, times the U-Net's
+    ``2**(levels-1)`` for an ldm (its skip connections need even feature maps at each level)."""
+    factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
+    if cfg.task != "ldm":
+        return factor, f"the autoencoder (factor {factor})"
+    unet = 2 ** (len(cfg.model.unet.channel_mult) - 1)
+    return factor * unet, f"the autoencoder (factor {factor}) x U-Net ({unet} levels down)"
+
+
+def check_buckets(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, ``data.buckets`` the models cannot take (one line)."""
+    from ldm.data.buckets import bucket_set, check_model_step
+
+    buckets = bucket_set(kwargs(cfg.data.buckets))
+    if buckets is not None:
+        check_model_step(buckets, *model_size_step(cfg))
 
 
 def _section_of(meta: dict[str, str], name: str) -> dict[str, Any]:

@@ -27,10 +27,12 @@ def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_siz
                  ) -> dict[str, object]:
     """Cache the config's train (and val) shards into ``out``; returns per-split summaries."""
     from ldm import build
+    from ldm.data.buckets import bucket_set
     from ldm.data.precompute import precompute
 
     if not cfg.model.autoencoder_ckpt:  # type: ignore[attr-defined]
         raise ConfigError("caching needs model.autoencoder_ckpt (a trained autoencoder)")
+    build.resolve(cfg)  # refuses data.buckets the models cannot take, before any work
     autoencoder = build.load_autoencoder(cfg.model.autoencoder_ckpt).to(device).eval()
     text_encoder = build.build_text_encoder(cfg.model.text_encoder).to(device)
 
@@ -53,6 +55,7 @@ def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_siz
             image_size=data.image_size, batch_size=batch_size, caption_key=data.caption_key,
             dtype=dtype, min_size=data.min_size, max_aspect=data.max_aspect,
             num_workers=num_workers, progress=progress,
+            buckets=bucket_set(build.kwargs(data.buckets)),  # latents at each bucket's size
         )
     return summaries
 

@@ -159,6 +159,37 @@ class ModelConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (`ldm.data.buckets`): each image is resized to cover the bucket of
+    nearest aspect ratio and cropped to it, instead of a square `image_size` crop."""
+
+    enabled: bool = opt(False, "Train on aspect-ratio buckets (image_size is then unused).")
+    resolutions: list[int] = opt(
+        [256], "Target areas as square sides s (s*s pixels each); several: multi-resolution, "
+        "an image goes to the largest area it covers within max_upscale."
+    )
+    step: int = opt(
+        64, "Bucket sides are multiples of this (autoencoder factor x 2**(U-Net levels-1); "
+        "SD: 64, configs/ldm/tiny.yaml: 8)."
+    )
+    max_aspect: float = opt(2.0, "Largest long/short side ratio of a generated bucket (>= 1).")
+    sizes: list[list[int]] = opt(
+        [], "Explicit buckets as [height, width] pairs (multiples of step); replaces "
+        "resolutions/max_aspect."
+    )
+    max_upscale: float = opt(
+        1.0, "Skip (reason too_small) an image that must be enlarged more than this to cover "
+        "its bucket; 1: never upscale."
+    )
+    max_buffered: int = opt(
+        0, "Cap on samples buffered across buckets per DataLoader worker (uint8 images); at "
+        "the cap the fullest bucket is emitted as a smaller batch. 0: (batch_size-1) x "
+        "buckets + 1, which never forces one. At the end of an exact pass each bucket's "
+        "leftover is one partial batch (dropped with drop_last); nothing carries over."
+    )
+
+
+@dataclass
 class DataConfig:
     """Keyword arguments of `ldm.data.datamodule.ShardDataModule` (webdataset shards)."""
 
@@ -178,6 +209,7 @@ class DataConfig:
     min_size: int = opt(0, "Drop images whose shorter side is smaller.")
     max_aspect: float | None = opt(None, "Drop images with a larger aspect ratio.")
     cached: bool = opt(False, "Shards hold precomputed latents and text embeddings.")
+    buckets: BucketConfig = section(BucketConfig, "Aspect-ratio buckets (off by default).")
 
 
 @dataclass

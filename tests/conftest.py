@@ -44,3 +44,34 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     meta = generate(cfg, str(out))
     return {split: info["shards"] for split, info in meta["splits"].items()}
 
+
+
+@pytest.fixture(scope="session")
+def mixed_aspect_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """4 shards x 12 captioned photos-like images: portrait, landscape and square, JPEG and PNG,
+    plus two too small for any 32-px-area bucket (keys ``small*``). Returns the brace pattern."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data.write_shards import ShardWriter
+
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32), (32, 48), (40, 40), (36, 60), (60, 36), (64, 44)]  # (height, width)
+    with ShardWriter(str(root / "mixed-%06d.tar"), max_samples=12) as writer:
+        for i in range(48):
+            key = f"s{i:03d}"
+            h, w = sizes[i % len(sizes)]
+            if i in (7, 30):
+                key, h, w = f"small{i:03d}", 12, 20
+            yy, xx = np.mgrid[0:h, 0:w]
+            pixels = np.stack([255 * yy // h, 255 * xx // w, rng.integers(0, 256, (h, w))], -1)
+            buffer = io.BytesIO()
+            fmt = "JPEG" if i % 2 else "PNG"
+            Image.fromarray(pixels.astype(np.uint8)).save(buffer, format=fmt)
+            orient = "tall" if h > w else "wide" if w > h else "square"
+            writer.write({"__key__": key, "jpg" if fmt == "JPEG" else "png": buffer.getvalue(),
+                          "txt": f"a {orient} picture {i}"})
+    return str(root / "mixed-{000000..000003}.tar")

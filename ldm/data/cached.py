@@ -4,6 +4,8 @@ A cached shard is a plain webdataset tar. Each sample has:
 
 - ``<key>.safetensors``: tensors ``latent_mean`` (C×h×w), ``latent_std`` (C×h×w), ``context``
   (L×D) in the storage dtype (float16 / bfloat16 / float32) and ``context_mask`` (L, bool);
+  when cached from aspect buckets also ``original_size``, ``crop_top_left`` and ``target_size``
+  (2, int64; see :mod:`ldm.data.buckets`), and h×w then differ between samples;
 - ``<key>.txt``: the caption; ``<key>.json``: copied from the source sample when it had one.
 
 Keys are the source sample keys. The empty-prompt embedding (for classifier-free guidance
@@ -30,6 +32,7 @@ from ldm.data.shards import local_path, open_url
 CACHE_EXT = "safetensors"
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 TENSOR_KEYS: tuple[str, ...] = ("latent_mean", "latent_std", "context", "context_mask")
+SIZE_KEYS: tuple[str, ...] = ("original_size", "crop_top_left", "target_size")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ST_DTYPES = {
     "F16": torch.float16,
@@ -59,14 +62,18 @@ def encode_cached_sample(
     context: torch.Tensor,
     context_mask: torch.Tensor,
     dtype: torch.dtype = torch.float16,
+    sizes: dict[str, Sequence[int]] | None = None,
 ) -> bytes:
-    """Serialise one sample's tensors (unbatched) to safetensors bytes."""
+    """Serialise one sample's tensors (unbatched) to safetensors bytes (``sizes``: the bucket
+    metadata of :data:`SIZE_KEYS`, stored as int64 pairs)."""
     tensors = {
         "latent_mean": latent_mean.detach().to("cpu", dtype).contiguous(),
         "latent_std": latent_std.detach().to("cpu", dtype).contiguous(),
         "context": context.detach().to("cpu", dtype).contiguous(),
         "context_mask": context_mask.detach().to("cpu", torch.bool).contiguous(),
     }
+    for key, value in (sizes or {}).items():
+        tensors[key] = torch.tensor(list(value), dtype=torch.int64)
     return st_save(tensors)
 
 
@@ -120,7 +127,9 @@ def decode_cached_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if any(k not in tensors for k in TENSOR_KEYS):
         raise SkipSample("corrupt_latent", f"keys {sorted(tensors)} lack one of {TENSOR_KEYS}")
     caption = raw.get("txt", b"")
+    sizes = {k: tuple(int(v) for v in tensors[k].tolist()) for k in SIZE_KEYS if k in tensors}
     return {
+        **sizes,
         "latent_mean": tensors["latent_mean"],
         "latent_std": tensors["latent_std"],
         "context": tensors["context"],

@@ -3,6 +3,8 @@
 Batches: ``{"image": B×3×H×W float32 in [-1, 1], "caption": list[str], "key": list[str]}``, or
 with ``cached=True`` ``{"latent_mean", "latent_std": B×C×h×w, "context": B×L×D, "context_mask":
 B×L bool, "caption", "key"}`` (float32; :func:`ldm.data.cached.sample_latents` draws z).
+With aspect-ratio ``buckets`` (:mod:`ldm.data.buckets`) each batch is one bucket's shape and also
+carries ``original_size``, ``crop_top_left`` and ``target_size`` (B×2 int64, ``(h, w)`` order).
 
 Data position: each time a train loader is iterated, the dataset's ``(epoch, step)`` is set
 from the attached trainer (``current_epoch`` and the number of batches before this epoch), or from
@@ -14,7 +16,9 @@ stream and skips the batches already consumed, so it continues exactly where it 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,8 +26,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
+from ldm.data.precompute import MANIFEST_FILE
 from ldm.data.reader import ShardDataset
+from ldm.data.shards import expand_shards, local_path
 
 logger = logging.getLogger("ldm.data")
 
@@ -59,6 +66,23 @@ def _skipped(iterator: Iterator[Any], n: int) -> Iterator[Any]:
 _END = object()
 
 
+def _check_cache_buckets(train_shards: list[str], buckets: BucketSet | None) -> None:
+    """Refuse bucketed latent caches (``manifest.json`` lists buckets) without ``data.buckets``:
+    their latents differ in shape and cannot make square batches."""
+    urls = expand_shards(train_shards)
+    path = local_path(urls[0]) if urls else None
+    manifest = os.path.join(os.path.dirname(path), MANIFEST_FILE) if path else None
+    if buckets is not None or manifest is None or not os.path.isfile(manifest):
+        return
+    with open(manifest, encoding="utf-8") as f:
+        cached_buckets = json.load(f).get("buckets")
+    if cached_buckets:
+        raise ValueError(
+            f"{manifest} says the cache holds aspect-bucketed latents of {len(cached_buckets)} "
+            "sizes; train on it with data.buckets.enabled=true (the buckets it was cached with)"
+        )
+
+
 class ShardDataModule(pl.LightningDataModule):
     """Train/val DataModule over image–caption (or cached-latent) webdataset shards.
 
@@ -86,6 +110,9 @@ class ShardDataModule(pl.LightningDataModule):
         persistent_workers: Keep workers alive between epochs.
         empty_prompt_path: Cached mode: path/URL of ``empty_prompt.safetensors`` (default: next
             to the first train shard).
+        buckets: Aspect-ratio buckets: the ``data.buckets`` options (a mapping, see
+            :func:`ldm.data.buckets.bucket_set`) or a :class:`BucketSet`; None or
+            ``enabled: false`` trains on ``image_size`` squares.
         rank: Rank override (default: torch.distributed at loader creation).
         world_size: World size override.
     """
@@ -112,6 +139,7 @@ class ShardDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         persistent_workers: bool = False,
         empty_prompt_path: str | None = None,
+        buckets: BucketSet | dict[str, Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -122,6 +150,11 @@ class ShardDataModule(pl.LightningDataModule):
         self.empty_prompt_path = empty_prompt_path
         self._epoch = 0
         self._empty_prompt: dict[str, torch.Tensor] | None = None
+        if buckets is not None and not isinstance(buckets, BucketSet):
+            buckets = bucket_set(buckets)
+        self.buckets = buckets
+        if cached:
+            _check_cache_buckets(list(train_shards), buckets)
         common: dict[str, Any] = dict(
             image_size=image_size,
             caption_key=caption_key,
@@ -132,6 +165,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             num_slots=num_workers + 1,
+            buckets=buckets,
         )
         self.train_dataset = ShardDataset(
             list(train_shards),

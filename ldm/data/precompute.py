@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from ldm.data.cached import encode_cached_sample, parse_dtype, save_empty_prompt
+from ldm.data.buckets import BucketSet, collate_bucketed
+from ldm.data.cached import SIZE_KEYS, encode_cached_sample, parse_dtype, save_empty_prompt
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.reader import collate_images, decode_image_sample
 from ldm.data.shards import ShardSpec, assign_shards, check_shards_exist, resolve_rank, worker_info
@@ -58,9 +59,16 @@ class _ShardBatches(IterableDataset):
     """Per worker: whole shards decoded into batches, each tagged with its shard URL."""
 
     def __init__(
-        self, urls: list[str], spec: ImageSpec, caption_key: str, batch_size: int, slots: int
+        self,
+        urls: list[str],
+        spec: ImageSpec,
+        caption_key: str,
+        batch_size: int,
+        slots: int,
+        buckets: BucketSet | None = None,
     ) -> None:
         super().__init__()
+        self.buckets = buckets
         self.urls = urls
         self.spec = spec
         self.caption_key = caption_key
@@ -68,7 +76,8 @@ class _ShardBatches(IterableDataset):
         self.counter = SkipCounter(num_slots=slots, name="precompute")
 
     def _flush(self, url: str, samples: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        batch = collate_images(samples) if samples else None
+        collate = collate_images if self.buckets is None else collate_bucketed
+        batch = collate(samples) if samples else None
         if batch is not None:
             batch["json"] = [s["json"] for s in samples]
             self.counter.ok(len(samples))
@@ -78,19 +87,25 @@ class _ShardBatches(IterableDataset):
         worker, num_workers = worker_info()
         rng = random.Random(0)  # center crop, no flip: rng unused but required
         for url in self.urls[worker::num_workers]:
-            pending: list[dict[str, Any]] = []
+            pending: dict[Any, list[dict[str, Any]]] = {}  # per bucket (one key if square)
             for raw in iter_tar_samples(url, self.counter):
                 try:
-                    sample = decode_image_sample(raw, self.spec, self.caption_key, rng)
+                    sample = decode_image_sample(
+                        raw, self.spec, self.caption_key, rng, self.buckets
+                    )
                 except SkipSample as skip:
                     self.counter.skip(skip.reason, url=url, key=raw["__key__"], detail=skip.detail)
                     continue
                 sample["json"] = raw.get("json")
-                pending.append(sample)
-                if len(pending) == self.batch_size:
-                    yield self._flush(url, pending, done=False)
-                    pending = []
-            yield self._flush(url, pending, done=True)
+                bucket = pending.setdefault(sample.get("target_size"), [])
+                bucket.append(sample)
+                if len(bucket) == self.batch_size:
+                    yield self._flush(url, bucket, done=False)
+                    bucket.clear()
+            rest = [b for b in pending.values() if b]
+            for bucket in rest[:-1]:
+                yield self._flush(url, bucket, done=False)
+            yield self._flush(url, rest[-1] if rest else [], done=True)
 
 
 class CaptionMemo:
@@ -139,9 +154,12 @@ def _write_batch(
         mean, std = encode_images(batch["image"])
         context, mask = encode_texts(batch["caption"])
     for i, key in enumerate(batch["key"]):
+        sizes = {k: batch[k][i].tolist() for k in SIZE_KEYS if k in batch}
         sample: dict[str, Any] = {
             "__key__": key,
-            "safetensors": encode_cached_sample(mean[i], std[i], context[i], mask[i], dtype),
+            "safetensors": encode_cached_sample(
+                mean[i], std[i], context[i], mask[i], dtype, sizes
+            ),
             "txt": batch["caption"][i],
         }
         if batch["json"][i] is not None:
@@ -169,6 +187,7 @@ def precompute(
     overwrite: bool = False,
     progress: bool = True,
     memo_captions: int = 8192,
+    buckets: BucketSet | None = None,
 ) -> PrecomputeSummary:
     """Cache latents and text embeddings for this rank's share of ``shards``.
 
@@ -192,6 +211,10 @@ def precompute(
         progress: Show a progress bar.
         memo_captions: Encode each distinct caption once, remembering the last this many
             (:class:`CaptionMemo`); 0 encodes every caption.
+        buckets: Aspect-ratio buckets (:mod:`ldm.data.buckets`, centre crops): each image is
+            encoded at its bucket's size (latent shapes then vary by sample, and each sample
+            stores its ``original_size``, ``crop_top_left`` and ``target_size``);
+            ``image_size`` is unused. Train on the result with the same ``data.buckets``.
 
     Returns:
         This rank's summary.
@@ -224,7 +247,7 @@ def precompute(
         else:
             todo.append(url)
     spec = ImageSpec(image_size, False, False, min_size, max_aspect)
-    dataset = _ShardBatches(todo, spec, caption_key, batch_size, slots=num_workers + 1)
+    dataset = _ShardBatches(todo, spec, caption_key, batch_size, num_workers + 1, buckets)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
@@ -258,6 +281,7 @@ def precompute(
             "caption_key": caption_key,
             "dtype": dtype,
             "shapes": shapes,
+            "buckets": [list(s) for s in buckets.sizes] if buckets is not None else None,
             "empty_prompt": "empty_prompt.safetensors",
         }
         with open(os.path.join(output_dir, MANIFEST_FILE), "w", encoding="utf-8") as f:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from ldm.data.bucket_batcher import BucketBatcher, image_bucket_key
+from ldm.data.buckets import BucketSet, collate_bucketed, image_to_bucket, size_tensors
 from ldm.data.cached import collate_cached, decode_cached_sample
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.shards import (
@@ -85,9 +87,17 @@ def extract_caption(raw: RawSample, caption_key: str) -> str:
 
 
 def decode_image_sample(
-    raw: RawSample, spec: ImageSpec, caption_key: str, rng: random.Random
+    raw: RawSample,
+    spec: ImageSpec,
+    caption_key: str,
+    rng: random.Random,
+    buckets: BucketSet | None = None,
 ) -> dict[str, Any]:
     """Raw sample → ``{"image": (3, S, S) in [-1, 1], "caption": str, "key": str}``.
+
+    With ``buckets``: the image is its bucket's ``(3, bh, bw)`` uint8 crop, and the sample also
+    carries ``original_size``, ``crop_top_left`` and ``target_size``
+    (:func:`ldm.data.buckets.image_to_bucket`; :func:`ldm.data.buckets.collate_bucketed`).
 
     Raises:
         SkipSample: For any problem (see :data:`ldm.data.counters.REASONS`).
@@ -99,6 +109,9 @@ def decode_image_sample(
     if ext is None:
         members = sorted(k for k in raw if not k.startswith("__"))
         raise SkipSample("missing_image", f"members {members}")
+    if buckets is not None:
+        return {**image_to_bucket(raw[ext], spec, buckets, rng), "caption": caption,
+                "key": raw["__key__"]}
     image = image_to_tensor(raw[ext], spec, rng)
     return {"image": image, "caption": caption, "key": raw["__key__"]}
 
@@ -151,6 +164,9 @@ class ShardDataset(IterableDataset):
         world_size: World size override.
         check_exists: Fail at construction if a local shard is missing.
         num_slots: Rows of the shared skip counter (> number of workers).
+        buckets: Aspect-ratio buckets (:mod:`ldm.data.buckets`): batches of one bucket each,
+            from per-bucket buffers on each worker; ``image_size`` is then unused. With
+            ``cached=True`` the cached latents are batched by their shape.
         max_consecutive_skips: Resampled mode only, which never ends by itself: raise after
             this many skipped samples in a row (a misconfiguration such as a wrong
             ``caption_key``, not bad input). An exact pass just ends; its summary shows the skips.
@@ -179,6 +195,7 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         check_exists: bool = True,
         num_slots: int = 33,
+        buckets: BucketSet | None = None,
         max_consecutive_skips: int = 10_000,
         name: str = "data",
     ) -> None:
@@ -203,6 +220,8 @@ class ShardDataset(IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.buckets = buckets
+        self.last_batcher: BucketBatcher | None = None  # this process's latest (peak memory)
         self.max_consecutive_skips = max_consecutive_skips
         self.counter = SkipCounter(num_slots=num_slots, name=name)
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, step)
@@ -292,7 +311,9 @@ class ShardDataset(IterableDataset):
                 if self.cached:
                     sample = decode_cached_sample(raw)
                 else:
-                    sample = decode_image_sample(raw, self.spec, self.caption_key, rng)
+                    sample = decode_image_sample(
+                        raw, self.spec, self.caption_key, rng, self.buckets
+                    )
             except SkipSample as skip:
                 self.counter.skip(
                     skip.reason, url=raw.get("__url__", ""), key=raw["__key__"], detail=skip.detail
@@ -319,13 +340,28 @@ class ShardDataset(IterableDataset):
         samples = self._decoded(raws, rng)
         collate = collate_cached if self.cached else collate_images
         sizes = self._worker_batch_sizes(worker, num_workers) if self.resampled else None
+        if self.buckets is not None:
+            batcher = BucketBatcher(
+                self.batch_size, self.buckets.buffer_cap(self.batch_size), self.drop_last,
+                key=image_bucket_key,
+            )
+            batches = batcher.batches(samples, sizes)
+            self.last_batcher = batcher
+            collate = _collate_cached_bucketed if self.cached else collate_bucketed
+        else:
+            batches = _batches(samples, self.batch_size, sizes, self.drop_last)
         try:
-            for batch in _batches(samples, self.batch_size, sizes, self.drop_last):
+            for batch in batches:
                 self.counter.ok(len(batch))
                 yield collate(batch)
         finally:
             where = f"in epoch {epoch} (rank {rank}/{world}, worker {worker}/{num_workers})"
             self.counter.log_summary(before, what=where)
+
+
+def _collate_cached_bucketed(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`collate_cached` plus the samples' sizes (``original_size``...) where cached."""
+    return {**collate_cached(samples), **size_tensors(samples)}
 
 
 def _batches(

@@ -48,6 +48,16 @@ def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
         SkipSample: ``empty_member``, ``corrupt_image``, ``truncated_image``, ``too_small`` or
             ``bad_aspect``.
     """
+    return decode_rgb(read_header(data, spec), spec.size)
+
+
+def read_header(data: bytes, spec: ImageSpec) -> Image.Image:
+    """Open image bytes lazily (header only: ``.size`` is known, no pixel is decoded yet) and
+    apply the size filters of ``spec``.
+
+    Raises:
+        SkipSample: ``empty_member``, ``corrupt_image``, ``too_small`` or ``bad_aspect``.
+    """
     if not data:
         raise SkipSample("empty_member", "zero-byte image")
     try:
@@ -60,9 +70,19 @@ def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
         raise SkipSample("too_small", f"{width}x{height} < {spec.min_size}")
     if spec.max_aspect is not None and long / short > spec.max_aspect:
         raise SkipSample("bad_aspect", f"{width}x{height} > {spec.max_aspect}")
+    return img
+
+
+def decode_rgb(img: Image.Image, draft: int) -> Image.Image:
+    """Decode an image from :func:`read_header` to RGB; a JPEG at the smallest DCT scale whose
+    sides are still at least ``draft`` pixels (``Image.draft``).
+
+    Raises:
+        SkipSample: ``corrupt_image`` or ``truncated_image``.
+    """
     try:
         if img.format == "JPEG":
-            img.draft("RGB", (spec.size, spec.size))
+            img.draft("RGB", (draft, draft))
         img.load()
         if img.mode != "RGB":
             img = _to_rgb(img)

@@ -221,14 +221,15 @@ class DiffusionModule(pl.LightningModule):
         prompts = (self.sample_prompts or list(batch["caption"]))[:max_images]
         generator = torch.Generator().manual_seed(self.sample_seed)
         net = self.ema.model if self.ema is not None else None
-        size = None
+        height = width = None  # the batch's size (one aspect bucket, or the square)
         if "latent_mean" in batch:
-            size = batch["latent_mean"].shape[-1] * self.model.downsample_factor
+            f = self.model.downsample_factor
+            height, width = (n * f for n in batch["latent_mean"].shape[-2:])
         elif "image" in batch:
-            size = batch["image"].shape[-1]
+            height, width = batch["image"].shape[-2:]
         images, _ = self.model.generate(prompts, self.sampler, guidance=self.guidance,
-                                        negative_prompts=self.negative_prompt, height=size,
-                                        width=size, generator=generator, net=net)
+                                        negative_prompts=self.negative_prompt, height=height,
+                                        width=width, generator=generator, net=net)
         return {"samples": (images, prompts)}
 
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
