@@ -71,8 +71,7 @@ def part_unet(dry: bool, model: str, checkpointing: bool, compiled: bool) -> dic
     """One model's training step: ms/step, images/s and peak memory."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from unet import build_pair  # bench/unet.py: ours and diffusers' with the same weights
+    build_pair = bench_module("unet").build_pair  # ours and diffusers' with the same weights
 
     cuda = not dry
     device = torch.device("cuda" if cuda else "cpu")
@@ -172,6 +171,17 @@ def sync(cuda: bool) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def bench_module(name: str) -> Any:
+    """``bench/<name>.py`` as a module, without putting bench/ on sys.path (its file names
+    would shadow the standard library's for everything imported later)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tail(text: str, n: int = 300) -> str:

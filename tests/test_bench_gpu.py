@@ -3,6 +3,7 @@ refusal without a CUDA device."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu  # noqa: E402  (bench/gpu.py)
+_spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+gpu = importlib.util.module_from_spec(_spec)  # bench/gpu.py, without bench/ on sys.path
+_spec.loader.exec_module(gpu)
 
 
 def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ share of self time per kind of op — convolutions, GroupNorm, attention (SDPA),
 aimed at what costs. Two configurations by default: the SD1 U-Net at 32×32 latents (batch 1 on
 CPU) and the demo's U-Net at its own batch (32 at 8×8 latents).
 
-    .venv/bin/python bench/profile.py                       # both, CPU, fp32
-    .venv/bin/python bench/profile.py --sizes demo --dtype bf16 --top 15
-    python bench/profile.py --device cuda --dtype bf16 --sizes sd1 --batch 32
+    .venv/bin/python bench/op_profile.py                       # both, CPU, fp32
+    .venv/bin/python bench/op_profile.py --sizes demo --dtype bf16 --top 15
+    python bench/op_profile.py --device cuda --dtype bf16 --sizes sd1 --batch 32
 """
 
 from __future__ import annotations
