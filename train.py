@@ -66,7 +66,8 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     path = build.prepare_run_dir(cfg)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)
-    trainer = build.build_trainer(cfg, path, extra_callbacks=[quality] if quality else None)
+    trainer = (build.build_trainer(cfg, path) if quality is None
+               else build.build_trainer(cfg, path, extra_callbacks=[quality]))
     trainer.fit(module, datamodule=datamodule,
                 ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
