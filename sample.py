@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_latents:
         from safetensors.torch import save_file
 
-        save_file({"latents": torch.cat(latents).contiguous(),
-                   "seeds": torch.tensor([sd for _, sd in jobs])}, args.save_latents,
-                  metadata={"prompts": json.dumps([p for p, _ in jobs])})
+        from ldm.checkpoint.format import atomic_write
+
+        tensors = {"latents": torch.cat(latents).contiguous(),
+                   "seeds": torch.tensor([sd for _, sd in jobs])}
+        atomic_write(args.save_latents, lambda tmp: save_file(
+            tensors, tmp, metadata={"prompts": json.dumps([p for p, _ in jobs])}))
         print(f"wrote latents to {args.save_latents}")
     print(f"wrote {len(images)} images and {grid_path}")
     return 0

@@ -45,9 +45,9 @@ from ldm.checkpoint.diffusers_export import (
     export_diffusers_folder,
 )
 from ldm.checkpoint.format import CheckpointError
-from ldm.diffusion.grids import SCHEDULER_CLASSES
 from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
 from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
+from ldm.diffusion.grids import SCHEDULER_CLASSES
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -253,7 +253,8 @@ WEIGHT_KEYS = ("model.unet", "model.autoencoder", "model.autoencoder_ckpt",
 
 def _leaves(node: Any, prefix: str) -> dict[str, Any]:
     if isinstance(node, Mapping):
-        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+        return {k: v for key, sub in node.items()
+                for k, v in _leaves(sub, f"{prefix}.{key}").items()}
     return {prefix: node}
 
 
