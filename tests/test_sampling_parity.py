@@ -171,6 +171,7 @@ class Case:
             config["use_karras_sigmas"] = True
         cls = getattr(diffusers, CLASSES[self.sampler])
         keys = set(cls.from_config({}).config)  # only what the class knows
+        assert not self.zsnr or "rescale_betas_zero_snr" in keys  # a case that says what it is
         return {k: v for k, v in config.items() if k in keys}
 
 
@@ -183,11 +184,11 @@ CASES = [
     Case("euler", "leading", karras=True), Case("heun", "linspace", karras=True),
     Case("dpmpp_2m", "leading", karras=True), Case("dpmpp_2m", "trailing", 20, karras=True),
     # v-prediction with zero terminal SNR (ᾱ_T = 0 for DDIM/DDPM, 2^-24 for Euler/DPM) and
-    # guidance rescale. diffusers gives NaN from t = T - 1 (trailing, linspace) for Heun (no
-    # 2^-24, σ_T = ∞) and DDIM η = 1 (sqrt(1 - ᾱ' - σ_t²) of a rounding-negative 0): leading
+    # guidance rescale. diffusers' Heun has no zero terminal SNR (v and rescale only), and its
+    # DDIM with η = 1 gives NaN from t = T - 1 (sqrt(1 - ᾱ' - σ_t²) of a rounding-negative 0)
     *[Case(s, "trailing", 3, v=True, zsnr=True, rescale=0.7, eta=e)
       for s, e in SAMPLERS if s != "heun" and not e],
-    Case("heun", "leading", 3, v=True, zsnr=True, rescale=0.7),
+    Case("heun", "trailing", 3, v=True, rescale=0.7),
     Case("ddim", "leading", 3, v=True, zsnr=True, rescale=0.7, eta=1.0),
     Case("euler", "linspace", 3, v=True), Case("dpmpp_2m", "linspace", 3, v=True),
     # step counts: 1, 2, 20, 50, 1000

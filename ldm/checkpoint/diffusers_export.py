@@ -69,6 +69,10 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
     s = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "karras": False,
          "final_sigma": "zero", "set_alpha_to_one": True, **(sampling or {})}
     cls = SCHEDULER_CLASSES[s["sampler"]]
+    if cls == "HeunDiscreteScheduler" and diffusion["zero_terminal_snr"]:
+        raise ValueError("diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: "
+                         "export a zero-terminal-SNR model with another sampling.sampler "
+                         "(e.g. sampling.sampler=euler)")
     config: dict[str, Any] = {
         "num_train_timesteps": int(diffusion["num_timesteps"]),
         "beta_schedule": BETA_SCHEDULES[diffusion["schedule"]],
