@@ -3,8 +3,8 @@
 `Grid` bundles everything a sampling run needs besides the network: the σ's the network is
 evaluated at, the network timestep at each of them, how DDPM-space prior noise becomes the first
 σ-space sample and how the last one is read back. `diffusers_grid` reproduces, sampler by
-sampler, what diffusers' scheduler of the same name does with ``set_timesteps`` (diffusers 0.2x
-to 0.4x), quirks included, so that the same settings give the same image:
+sampler, what diffusers' scheduler of the same name does with ``set_timesteps`` (checked against
+diffusers 0.42), quirks included, so that the same settings give the same image:
 
 * ``ddim`` (`DDIMScheduler`): integer timesteps; step i lands on t_i − T//N (not on t_{i+1}:
   with ``trailing``/``linspace`` spacing, or N not dividing T, the next step reads the same x_t
@@ -16,7 +16,8 @@ to 0.4x), quirks included, so that the same settings give the same image:
   `HeunDiscreteScheduler`): fractional ``linspace`` timesteps fed to the network as they are,
   σ interpolated linearly in σ, Karras σ's between the grid's ends (not Euler-a), prior noise
   scaled by σ_max for ``linspace``/``trailing`` and by sqrt(1 + σ_max²) for ``leading``, and
-  the final σ-space sample returned as is; ᾱ_T = 2⁻²⁴ with zero terminal SNR.
+  the final σ-space sample returned as is; ᾱ_T = 2⁻²⁴ with zero terminal SNR (diffusers' Heun
+  has no zero terminal SNR at all; ours uses 2⁻²⁴ there too).
 * ``dpmpp_2m`` (`DPMSolverMultistepScheduler`, DPM-Solver++ order 2): ``leading``/``linspace``
   grids over N + 1 points with the last dropped, Karras σ's over the whole training range with
   rounded timesteps, a first-order last step below 15 steps; ᾱ_T = 2⁻²⁴ with zero terminal SNR.

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.grids import GRIDS, Grid, diffusers_grid, exact_grid
+from ldm.diffusion.grids import (
+    GRIDS,
+    KARRAS_SAMPLERS,
+    SCHEDULER_CLASSES,
+    Grid,
+    diffusers_grid,
+    exact_grid,
+)
 from ldm.diffusion.noise import Generators
 from ldm.diffusion.samplers import STOCHASTIC, Callback, DenoiserFn, get_sampler
 from ldm.diffusion.schedules import NoiseSchedule
@@ -57,6 +64,9 @@ class Sampler:
         get_sampler(sampler)
         if grid not in GRIDS:
             raise ValueError(f"unknown sampling grid {grid!r}; valid: {', '.join(GRIDS)}")
+        if grid == "diffusers" and karras and sampler not in KARRAS_SAMPLERS:
+            raise ValueError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
+                             "sampling.karras=false or sampling.grid=exact")
         if timestep_spacing not in SPACINGS:
             raise ValueError(
                 f"unknown timestep spacing {timestep_spacing!r}; valid: {', '.join(SPACINGS)}"
