@@ -125,7 +125,9 @@ def build_sampler(section: Any, disable_progress: bool = False, **override: Any)
     return Sampler(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], karras=s["karras"],
                    timestep_spacing=s["timestep_spacing"], steps_offset=s["steps_offset"],
                    final_sigma=s["final_sigma"], grid=s["grid"],
-                   set_alpha_to_one=s["set_alpha_to_one"], disable_progress=disable_progress)
+                   set_alpha_to_one=s["set_alpha_to_one"],
+                   clip_sample=s["clip_sample_range"] if s["clip_sample"] else None,
+                   disable_progress=disable_progress)
 
 
 def resolve(cfg: DictConfig) -> DictConfig:

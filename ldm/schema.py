@@ -284,6 +284,11 @@ class SamplingConfig:
         True, "ddim (grid=diffusers): the last step lands on alpha_cumprod 1 (sigma 0) instead "
         "of alpha_cumprod[0] (false: original Stable Diffusion's DDIM)."
     )
+    clip_sample: bool = opt(
+        False, "ddim/ddpm: clamp the predicted clean latent to +-clip_sample_range each step "
+        "(diffusers' clip_sample)."
+    )
+    clip_sample_range: float = opt(1.0, "Bound of clip_sample.")
     prompts: list[str] = opt([], "Prompts for training-time sample grids.")
     negative_prompt: str = opt("", "Negative prompt (replaces the unconditional context).")
     seed: int = opt(0, "Sampling seed.")

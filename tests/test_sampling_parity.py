@@ -148,6 +148,7 @@ class Case:
     rescale: float = 0.0
     eta: float = 0.0
     guidance: float = 5.0
+    clip: float = 0.0  # x̂0 clipping range (0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -156,6 +157,7 @@ class Case:
         bits += ["karras"] * self.karras + ["v"] * self.v + ["zsnr"] * self.zsnr
         bits += [f"rescale{self.rescale:g}"] * bool(self.rescale)
         bits += [f"cfg{self.guidance:g}"] * (self.guidance != 5.0)
+        bits += [f"clip{self.clip:g}"] * bool(self.clip)
         bits += [f"{k}={v}" for k, v in self.extra.items()]
         return "-".join(bits)
 
@@ -203,7 +205,12 @@ CASES = [
     Case("euler", "trailing", 7, extra={"final_sigmas_type": "sigma_min"}),
     Case("dpmpp_2m", "leading", 3, extra={"final_sigmas_type": "sigma_min"}),
     Case("dpmpp_2m", "trailing", 20, extra={"final_sigmas_type": "sigma_min"}),
+    # StableDiffusionPipeline resets a folder's steps_offset to 1 and clip_sample to false
     Case("ddim", "leading", 7, extra={"steps_offset": 0}),
+    Case("ddpm", "trailing", 7, extra={"clip_sample": True}),
+    # x̂0 clipping asked for (DDIM keeps the network's ε̂, DDPM's posterior mean uses the clipped
+    # x̂0); without guidance for DDIM: CFG-extrapolated x̂0 ≫ 1 turn float32 rounding into 1e-3
+    Case("ddim", "leading", 7, guidance=1.0, clip=0.5), Case("ddpm", "trailing", 7, clip=1.0),
     # guidance <= 1 turns classifier-free guidance off on both sides
     Case("euler", "leading", 3, guidance=1.0), Case("ddim", "leading", 3, guidance=0.0),
 ]
@@ -214,11 +221,17 @@ def test_sample_py_matches_stable_diffusion_pipeline(base: dict[str, Any], tmp_p
                                                      case: Case) -> None:
     cls = CLASSES[case.sampler]
     folder = scheduler_folder(base, str(case), cls, case.config())
-    pipe = base["pipe"]
-    pipe.scheduler = getattr(diffusers, cls).from_pretrained(folder, subfolder="scheduler")
+    scheduler = getattr(diffusers, cls).from_pretrained(folder, subfolder="scheduler")
+    # the pipeline as from_pretrained(folder) builds it (it resets steps_offset and clip_sample)
+    pipe = diffusers.StableDiffusionPipeline(**{**base["pipe"].components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
     args = ["--eta", str(case.eta)] if case.sampler == "ddim" else []
     if case.rescale:
         args += ["--guidance-rescale", str(case.rescale)]
+    if case.clip:  # asked for on both sides: a scheduler set on the pipeline after it is built
+        pipe.scheduler = getattr(diffusers, cls).from_config(
+            {**scheduler.config, "clip_sample": True, "clip_sample_range": case.clip})
+        args += ["sampling.clip_sample=true", f"sampling.clip_sample_range={case.clip}"]
     mine = ours(folder, tmp_path, case.steps, case.guidance, args)
     ref = theirs(pipe, case.steps, case.guidance, case.rescale, case.eta, case.stochastic)
     assert_close(mine, ref, str(case))

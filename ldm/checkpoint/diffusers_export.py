@@ -63,12 +63,17 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
 
     The class is the one ``sampling.sampler`` reproduces (DDIM by default); every field that
     changes a sample is written: the schedule, ``prediction_type``, ``rescale_betas_zero_snr``,
-    ``timestep_spacing``, ``steps_offset`` and, where the class has them, ``clip_sample``
-    (false), ``set_alpha_to_one``, ``use_karras_sigmas`` and ``final_sigmas_type``.
+    ``timestep_spacing``, ``steps_offset`` and, where the class has them, ``clip_sample`` (and
+    its range), ``set_alpha_to_one``, ``use_karras_sigmas`` and ``final_sigmas_type``.
     """
     s = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "karras": False,
-         "final_sigma": "zero", "set_alpha_to_one": True, **(sampling or {})}
+         "final_sigma": "zero", "set_alpha_to_one": True, "clip_sample": False,
+         "clip_sample_range": 1.0, **(sampling or {})}
     cls = SCHEDULER_CLASSES[s["sampler"]]
+    if int(s["steps_offset"]) != 1 or s["clip_sample"]:
+        raise ValueError("diffusers' StableDiffusionPipeline resets steps_offset to 1 and "
+                         "clip_sample to false when it loads a folder: export with "
+                         "sampling.steps_offset=1 sampling.clip_sample=false")
     if cls == "HeunDiscreteScheduler" and diffusion["zero_terminal_snr"]:
         raise ValueError("diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: "
                          "export a zero-terminal-SNR model with another sampling.sampler "
@@ -85,7 +90,8 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
         "trained_betas": None,
     }
     if cls in ("DDIMScheduler", "DDPMScheduler"):
-        config["clip_sample"] = False
+        config["clip_sample"] = bool(s["clip_sample"])
+        config["clip_sample_range"] = float(s["clip_sample_range"])
     if cls == "DDIMScheduler":
         config["set_alpha_to_one"] = bool(s["set_alpha_to_one"])
     if cls == "DDPMScheduler":

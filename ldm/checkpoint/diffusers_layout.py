@@ -101,8 +101,6 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
 # a scheduler config value that changes samples in a way we do not reproduce: class (None: any),
 # key, the class default, the value we reproduce
 UNREPRODUCED = [
-    ("DDIMScheduler", "clip_sample", True, False),
-    ("DDPMScheduler", "clip_sample", True, False),
     (None, "thresholding", False, False),
     ("DDPMScheduler", "variance_type", "fixed_small", "fixed_small"),
     ("EulerDiscreteScheduler", "interpolation_type", "linear", "linear"),
@@ -124,9 +122,11 @@ def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
     """``sampling`` keys a diffusers scheduler config fixes (missing keys: the class defaults).
 
     The class gives ``sampler`` (when one of ours reproduces it; others, e.g. PNDMScheduler,
-    leave the sampler to the caller), and its fields ``timestep_spacing``, ``steps_offset``,
-    ``set_alpha_to_one`` (DDIM), ``karras`` (``use_karras_sigmas``) and ``final_sigma``
-    (``final_sigmas_type``).
+    leave the sampler to the caller), and its fields ``timestep_spacing``,
+    ``clip_sample_range`` (DDIM, DDPM), ``set_alpha_to_one`` (DDIM), ``karras``
+    (``use_karras_sigmas``) and ``final_sigma`` (``final_sigmas_type``). ``steps_offset`` and
+    ``clip_sample`` are 1 and false whatever the folder says, as `StableDiffusionPipeline` makes
+    them.
 
     Raises:
         CheckpointError: A field set to a value whose sampling we do not reproduce.
@@ -137,12 +137,18 @@ def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
             raise CheckpointError(
                 f"scheduler {key}={scheduler.get(key, default)!r} ({cls}) is not reproduced by "
                 f"our samplers; set \"{key}\": {json.dumps(ours)} in scheduler_config.json")
+    # StableDiffusionPipeline (and its img2img/inpainting siblings) resets steps_offset to 1 and
+    # clip_sample to false when it is built from a folder whose scheduler says otherwise: so does
+    # sample.py (sampling.clip_sample=true still clips on request)
     out: dict[str, Any] = {
         "timestep_spacing": scheduler.get("timestep_spacing", "leading"),
-        "steps_offset": int(scheduler.get("steps_offset", 0)),
+        "steps_offset": 1,
     }
     if cls in SAMPLERS_OF_CLASSES:
         out["sampler"] = SAMPLERS_OF_CLASSES[cls]
+    if cls in ("DDIMScheduler", "DDPMScheduler") or "clip_sample" in scheduler:
+        out["clip_sample"] = False
+        out["clip_sample_range"] = float(scheduler.get("clip_sample_range", 1.0))
     if cls == "DDIMScheduler" or "set_alpha_to_one" in scheduler:
         out["set_alpha_to_one"] = bool(scheduler.get("set_alpha_to_one", True))
     if "use_karras_sigmas" in scheduler or cls in SAMPLERS_OF_CLASSES:

@@ -88,12 +88,16 @@ def _sample_ancestral(
     callback: Callback | None,
     disable_progress: bool,
     sigmas_to: Tensor | None = None,
+    clip_sample: float | None = None,
+    posterior: bool = False,
 ) -> Tensor:
     """The shared ancestral loop of DDIM, DDPM and Euler-ancestral.
 
     Step i lands on ``sigmas_to[i]`` (default ``sigmas[i + 1]``); where that differs from
     ``sigmas[i + 1]`` the DDPM-space x_t is kept and read at ``sigmas[i + 1]`` (DDIMScheduler
-    steps t → t − T//N, whatever the next timestep is).
+    steps t → t − T//N, whatever the next timestep is). ``clip_sample`` clamps x̂0 to
+    [−r, r]; DDIM keeps the network's ε̂ (Song et al. 2021, eq. 12), the DDPM posterior
+    (``posterior``) mixes x with the clamped x̂0 (Ho et al. 2020, eq. 7).
     """
     sigmas = sigmas.to(x.device)
     targets = sigmas[1:] if sigmas_to is None else sigmas_to.to(x.device)
@@ -106,6 +110,10 @@ def _sample_ancestral(
         # x' = x̂0 + σ_down·ε̂ + σ_up·z, ε̂ = (x − x̂0)/σ. With η = 0 this is the Euler step of the
         # probability-flow ODE (Karras et al. 2022, Alg. 1 first order). At σ = ∞, x = x_T = ε̂.
         eps = x if torch.isinf(sigma) else (x - x0) / sigma
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+            if posterior and not torch.isinf(sigma):
+                eps = (x - x0) / sigma
         x = x0 + sigma_down * eps
         if eta:
             z = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -127,6 +135,7 @@ def sample_ddim(
     callback: Callback | None = None,
     disable_progress: bool = False,
     sigmas_to: Tensor | None = None,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16), in σ-space.
 
@@ -141,12 +150,15 @@ def sample_ddim(
         disable_progress: hide the tqdm bar.
         sigmas_to: (N,) where each step lands, when not on the next grid σ (see
             `ldm.diffusion.grids`: diffusers' DDIM steps t → t − T//N).
+        clip_sample: clamp x̂0 to [−clip_sample, clip_sample] (diffusers' ``clip_sample`` with
+            its ``clip_sample_range``); the direction term keeps the network's ε̂.
 
     Returns:
         (B, ...) σ-space sample at ``sigmas[-1]``.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, eta, generator, extra_args, callback, disable_progress, sigmas_to
+        denoiser, x, sigmas, eta, generator, extra_args, callback, disable_progress, sigmas_to,
+        clip_sample,
     )
 
 
@@ -160,14 +172,17 @@ def sample_ddpm(
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable_progress: bool = False,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, eqs. 6-7, "fixed small" variance β̃_t).
 
     In σ-space the posterior q(x_{t−1} | x_t, x̂0) has mean (σ'²/σ²)·x + (1 − σ'²/σ²)·x̂0 and
-    variance σ'²(σ² − σ'²)/σ², i.e. the ancestral step with η = 1. Arguments as `sample_ddim`.
+    variance σ'²(σ² − σ'²)/σ², i.e. the ancestral step with η = 1; ``clip_sample`` clamps the x̂0
+    of that mean. Arguments as `sample_ddim`.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, 1.0, generator, extra_args, callback, disable_progress
+        denoiser, x, sigmas, 1.0, generator, extra_args, callback, disable_progress,
+        clip_sample=clip_sample, posterior=True,
     )
 
 

@@ -45,6 +45,8 @@ class Sampler:
             the same name, see `ldm.diffusion.grids`) or ``exact`` (our grid for every sampler).
         set_alpha_to_one: ``ddim`` with ``grid="diffusers"``: the last step lands on ᾱ = 1
             (σ = 0) rather than on ᾱ_0 (DDIMScheduler's ``set_alpha_to_one``).
+        clip_sample: ``ddim`` and ``ddpm``: clamp x̂0 to [−clip_sample, clip_sample] (diffusers'
+            ``clip_sample`` with ``clip_sample_range``); None does not clip.
         disable_progress: hide the tqdm progress bar.
     """
 
@@ -59,6 +61,7 @@ class Sampler:
         final_sigma: str = "zero",
         grid: str = "diffusers",
         set_alpha_to_one: bool = True,
+        clip_sample: float | None = None,
         disable_progress: bool = False,
     ) -> None:
         get_sampler(sampler)
@@ -88,6 +91,7 @@ class Sampler:
         self.final_sigma = final_sigma
         self.grid_kind = grid
         self.set_alpha_to_one = set_alpha_to_one
+        self.clip_sample = clip_sample
         self.disable_progress = disable_progress
 
     def __repr__(self) -> str:
@@ -152,6 +156,8 @@ class Sampler:
         if self.sampler == "ddim":
             opts["eta"] = self.eta
             opts["sigmas_to"] = grid.sigmas_to
+        if self.sampler in ("ddim", "ddpm"):
+            opts["clip_sample"] = self.clip_sample
         if self.sampler == "dpmpp_2m":
             opts["lower_order_final"] = grid.lower_order_final
         x = get_sampler(self.sampler)(denoiser, x, grid.sigmas, **opts)

@@ -71,7 +71,7 @@ def pipeline_latents(folder: Path, steps: int, eta: float = 0.0) -> torch.Tensor
 
 
 ROUND_TRIPS = [
-    ("DDIMScheduler", {"sampler": "ddim", "timestep_spacing": "trailing", "steps_offset": 0,
+    ("DDIMScheduler", {"sampler": "ddim", "timestep_spacing": "trailing",
                        "set_alpha_to_one": False, "eta": 1.0}, {"prediction": "v",
                                                                  "zero_terminal_snr": True}),
     ("EulerDiscreteScheduler", {"sampler": "euler", "karras": True, "final_sigma": "sigma_min"},
@@ -80,6 +80,7 @@ ROUND_TRIPS = [
      {"prediction": "v"}),
     ("EulerAncestralDiscreteScheduler", {"sampler": "euler_a", "timestep_spacing": "trailing"},
      {"schedule": "cosine"}),
+    ("DDPMScheduler", {"sampler": "ddpm", "clip_sample_range": 0.5}, {}),
 ]
 
 
@@ -99,10 +100,12 @@ def test_ours_to_diffusers_to_ours(clip: Path, tmp_path: Path, cls: str,
     written = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert written["_class_name"] == cls
     assert written["timestep_spacing"] == sampling.get("timestep_spacing", "leading")
-    assert written["steps_offset"] == sampling.get("steps_offset", 1)
+    assert written["steps_offset"] == 1
     assert written["rescale_betas_zero_snr"] == diffusion.get("zero_terminal_snr", False)
     if cls == "DDIMScheduler":
         assert written["set_alpha_to_one"] is False and written["clip_sample"] is False
+    if cls == "DDPMScheduler":
+        assert written["clip_sample"] is False and written["clip_sample_range"] == 0.5
 
     eta = ["--eta", str(sampling.get("eta", 0.0))]  # η and steps are not scheduler fields
     ours = run_sample(ckpt, tmp_path, *eta)
@@ -146,7 +149,7 @@ def test_caller_config_wins_over_the_folder(clip: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("cls", "field", "value"), [
-    ("DDIMScheduler", "clip_sample", True),
+    ("DDIMScheduler", "thresholding", True),
     ("DPMSolverMultistepScheduler", "solver_order", 3),
     ("EulerDiscreteScheduler", "interpolation_type", "log_linear"),
 ])
@@ -177,3 +180,13 @@ def test_karras_where_diffusers_has_none_is_one_line(clip: Path, tmp_path: Path,
     assert sample.main(argv) == 2
     assert "has no Karras sigmas" in capsys.readouterr().err
     assert sample.main([*argv, "sampling.grid=exact"]) == 0  # our grid has them
+
+
+def test_export_refuses_what_the_pipeline_would_reset(clip: Path, tmp_path: Path) -> None:
+    """StableDiffusionPipeline resets steps_offset to 1 and clip_sample to false on load."""
+    config = tiny_config(clip)
+    model = tiny_model(config)
+    for override in ("sampling.steps_offset=0", "sampling.clip_sample=true"):
+        with pytest.raises(ValueError, match="resets steps_offset to 1 and clip_sample to false"):
+            export_diffusers_folder(model, load(base=config, overrides=[override]),
+                                    tmp_path / override)
