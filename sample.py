@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         width = args.width or height
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
-        print(build.config_sources(args.ckpt, cfg, args.config, args.overrides))
+        from ldm.config_sources import config_sources
+
+        print(config_sources(args.ckpt, cfg, args.config, args.overrides))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

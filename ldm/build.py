@@ -195,7 +195,7 @@ def load_for_sampling(
             (``.safetensors``/``.ckpt``) or a diffusers-layout folder.
         config_files: Configs merged over the checkpoint's own or the folder's (required for
             SD files, which carry none, e.g. ``configs/ldm/sd1.yaml``): they win over what the
-            checkpoint or folder says, except for what its weights fix (see `config_sources`).
+            checkpoint or folder says, except for what its weights fix (`ldm.config_sources`).
         overrides: ``key=value`` overrides (win over everything).
         use_ema: Use EMA U-Net weights when the checkpoint has them.
 
@@ -234,62 +234,6 @@ def load_for_sampling(
         cfg = load(config_files, overrides)
         model = load_sd_single_file(path, cfg, use_ema=use_ema)
     return model.eval(), cfg
-
-
-SOURCE_PREFIXES = ("sampling.", "model.diffusion.", "model.text_encoder.layer")
-
-
-def config_sources(
-    path: str | Path, cfg: DictConfig, config_files: Sequence[str | Path] = (),
-    overrides: Sequence[str] = (),
-) -> str:
-    """One line saying where the sampling settings of ``cfg`` came from.
-
-    Lists each ``sampling.*``, ``model.diffusion.*`` and ``model.text_encoder.layer`` value that
-    the checkpoint or folder, a ``-c`` file or an override set, with the last source that set it
-    (precedence: overrides, then ``-c`` files in order, then the checkpoint/folder, then the
-    defaults); for folders also the caller's values that the folder's weights overrode.
-    """
-    from omegaconf import OmegaConf
-
-    from ldm.checkpoint.format import FORMAT, read_metadata
-
-    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items()
-                    for k, v in leaves(sub, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-
-    path = Path(path)
-    layers: list[tuple[str, dict[str, Any]]] = []
-    ignored: list[str] = []
-    if path.is_dir():
-        from ldm.checkpoint.diffusers_layout import diffusers_folder_config, pin_weight_keys
-
-        sections = diffusers_folder_config(path)
-        layers.append(("folder", leaves(sections)))
-        from ldm.config import load
-
-        ignored = pin_weight_keys(load(config_files, overrides, base=sections), sections)[1]
-    elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
-        config = OmegaConf.create(read_metadata(path).get("config", "{}"))
-        layers.append(("checkpoint", leaves(OmegaConf.to_container(config, resolve=True))))
-    for file in config_files:
-        layers.append((Path(file).name, leaves(OmegaConf.to_container(OmegaConf.load(file)))))
-    if overrides:
-        dotlist = [o[2:] if o.startswith("--") else o for o in overrides]
-        layers.append(("override", leaves(OmegaConf.to_container(
-            OmegaConf.from_dotlist(dotlist)))))
-    origin: dict[str, str] = {}
-    for name, values in layers:
-        origin.update({k: name for k in values
-                       if k.startswith(SOURCE_PREFIXES) and k != "sampling.prompts"})
-    parts = [f"{k}={OmegaConf.select(cfg, k)} ({origin[k]})" for k in sorted(origin)
-             if OmegaConf.select(cfg, k, default=None) is not None]
-    line = "settings: " + (", ".join(parts) or "all defaults")
-    if ignored:
-        line += f"; the folder's weights fix {', '.join(ignored)} (yours ignored)"
-    return line
 
 
 # ---------------------------------------------------------------------------------------------
