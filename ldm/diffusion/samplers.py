@@ -99,26 +99,29 @@ def _sample_ancestral(
     [−r, r]; DDIM keeps the network's ε̂ (Song et al. 2021, eq. 12), the DDPM posterior
     (``posterior``) mixes x with the clamped x̂0 (Ho et al. 2020, eq. 7).
     """
+    host = sigmas.cpu()  # the branches below read these, not device tensors (no syncs)
+    host_to = host[1:] if sigmas_to is None else sigmas_to.cpu()
     sigmas = sigmas.to(x.device)
     targets = sigmas[1:] if sigmas_to is None else sigmas_to.to(x.device)
     for i in _steps(len(sigmas) - 1, disable_progress):
         sigma, sigma_next, target = sigmas[i], sigmas[i + 1], targets[i]
+        at_infinity = bool(torch.isinf(host[i]))
         x0 = _denoise(denoiser, x, sigma, extra_args)
         _report(callback, i, x, sigma, target, x0)
-        sigma_down, sigma_up = get_ancestral_step(sigma, target, eta)
+        sigma_down, sigma_up = get_ancestral_step(host[i], host_to[i], eta)
         # Song et al. 2021, eq. 12 in σ-space (x = x_t/sqrt(ᾱ_t)):
         # x' = x̂0 + σ_down·ε̂ + σ_up·z, ε̂ = (x − x̂0)/σ. With η = 0 this is the Euler step of the
         # probability-flow ODE (Karras et al. 2022, Alg. 1 first order). At σ = ∞, x = x_T = ε̂.
-        eps = x if torch.isinf(sigma) else (x - x0) / sigma
+        eps = x if at_infinity else (x - x0) / sigma
         if clip_sample is not None:
             x0 = x0.clamp(-clip_sample, clip_sample)
-            if posterior and not torch.isinf(sigma):
+            if posterior and not at_infinity:
                 eps = (x - x0) / sigma
-        x = x0 + sigma_down * eps
+        x = x0 + sigma_down.to(x.device) * eps
         if eta:
             z = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + sigma_up * z
-        if target != sigma_next:  # same x_t = x/sqrt(1 + σ²), read at the next σ
+            x = x + sigma_up.to(x.device) * z
+        if host_to[i] != host[i + 1]:  # same x_t = x/sqrt(1 + σ²), read at the next σ
             x = x * ((1 + sigma_next**2) / (1 + target**2)) ** 0.5
     return x
 
