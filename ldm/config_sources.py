@@ -26,7 +26,8 @@ def config_sources(
     Lists each ``sampling.*``, ``model.diffusion.*`` and ``model.text_encoder.layer`` value that
     the checkpoint or folder, a ``-c`` file or an override set, with the last source that set it
     (precedence: overrides, then ``-c`` files in order, then the checkpoint/folder, then the
-    defaults); for folders also the caller's values that the folder's weights overrode.
+    defaults); also the caller's values that did not apply: for folders what its weights fix,
+    for our checkpoints any ``model.*`` key (the model is rebuilt from the checkpoint's own).
     """
     from omegaconf import OmegaConf
 
@@ -48,22 +49,30 @@ def config_sources(
         sections = diffusers_folder_config(path)
         layers.append(("folder", leaves(sections)))
         ignored = pin_weight_keys(load(config_files, overrides, base=sections), sections)[1]
-    elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
+    ours: dict[str, Any] | None = None
+    if not path.is_dir() and path.suffix == ".safetensors" \
+            and read_metadata(path).get("format") == FORMAT:
         config = OmegaConf.create(read_metadata(path).get("config", "{}"))
-        layers.append(("checkpoint", leaves(OmegaConf.to_container(config, resolve=True))))
+        ours = leaves(OmegaConf.to_container(config, resolve=True))
+        layers.append(("checkpoint", ours))
     for file in config_files:
         layers.append((Path(file).name, leaves(OmegaConf.to_container(OmegaConf.load(file)))))
     if overrides:
         dotlist = [o[2:] if o.startswith("--") else o for o in overrides]
         layers.append(("override", leaves(OmegaConf.to_container(
             OmegaConf.from_dotlist(dotlist)))))
+    fixer = "the folder's weights fix"
+    if ours is not None:  # our checkpoints rebuild their model from their own model section
+        fixer = "the checkpoint's model fixes"
+        mine = {k for _, values in layers[1:] for k in values if k.startswith("model.")}
+        ignored = sorted(k for k in mine if ours.get(k) != OmegaConf.select(cfg, k))
     origin: dict[str, str] = {}
     for name, values in layers:
         origin.update({k: name for k in values
                        if k.startswith(SOURCE_PREFIXES) and k != "sampling.prompts"})
     parts = [f"{k}={OmegaConf.select(cfg, k)} ({origin[k]})" for k in sorted(origin)
-             if OmegaConf.select(cfg, k, default=None) is not None]
+             if OmegaConf.select(cfg, k, default=None) is not None and k not in ignored]
     line = "settings: " + (", ".join(parts) or "all defaults")
     if ignored:
-        line += f"; the folder's weights fix {', '.join(ignored)} (yours ignored)"
+        line += f"; {fixer} {', '.join(ignored)} (yours ignored)"
     return line

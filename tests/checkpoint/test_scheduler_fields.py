@@ -109,6 +109,12 @@ def test_ours_to_diffusers_to_ours(clip: Path, tmp_path: Path, cls: str,
 
     eta = ["--eta", str(sampling.get("eta", 0.0))]  # η and steps are not scheduler fields
     ours = run_sample(ckpt, tmp_path, *eta)
+    from ldm.config_sources import config_sources
+
+    user = ["model.text_encoder.layer=-1", "sampling.steps=3"]
+    line = config_sources(ckpt, load(base=config, overrides=user), overrides=user)
+    assert "sampling.steps=3 (override)" in line
+    assert line.endswith("the checkpoint's model fixes model.text_encoder.layer (yours ignored)")
     again = run_sample(folder, tmp_path, *eta)  # ours -> diffusers -> ours
     assert (ours - again).abs().max() <= 1e-5 * ours.abs().max()
     theirs = pipeline_latents(folder, 5, sampling.get("eta", 0.0))
