@@ -14,7 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-SOURCE_PREFIXES = ("sampling.", "model.diffusion.", "model.text_encoder.layer")
+# the keys that change a sample (the training-only ones, e.g. the loss weighting, stay out)
+SAMPLING_MODEL_KEYS = {f"model.diffusion.{k}" for k in (
+    "num_timesteps", "schedule", "beta_start", "beta_end", "zero_terminal_snr", "prediction")}
+SAMPLING_MODEL_KEYS.add("model.text_encoder.layer")
 
 
 def config_sources(
@@ -68,8 +71,8 @@ def config_sources(
         ignored = sorted(k for k in mine if ours.get(k) != OmegaConf.select(cfg, k))
     origin: dict[str, str] = {}
     for name, values in layers:
-        origin.update({k: name for k in values
-                       if k.startswith(SOURCE_PREFIXES) and k != "sampling.prompts"})
+        origin.update({k: name for k in values if k in SAMPLING_MODEL_KEYS
+                       or (k.startswith("sampling.") and k != "sampling.prompts")})
     parts = [f"{k}={OmegaConf.select(cfg, k)} ({origin[k]})" for k in sorted(origin)
              if OmegaConf.select(cfg, k, default=None) is not None and k not in ignored]
     line = "settings: " + (", ".join(parts) or "all defaults")
