@@ -99,7 +99,8 @@ class Sampler:
             f"Sampler(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, "
             f"karras={self.karras}, timestep_spacing={self.timestep_spacing!r}, "
             f"steps_offset={self.steps_offset}, final_sigma={self.final_sigma!r}, "
-            f"grid={self.grid_kind!r}, set_alpha_to_one={self.set_alpha_to_one})"
+            f"grid={self.grid_kind!r}, set_alpha_to_one={self.set_alpha_to_one}, "
+            f"clip_sample={self.clip_sample})"
         )
 
     def grid(self, schedule: NoiseSchedule) -> Grid:
