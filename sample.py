@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
                     "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
-                    "karras": sampler.karras, "checkpoint": str(args.ckpt)}
+                    "karras": sampler.karras, "eta": sampler.eta,
+                    "timestep_spacing": sampler.timestep_spacing, "grid": sampler.grid_kind,
+                    "guidance_rescale": rescale, "checkpoint": str(args.ckpt)}
             name = f"{len(images):04d}-{slug(prompt)}-s{sd}.png"
             save_png(arr, outdir / name, {**{k: str(v) for k, v in meta.items()},
                                           "parameters": json.dumps(meta)})
