@@ -8,6 +8,14 @@
 (``.safetensors`` / ``.ckpt``; give their config with ``-c configs/ldm/sd1.yaml``) and
 diffusers-layout folders. One PNG per sample (prompt, seed, sampler, steps and guidance in its
 metadata) and a grid go to ``--outdir``. Runs without Lightning.
+
+Each sample has its own seed (``--seed`` + its index) and its own noise stream: its initial
+latent noise, then its sampler's noise, come from ``torch.Generator().manual_seed(seed)``, as
+diffusers' pipelines draw them from ``generator=[torch.Generator().manual_seed(s) for s in
+seeds]``; a sample depends only on its seed, whatever ``--batch-size``. ``--save-latents F``
+writes the final latents (before decoding) to a safetensors file. The run prints one line
+saying which settings came from the checkpoint or folder, from ``-c`` files and from overrides
+(overrides win over ``-c`` files, which win over the checkpoint's or folder's own values).
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other side follows, else about the training area; sides snap to the "
                         "model's size step")
     p.add_argument("--outdir", default="samples", help="output directory")
+    p.add_argument("--save-latents", metavar="FILE", default=None,
+                   help="also write the final latents (N, C, h, w; key 'latents', in prompt "
+                        "order, with their 'seeds') to this safetensors file")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                                       karras=args.karras, eta=args.eta, disable_progress=True)
         height, width = image_size(args, cfg, model)
         model.latent_shape(1, height, width)  # validates the size before any work
+        sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
+        from ldm.config_sources import config_sources
+
+        print(config_sources(args.ckpt, cfg, args.config, args.overrides))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -131,16 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.images import caption_grid, make_grid, save_png, to_uint8
 
     images: list[torch.Tensor] = []
+    latents: list[torch.Tensor] = []
     steps_total = len(range(0, len(jobs), args.batch_size)) * sampler.steps
     bar = tqdm(total=steps_total, desc="sampling", unit="step")
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
-        # Per-sample noise from per-sample seeds: a sample does not depend on its batch.
-        noise = torch.cat([
-            torch.randn(model.latent_shape(1, height, width),
-                        generator=torch.Generator().manual_seed(sd)) for _, sd in chunk
-        ])
-        generator = torch.Generator(device=args.device).manual_seed(chunk[0][1])
+        # One noise stream per sample (CPU, device independent): initial noise, then the
+        # sampler's; a sample does not depend on its batch.
+        generators = [torch.Generator().manual_seed(sd) for _, sd in chunk]
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -149,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(i - last[0])
                 last[0] = i
 
-        out, _ = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
+        out, z = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
                                 negative_prompts=negative, guidance_rescale=rescale,
-                                latents=noise, generator=generator, callback=tick)
+                                height=height, width=width, generator=generators, callback=tick)
+        latents.append(z.float().cpu())
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
                     "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
-                    "karras": sampler.karras, "checkpoint": str(args.ckpt)}
+                    "karras": sampler.karras, "eta": sampler.eta,
+                    "timestep_spacing": sampler.timestep_spacing, "grid": sampler.grid_kind,
+                    "guidance_rescale": rescale, "checkpoint": str(args.ckpt)}
             name = f"{len(images):04d}-{slug(prompt)}-s{sd}.png"
             save_png(arr, outdir / name, {**{k: str(v) for k, v in meta.items()},
                                           "parameters": json.dumps(meta)})
@@ -166,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     nrow = args.n if args.n > 1 else min(len(grid), 4)
     grid_path = save_png(make_grid(grid, nrow=nrow), outdir / "grid.png",
                          {"captions": caption_grid([p for p, _ in jobs], nrow)})
+    if args.save_latents:
+        from safetensors.torch import save_file
+
+        from ldm.checkpoint.format import atomic_write
+
+        tensors = {"latents": torch.cat(latents).contiguous(),
+                   "seeds": torch.tensor([sd for _, sd in jobs])}
+        atomic_write(args.save_latents, lambda tmp: save_file(
+            tensors, tmp, metadata={"prompts": json.dumps([p for p, _ in jobs])}))
+        print(f"wrote latents to {args.save_latents}")
     print(f"wrote {len(images)} images and {grid_path}")
     return 0
 

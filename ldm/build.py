@@ -123,7 +123,10 @@ def build_sampler(section: Any, disable_progress: bool = False, **override: Any)
 
     s = {**kwargs(section), **{k: v for k, v in override.items() if v is not None}}
     return Sampler(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], karras=s["karras"],
-                   timestep_spacing=s["timestep_spacing"], final_sigma=s["final_sigma"],
+                   timestep_spacing=s["timestep_spacing"], steps_offset=s["steps_offset"],
+                   final_sigma=s["final_sigma"], grid=s["grid"],
+                   set_alpha_to_one=s["set_alpha_to_one"],
+                   clip_sample=s["clip_sample_range"] if s["clip_sample"] else None,
                    disable_progress=disable_progress)
 
 
@@ -211,9 +214,10 @@ def load_for_sampling(
     Args:
         path: One of our ``ldm`` checkpoints, an original Stable Diffusion single file
             (``.safetensors``/``.ckpt``) or a diffusers-layout folder.
-        config_files: Configs merged over the checkpoint's own (required for SD files, which
-            carry none, e.g. ``configs/ldm/sd1.yaml``).
-        overrides: ``key=value`` overrides.
+        config_files: Configs merged over the checkpoint's own or the folder's (required for
+            SD files, which carry none, e.g. ``configs/ldm/sd1.yaml``): they win over what the
+            checkpoint or folder says, except for what its weights fix (`ldm.config_sources`).
+        overrides: ``key=value`` overrides (win over everything).
         use_ema: Use EMA U-Net weights when the checkpoint has them.
 
     Raises:
@@ -229,7 +233,7 @@ def load_for_sampling(
     if path.is_dir():
         from ldm.checkpoint.diffusers_layout import folder_config, load_diffusers_folder
 
-        cfg = folder_config(path, load(config_files, overrides))
+        cfg = folder_config(path, config_files, overrides)  # the caller wins over the folder
         model = load_diffusers_folder(path, cfg)
     elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
         ckpt = load_checkpoint(path)

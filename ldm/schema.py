@@ -301,10 +301,26 @@ class SamplingConfig:
     eta: float = opt(0.0, "DDIM eta.")
     karras: bool = opt(False, "Karras sigmas (Karras et al. 2022).")
     timestep_spacing: str = opt("leading", "Step spacing.", ["leading", "trailing", "linspace"])
-    final_sigma: str = opt(
-        "zero", "End on the denoised sample (zero) or at the first training sigma (sigma_min, "
-        "as original SD's DDIM).", ["zero", "sigma_min"]
+    steps_offset: int = opt(1, "Offset added to leading timesteps (Stable Diffusion: 1).")
+    grid: str = opt(
+        "diffusers", "diffusers: each sampler walks the grid of diffusers' scheduler of that "
+        "name, quirks included, so the same settings give the same image; exact: our grid "
+        "(spaced timesteps, t from sigma) for every sampler.", ["diffusers", "exact"]
     )
+    final_sigma: str = opt(
+        "zero", "End on the denoised sample (zero) or at the first training sigma (sigma_min): "
+        "diffusers' final_sigmas_type of euler and dpmpp_2m; with grid=exact, every sampler's.",
+        ["zero", "sigma_min"]
+    )
+    set_alpha_to_one: bool = opt(
+        True, "ddim (grid=diffusers): the last step lands on alpha_cumprod 1 (sigma 0) instead "
+        "of alpha_cumprod[0] (false: original Stable Diffusion's DDIM)."
+    )
+    clip_sample: bool = opt(
+        False, "ddim/ddpm: clamp the predicted clean latent to +-clip_sample_range each step "
+        "(diffusers' clip_sample)."
+    )
+    clip_sample_range: float = opt(1.0, "Bound of clip_sample.")
     prompts: list[str] = opt([], "Prompts for training-time sample grids.")
     negative_prompt: str = opt("", "Negative prompt (replaces the unconditional context).")
     seed: int = opt(0, "Sampling seed.")

@@ -5,7 +5,7 @@ Stable Diffusion (scaled_linear, steps_offset 1, set_alpha_to_one=False, no clip
 guidance 5 with a negative prompt, the same initial noise. diffusers' DDIM has
 ``init_noise_sigma = 1``, so its ``latents=`` are DDPM-space noise, which is what
 ``LatentDiffusion.generate(latents=...)`` takes. ``set_alpha_to_one=False`` ends at ᾱ_0, i.e.
-σ_min, hence ``Sampler(..., final_sigma="sigma_min")`` here.
+σ_min, hence ``Sampler(..., set_alpha_to_one=False)`` here.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_generate_matches_stable_diffusion_pipeline(tmp_path: Path, prediction: 
             output_type="latent",
         ).images  # fmt: skip
         images, ours = model.generate(
-            PROMPTS, Sampler("ddim", STEPS, final_sigma="sigma_min", disable_progress=True),
+            PROMPTS, Sampler("ddim", STEPS, set_alpha_to_one=False, disable_progress=True),
             guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise.clone(),
         )  # fmt: skip
         decoded = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ldm.checkpoint.unet_keys import unet_kwargs_to_diffusers_config, unet_ldm_to_diffusers
 from ldm.checkpoint.vae_keys import vae_config_ldm_to_diffusers, vae_ldm_to_diffusers
+from ldm.diffusion.grids import SCHEDULER_CLASSES
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -56,23 +57,53 @@ def _versioned(class_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return {**out, **config}
 
 
-def scheduler_config(diffusion: Mapping[str, Any], timestep_spacing: str = "leading"
+def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] | None = None
                      ) -> dict[str, Any]:
-    """A ``DDIMScheduler`` config for ``model.diffusion``, set up as Stable Diffusion's
-    (``clip_sample=False``, ``set_alpha_to_one=False``, ``steps_offset=1``)."""
-    return _versioned("DDIMScheduler", {
+    """The diffusers scheduler config that samples as ``sampling`` does on ``model.diffusion``.
+
+    The class is the one ``sampling.sampler`` reproduces (DDIM by default); every field that
+    changes a sample is written: the schedule, ``prediction_type``, ``rescale_betas_zero_snr``,
+    ``timestep_spacing``, ``steps_offset`` and, where the class has them, ``clip_sample`` (and
+    its range), ``set_alpha_to_one``, ``use_karras_sigmas`` and ``final_sigmas_type``.
+    """
+    s = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "karras": False,
+         "final_sigma": "zero", "set_alpha_to_one": True, "clip_sample": False,
+         "clip_sample_range": 1.0, **(sampling or {})}
+    cls = SCHEDULER_CLASSES[s["sampler"]]
+    if int(s["steps_offset"]) != 1 or s["clip_sample"]:
+        raise ValueError("diffusers' StableDiffusionPipeline resets steps_offset to 1 and "
+                         "clip_sample to false when it loads a folder: export with "
+                         "sampling.steps_offset=1 sampling.clip_sample=false")
+    if cls == "HeunDiscreteScheduler" and diffusion["zero_terminal_snr"]:
+        raise ValueError("diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: "
+                         "export a zero-terminal-SNR model with another sampling.sampler "
+                         "(e.g. sampling.sampler=euler)")
+    config: dict[str, Any] = {
         "num_train_timesteps": int(diffusion["num_timesteps"]),
         "beta_schedule": BETA_SCHEDULES[diffusion["schedule"]],
         "beta_start": float(diffusion["beta_start"]),
         "beta_end": float(diffusion["beta_end"]),
         "prediction_type": PREDICTION_TYPES[diffusion["prediction"]],
         "rescale_betas_zero_snr": bool(diffusion["zero_terminal_snr"]),
-        "timestep_spacing": timestep_spacing,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
+        "timestep_spacing": str(s["timestep_spacing"]),
+        "steps_offset": int(s["steps_offset"]),
         "trained_betas": None,
-    })
+    }
+    if cls in ("DDIMScheduler", "DDPMScheduler"):
+        config["clip_sample"] = bool(s["clip_sample"])
+        config["clip_sample_range"] = float(s["clip_sample_range"])
+    if cls == "DDIMScheduler":
+        config["set_alpha_to_one"] = bool(s["set_alpha_to_one"])
+    if cls == "DDPMScheduler":
+        config["variance_type"] = "fixed_small"
+    if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        config["use_karras_sigmas"] = bool(s["karras"])
+    if cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        config["final_sigmas_type"] = str(s["final_sigma"])
+    if cls == "DPMSolverMultistepScheduler":
+        config.update(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                      lower_order_final=True)
+    return _versioned(cls, config)
 
 
 def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
@@ -114,7 +145,7 @@ def export_diffusers_folder(
     Args:
         model: The model (its U-Net weights as they are: load EMA weights first to export them).
         cfg: Its config (``model.unet``, ``model.autoencoder``, ``model.diffusion``,
-            ``model.text_encoder``, ``sampling.timestep_spacing``, ``data.image_size``).
+            ``model.text_encoder``, ``sampling`` (the scheduler), ``data.image_size``).
         out_dir: Output folder.
         overwrite: Allow a non-empty ``out_dir``.
 
@@ -157,17 +188,17 @@ def export_diffusers_folder(
     tokenizer.model_max_length = int(model.text_encoder.max_length)  # what diffusers pads to
     tokenizer.save_pretrained(out / "tokenizer")
 
-    spacing = _plain(cfg.get("sampling", {})).get("timestep_spacing", "leading")
+    scheduler = scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {})))
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config(m["diffusion"], spacing), indent=2) + "\n")
+        json.dumps(scheduler, indent=2) + "\n")
 
     index = _versioned("StableDiffusionPipeline", {
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", type(text_model).__name__],
         "tokenizer": ["transformers", type(tokenizer).__name__],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

@@ -8,8 +8,8 @@ A folder holds ``model_index.json`` and one sub-folder per component::
     scheduler/   scheduler_config.json
 
 Loading reads the JSON configs into our config sections (:func:`diffusers_folder_config`),
-merges them over the caller's config (:func:`folder_config`: the folder decides what its weights
-fix; the rest, such as ``sampling`` or the text encoder's dtype, stays the caller's), builds the
+merges the caller's ``-c`` files and overrides over them (:func:`folder_config`: the caller wins,
+except for what the folder's weights fix, `WEIGHT_KEYS`), builds the
 model with ``ldm.build.build_latent_diffusion`` and loads the U-Net and autoencoder with
 ``strict=True`` through the key maps in `unet_keys` / `vae_keys`. The text encoder and tokenizer
 load from the folder itself (``model.text_encoder.name_or_path`` = the folder). diffusers itself
@@ -47,6 +47,7 @@ from ldm.checkpoint.diffusers_export import (
 from ldm.checkpoint.format import CheckpointError
 from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
 from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
+from ldm.diffusion.grids import SCHEDULER_CLASSES
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -95,6 +96,66 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{pickled} cannot be read with weights_only=True ({e})"
                                   ) from None
     raise CheckpointError(f"no {WEIGHTS_NAME}.safetensors (or .bin) in {folder}")
+
+
+# a scheduler config value that changes samples in a way we do not reproduce: class (None: any),
+# key, the class default, the value we reproduce
+UNREPRODUCED = [
+    (None, "thresholding", False, False),
+    ("DDPMScheduler", "variance_type", "fixed_small", "fixed_small"),
+    ("EulerDiscreteScheduler", "interpolation_type", "linear", "linear"),
+    ("EulerDiscreteScheduler", "timestep_type", "discrete", "discrete"),
+    (None, "use_exponential_sigmas", False, False),
+    (None, "use_beta_sigmas", False, False),
+    (None, "use_lu_lambdas", False, False),
+    ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver++", "dpmsolver++"),
+    ("DPMSolverMultistepScheduler", "solver_order", 2, 2),
+    ("DPMSolverMultistepScheduler", "solver_type", "midpoint", "midpoint"),
+    ("DPMSolverMultistepScheduler", "lower_order_final", True, True),
+    ("DPMSolverMultistepScheduler", "euler_at_final", False, False),
+    ("DPMSolverMultistepScheduler", "use_flow_sigmas", False, False),
+]
+SAMPLERS_OF_CLASSES = {v: k for k, v in SCHEDULER_CLASSES.items()}
+
+
+def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
+    """``sampling`` keys a diffusers scheduler config fixes (missing keys: the class defaults).
+
+    The class gives ``sampler`` (when one of ours reproduces it; others, e.g. PNDMScheduler,
+    leave the sampler to the caller), and its fields ``timestep_spacing``,
+    ``clip_sample_range`` (DDIM, DDPM), ``set_alpha_to_one`` (DDIM), ``karras``
+    (``use_karras_sigmas``) and ``final_sigma`` (``final_sigmas_type``). ``steps_offset`` and
+    ``clip_sample`` are 1 and false whatever the folder says, as `StableDiffusionPipeline` makes
+    them.
+
+    Raises:
+        CheckpointError: A field set to a value whose sampling we do not reproduce.
+    """
+    cls = scheduler.get("_class_name")
+    for owner, key, default, ours in UNREPRODUCED:
+        if owner in (None, cls) and scheduler.get(key, default) != ours:
+            raise CheckpointError(
+                f"scheduler {key}={scheduler.get(key, default)!r} ({cls}) is not reproduced by "
+                f"our samplers; set \"{key}\": {json.dumps(ours)} in scheduler_config.json")
+    # StableDiffusionPipeline (and its img2img/inpainting siblings) resets steps_offset to 1 and
+    # clip_sample to false when it is built from a folder whose scheduler says otherwise: so does
+    # sample.py (sampling.clip_sample=true still clips on request)
+    out: dict[str, Any] = {
+        "timestep_spacing": scheduler.get("timestep_spacing", "leading"),
+        "steps_offset": 1,
+    }
+    if cls in SAMPLERS_OF_CLASSES:
+        out["sampler"] = SAMPLERS_OF_CLASSES[cls]
+    if cls in ("DDIMScheduler", "DDPMScheduler") or "clip_sample" in scheduler:
+        out["clip_sample"] = False
+        out["clip_sample_range"] = float(scheduler.get("clip_sample_range", 1.0))
+    if cls == "DDIMScheduler" or "set_alpha_to_one" in scheduler:
+        out["set_alpha_to_one"] = bool(scheduler.get("set_alpha_to_one", True))
+    if "use_karras_sigmas" in scheduler or cls in SAMPLERS_OF_CLASSES:
+        out["karras"] = bool(scheduler.get("use_karras_sigmas", False))
+    if "final_sigmas_type" in scheduler or cls in SAMPLERS_OF_CLASSES:
+        out["final_sigma"] = str(scheduler.get("final_sigmas_type", "zero"))
+    return out
 
 
 def diffusion_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,7 +213,7 @@ def diffusers_folder_config(path: str | Path) -> dict[str, Any]:
     Sets ``task``, ``model.unet``, ``model.autoencoder`` (its ``scale_factor`` is the VAE's
     ``scaling_factor``), ``model.diffusion`` (schedule and prediction), ``model.text_encoder``,
     ``model.use_context_mask`` (false), ``data.image_size`` (the U-Net's ``sample_size`` in
-    pixels) and, when the scheduler states one, ``sampling.timestep_spacing``.
+    pixels) and the ``sampling`` keys of its scheduler (:func:`sampling_section`).
 
     Raises:
         CheckpointError: Not a diffusers folder, or components outside the SD family.
@@ -186,30 +247,62 @@ def diffusers_folder_config(path: str | Path) -> dict[str, Any]:
     if unet_config.get("sample_size"):
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         config["data"] = {"image_size": int(unet_config["sample_size"]) * factor}
-    if scheduler.get("timestep_spacing"):
-        config["sampling"] = {"timestep_spacing": scheduler["timestep_spacing"]}
+    config["sampling"] = sampling_section(scheduler)
     return config
 
 
-def folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
-                  ) -> DictConfig:
-    """``cfg`` with the folder's sections (:func:`diffusers_folder_config`) merged over it."""
+# what the folder's weights fix: its U-Net, autoencoder and text encoder (which layer to read
+# and how long to pad stay the caller's)
+WEIGHT_KEYS = ("model.unet", "model.autoencoder", "model.autoencoder_ckpt",
+               "model.text_encoder.kind", "model.text_encoder.name_or_path")
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        return {k: v for key, sub in node.items()
+                for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def pin_weight_keys(cfg: DictConfig, sections: Mapping[str, Any]) -> tuple[DictConfig, list[str]]:
+    """``cfg`` with `WEIGHT_KEYS` set to the folder's values (``sections``, as
+    :func:`diffusers_folder_config` gives them); also the caller's keys that this changed."""
     from omegaconf import OmegaConf
 
     from ldm.config import load
 
-    base = OmegaConf.create({} if cfg is None else cfg)
-    merged = OmegaConf.merge(base, OmegaConf.create(diffusers_folder_config(path)))
-    return load(base=OmegaConf.to_container(merged, resolve=True))
+    fixed: dict[str, Any] = {}
+    for key in WEIGHT_KEYS:
+        node: Any = sections
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        fixed.update(_leaves(node, key) if isinstance(node, Mapping) else {key: node})
+    changed = [k for k, v in fixed.items() if OmegaConf.select(cfg, k) != v]
+    pinned = OmegaConf.from_dotlist([])
+    for key, value in fixed.items():
+        OmegaConf.update(pinned, key, value, force_add=True)
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), pinned)
+    return load(base=OmegaConf.to_container(merged, resolve=True)), changed
+
+
+def folder_config(path: str | Path, files: Sequence[str | Path] = (),
+                  overrides: Sequence[str] = ()) -> DictConfig:
+    """The config to sample a folder with: defaults, then the folder's sections
+    (:func:`diffusers_folder_config`), then ``files`` and ``overrides`` (the caller wins), and
+    finally `WEIGHT_KEYS` from the folder again (they are what its weights are)."""
+    from ldm.config import load
+
+    sections = diffusers_folder_config(path)
+    return pin_weight_keys(load(files, overrides, base=sections), sections)[0]
 
 
 def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
                           ) -> LatentDiffusion:
     """A ``LatentDiffusion`` from a diffusers-layout folder.
 
-    The model is built from :func:`folder_config` (``cfg`` with the folder's sections merged
-    over it); the U-Net and autoencoder weights load with ``strict=True``, the text encoder and
-    tokenizer from the folder's ``text_encoder/`` and ``tokenizer/``.
+    The model is built from ``cfg`` (default: :func:`folder_config`) with `WEIGHT_KEYS` taken
+    from the folder; the U-Net and autoencoder weights load with ``strict=True``, the text
+    encoder and tokenizer from the folder's ``text_encoder/`` and ``tokenizer/``.
 
     Raises:
         CheckpointError: Not a diffusers folder, unsupported components, or weights that do not
@@ -219,7 +312,12 @@ def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] 
     from ldm.config import to_container
 
     root = Path(path)
-    cfg = folder_config(root, cfg)
+    if cfg is None:
+        cfg = folder_config(root)
+    else:
+        from ldm.config import load
+
+        cfg = pin_weight_keys(load(base=cfg), diffusers_folder_config(root))[0]
     model = build.build_latent_diffusion(cfg)
     u = to_container(cfg.model.unet)
     unet = read_weights(root / "unet")
@@ -266,8 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileExistsError(f"{out} is not empty (pass --overwrite)")
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
                                              use_ema=not args.no_ema)
-        if Path(args.ckpt).is_dir():
-            cfg = folder_config(args.ckpt, cfg)
         export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

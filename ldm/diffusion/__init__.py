@@ -10,15 +10,19 @@ Design: one DDPM process, two coordinate systems.
   D(x, σ) ≈ x0 for any parameterisation: it feeds the network x_t = x/sqrt(1 + σ²) and
   t = t(σ) (log-σ interpolation, fractional t allowed) and converts its output to x̂0.
 * **Samplers are stateless functions** ``sample_x(denoiser, x, sigmas, **opts) -> x`` over a
-  descending σ grid (`get_sigmas`: diffusers' leading/trailing/linspace spacings, Karras σ's,
-  final σ of 0). Step i goes sigmas[i] → sigmas[i+1]; nothing else is remembered. `SAMPLERS` /
-  `get_sampler` dispatch by name; `Sampler` bundles name + grid options and maps DDPM-space
-  noise to a DDPM-space sample.
+  descending σ grid. Step i goes sigmas[i] → sigmas[i+1]; nothing else is remembered.
+  `SAMPLERS` / `get_sampler` dispatch by name; `Sampler` bundles name + grid options and maps
+  DDPM-space noise to a DDPM-space sample. Its grid (`ldm.diffusion.grids`) is, by default,
+  exactly the one diffusers' scheduler of the same name walks (timesteps fed to the network,
+  noise scaling, DDIM's t → t − T//N, DPM++'s N + 1-point grids), or our own (`get_sigmas`:
+  leading/trailing/linspace, Karras σ's, t = t(σ)) with ``grid="exact"``. Stochastic samplers
+  take one generator per sample, so a sample depends on its own seed only.
 * **Guidance wraps the denoiser**: `CFGDenoiser` runs one batched [uncond, cond] forward and
   guides the whole x̂0 (optionally rescaled, Lin et al. 2024).
 
-Zero terminal SNR: training uses the exact ᾱ_T = 0; for sampling σ_T is made finite by taking
-ᾱ_T = 2^-24 (diffusers' Euler/DPM convention), so sampling starts at σ ≈ 4096.
+Zero terminal SNR: training uses the exact ᾱ_T = 0. Sampling from t = T − 1 with DDIM/DDPM
+keeps it (σ = ∞, where the state is x_T itself, as in diffusers' DDIM/DDPM); the σ-space
+samplers take ᾱ_T = 2^-24 (diffusers' Euler/DPM convention), so they start at σ ≈ 4096.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ldm.diffusion.denoiser import (
     output_to_x0_eps,
     prediction_target,
 )
+from ldm.diffusion.grids import GRIDS, Grid, diffusers_grid, exact_grid
 from ldm.diffusion.guidance import CFGDenoiser, rescale_guidance
 from ldm.diffusion.losses import DiffusionLoss, LossOutput, diffusion_loss, min_snr_weight
 from ldm.diffusion.noise import offset_noise
@@ -59,16 +64,20 @@ from ldm.diffusion.timesteps import (
 )
 
 __all__ = [
+    "GRIDS",
     "PREDICTIONS",
     "SAMPLERS",
     "SCHEDULES",
     "CFGDenoiser",
     "Denoiser",
     "DiffusionLoss",
+    "Grid",
     "LossOutput",
     "NoiseSchedule",
     "Sampler",
+    "diffusers_grid",
     "diffusion_loss",
+    "exact_grid",
     "get_ancestral_step",
     "get_sampler",
     "get_sigmas",

@@ -99,6 +99,11 @@ class Denoiser:
         prediction: ``eps``, ``v`` or ``x0``.
         quantize_timesteps: round t to the nearest training timestep (k-diffusion's
             ``quantize``; diffusers' DPM-Solver with Karras sigmas does this).
+        timesteps: optional ``(sigmas, ts)``: at a σ equal to ``sigmas[i]`` the network gets
+            ``ts[i]`` instead of t(σ) (the grid's own timesteps, as diffusers' schedulers feed
+            them; see `with_timesteps`).
+
+    At σ = ∞ (zero terminal SNR, ᾱ_T = 0) ``x`` is taken to be x_T itself.
     """
 
     def __init__(
@@ -107,11 +112,27 @@ class Denoiser:
         schedule: NoiseSchedule,
         prediction: str = "eps",
         quantize_timesteps: bool = False,
+        timesteps: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.net = net
         self.schedule = schedule
         self.prediction = check_prediction(prediction)
         self.quantize_timesteps = quantize_timesteps
+        self.timesteps = timesteps
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
+        """The same denoiser, feeding ``timesteps[i]`` to the network at σ = ``sigmas[i]``."""
+        return Denoiser(self.net, self.schedule, self.prediction, self.quantize_timesteps,
+                        (sigmas.float(), timesteps.float()))
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The (B,) float32 network timestep for a (B,) σ."""
+        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize_timesteps)
+        if self.timesteps is None:
+            return t
+        table, ts = (v.to(sigma.device) for v in self.timesteps)
+        hit = sigma[:, None] == table[None, :]  # (B, N)
+        return torch.where(hit.any(1), ts[hit.float().argmax(1)], t)
 
     def predict(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> tuple[Tensor, Tensor]:
         """Run the network once and return (x̂0, ε̂).
@@ -131,9 +152,13 @@ class Denoiser:
         # where α_t = 1/sqrt(1 + σ²) and σ_t^VP = σ/sqrt(1 + σ²).
         alpha = 1 / (s**2 + 1) ** 0.5
         x_t = x.float() * alpha
-        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize_timesteps)  # (B,)
+        sigma_vp = s * alpha
+        if torch.isinf(s).any():  # ᾱ = 0: x is x_T, α_t = 0, σ_t = 1
+            x_t = torch.where(torch.isinf(s), x.float(), x_t)
+            sigma_vp = torch.where(torch.isinf(s), torch.ones_like(s), sigma_vp)
+        t = self.timestep(sigma)  # (B,)
         out = self.net(x_t.to(x.dtype), t, **cond).float()
-        x0, eps = output_to_x0_eps(self.prediction, out, x_t, alpha, s * alpha)
+        x0, eps = output_to_x0_eps(self.prediction, out, x_t, alpha, sigma_vp)
         return x0.to(x.dtype), eps.to(x.dtype)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:

@@ -8,6 +8,7 @@ parameterisation and sampler. A negative prompt is just a different ``uncond``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,11 +44,13 @@ def _to_space(space: str, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
     """Express a σ-space x̂0 at (x, σ) as an ε/v/x0 prediction (σ-space ↔ DDPM: see denoiser)."""
     if space == "x0":
         return x0
-    eps = (x - x0) / sigma
+    inf = torch.isinf(sigma)  # σ = ∞ (ᾱ = 0): x is x_T = ε, and v = −x0
+    eps = torch.where(inf, x, (x - x0) / sigma)
     if space == "eps":
         return eps
     alpha = 1 / (sigma**2 + 1) ** 0.5
-    return alpha * eps - sigma * alpha * x0  # v = α_t·ε − σ_t·x0 (Salimans & Ho 2022, §4)
+    sigma_vp = torch.where(inf, torch.ones_like(sigma), sigma * alpha)
+    return alpha * eps - sigma_vp * x0  # v = α_t·ε − σ_t·x0 (Salimans & Ho 2022, §4)
 
 
 def _from_space(space: str, x: Tensor, sigma: Tensor, pred: Tensor) -> Tensor:
@@ -57,7 +60,9 @@ def _from_space(space: str, x: Tensor, sigma: Tensor, pred: Tensor) -> Tensor:
     if space == "eps":
         return x - sigma * pred
     # x̂0 = α·x_t − σ_t·v̂ with α·x_t = x/(σ² + 1), σ_t = σ/sqrt(σ² + 1)
-    return x / (sigma**2 + 1) - sigma / (sigma**2 + 1) ** 0.5 * pred
+    inf = torch.isinf(sigma)
+    sigma_vp = torch.where(inf, torch.ones_like(sigma), sigma / (sigma**2 + 1) ** 0.5)
+    return torch.where(inf, torch.zeros_like(x), x / (sigma**2 + 1)) - sigma_vp * pred
 
 
 def _batch_conditions(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,6 +118,15 @@ class CFGDenoiser:
         self.scale = scale
         self.rescale = rescale
         self.rescale_space = rescale_space
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> CFGDenoiser:
+        """The same guidance around ``denoiser.with_timesteps(...)`` (see `Denoiser`)."""
+        inner = self.denoiser
+        if hasattr(inner, "with_timesteps"):
+            inner = inner.with_timesteps(sigmas, timesteps)
+        out = copy.copy(self)
+        out.denoiser = inner
+        return out
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         """Guided x̂0 for a (B, ...) sample and (B,) σ; ``extra`` goes to both halves."""

@@ -12,25 +12,38 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# One generator for the whole batch, or one per sample (a sample then depends on its own stream
+# only, whatever its batch: diffusers' ``generator=[...]`` lists).
+Generators = torch.Generator | Sequence[torch.Generator]
+
 
 def randn(
     shape: Sequence[int],
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Standard normal noise, drawn on the generator's device and moved to ``device``.
 
+    With a list of B generators, sample b is drawn from ``generator[b]`` alone as a (1, ...)
+    tensor (diffusers' ``randn_tensor`` with a generator list), so it does not depend on the batch.
+
     Args:
-        shape: output shape.
-        generator: optional generator (its device decides where the numbers are drawn).
+        shape: output shape (B, ...).
+        generator: optional generator, or one per sample.
         device: where the result lives.
         dtype: result dtype.
 
     Returns:
         Tensor of ``shape``.
     """
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        one = (1, *tuple(shape)[1:])
+        draws = [torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(draws).to(device)
     draw_device = generator.device if generator is not None else device
     out = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
     return out.to(device)

@@ -11,7 +11,10 @@ In σ-space the DDIM, DDPM and Euler-ancestral updates are the same ancestral st
 x' = x̂0 + σ_down·ε̂ + σ_up·z (`get_ancestral_step`); they differ only by η and by the grids
 diffusers pairs them with. Stochastic samplers (η > 0) draw exactly one noise tensor per step, after
 the denoiser call, from ``generator`` (diffusers' order, so a seeded generator reproduces its
-samples). Samplers run under ``torch.no_grad()``.
+samples); a list of generators, one per sample, draws each sample's noise from its own stream
+(diffusers' ``generator=[...]``), so that a sample does not depend on its batch. The ancestral
+samplers accept ``sigmas[0] = ∞`` (zero terminal SNR, ᾱ_T = 0): the state there is x_T = ε
+itself. Samplers run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.noise import randn
+from ldm.diffusion.noise import Generators, randn
 
 DenoiserFn = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -67,6 +70,8 @@ def get_ancestral_step(
     """
     if not eta:
         return sigma_next, torch.zeros_like(sigma_next)
+    if torch.isinf(sigma):  # the limit σ → ∞: σ_up = η·σ'
+        return (1 - eta**2) ** 0.5 * sigma_next, eta * sigma_next
     sigma_up = torch.minimum(
         sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
     )
@@ -78,26 +83,46 @@ def _sample_ancestral(
     x: Tensor,
     sigmas: Tensor,
     eta: float,
-    generator: torch.Generator | None,
+    generator: Generators | None,
     extra_args: Mapping[str, Any] | None,
     callback: Callback | None,
     disable_progress: bool,
+    sigmas_to: Tensor | None = None,
+    clip_sample: float | None = None,
+    posterior: bool = False,
 ) -> Tensor:
-    """The shared ancestral loop of DDIM, DDPM and Euler-ancestral."""
+    """The shared ancestral loop of DDIM, DDPM and Euler-ancestral.
+
+    Step i lands on ``sigmas_to[i]`` (default ``sigmas[i + 1]``); where that differs from
+    ``sigmas[i + 1]`` the DDPM-space x_t is kept and read at ``sigmas[i + 1]`` (DDIMScheduler
+    steps t → t − T//N, whatever the next timestep is). ``clip_sample`` clamps x̂0 to
+    [−r, r]; DDIM keeps the network's ε̂ (Song et al. 2021, eq. 12), the DDPM posterior
+    (``posterior``) mixes x with the clamped x̂0 (Ho et al. 2020, eq. 7).
+    """
+    host = sigmas.cpu()  # the branches below read these, not device tensors (no syncs)
+    host_to = host[1:] if sigmas_to is None else sigmas_to.cpu()
     sigmas = sigmas.to(x.device)
+    targets = sigmas[1:] if sigmas_to is None else sigmas_to.to(x.device)
     for i in _steps(len(sigmas) - 1, disable_progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma, sigma_next, target = sigmas[i], sigmas[i + 1], targets[i]
+        at_infinity = bool(torch.isinf(host[i]))
         x0 = _denoise(denoiser, x, sigma, extra_args)
-        _report(callback, i, x, sigma, sigma_next, x0)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        _report(callback, i, x, sigma, target, x0)
+        sigma_down, sigma_up = get_ancestral_step(host[i], host_to[i], eta)
         # Song et al. 2021, eq. 12 in σ-space (x = x_t/sqrt(ᾱ_t)):
         # x' = x̂0 + σ_down·ε̂ + σ_up·z, ε̂ = (x − x̂0)/σ. With η = 0 this is the Euler step of the
-        # probability-flow ODE (Karras et al. 2022, Alg. 1 first order).
-        eps = (x - x0) / sigma
-        x = x0 + sigma_down * eps
+        # probability-flow ODE (Karras et al. 2022, Alg. 1 first order). At σ = ∞, x = x_T = ε̂.
+        eps = x if at_infinity else (x - x0) / sigma
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+            if posterior and not at_infinity:
+                eps = (x - x0) / sigma
+        x = x0 + sigma_down.to(x.device) * eps
         if eta:
             z = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + sigma_up * z
+            x = x + sigma_up.to(x.device) * z
+        if host_to[i] != host[i + 1]:  # same x_t = x/sqrt(1 + σ²), read at the next σ
+            x = x * ((1 + sigma_next**2) / (1 + target**2)) ** 0.5
     return x
 
 
@@ -108,10 +133,12 @@ def sample_ddim(
     sigmas: Tensor,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable_progress: bool = False,
+    sigmas_to: Tensor | None = None,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16), in σ-space.
 
@@ -120,16 +147,21 @@ def sample_ddim(
         x: (B, ...) σ-space sample at ``sigmas[0]``.
         sigmas: (N + 1,) descending noise levels.
         eta: η; 0 is deterministic DDIM, 1 the DDPM-like ancestral sampler.
-        generator: noise source when ``eta > 0``.
+        generator: noise source when ``eta > 0``: one generator, or one per sample.
         extra_args: keyword arguments for the denoiser (conditioning).
         callback: called after each denoiser call with a dict (i, x, sigma, sigma_next, denoised).
         disable_progress: hide the tqdm bar.
+        sigmas_to: (N,) where each step lands, when not on the next grid σ (see
+            `ldm.diffusion.grids`: diffusers' DDIM steps t → t − T//N).
+        clip_sample: clamp x̂0 to [−clip_sample, clip_sample] (diffusers' ``clip_sample`` with
+            its ``clip_sample_range``); the direction term keeps the network's ε̂.
 
     Returns:
         (B, ...) σ-space sample at ``sigmas[-1]``.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, eta, generator, extra_args, callback, disable_progress
+        denoiser, x, sigmas, eta, generator, extra_args, callback, disable_progress, sigmas_to,
+        clip_sample,
     )
 
 
@@ -139,18 +171,21 @@ def sample_ddpm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable_progress: bool = False,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, eqs. 6-7, "fixed small" variance β̃_t).
 
     In σ-space the posterior q(x_{t−1} | x_t, x̂0) has mean (σ'²/σ²)·x + (1 − σ'²/σ²)·x̂0 and
-    variance σ'²(σ² − σ'²)/σ², i.e. the ancestral step with η = 1. Arguments as `sample_ddim`.
+    variance σ'²(σ² − σ'²)/σ², i.e. the ancestral step with η = 1; ``clip_sample`` clamps the x̂0
+    of that mean. Arguments as `sample_ddim`.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, 1.0, generator, extra_args, callback, disable_progress
+        denoiser, x, sigmas, 1.0, generator, extra_args, callback, disable_progress,
+        clip_sample=clip_sample, posterior=True,
     )
 
 
@@ -161,7 +196,7 @@ def sample_euler_ancestral(
     sigmas: Tensor,
     *,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable_progress: bool = False,
@@ -240,17 +275,20 @@ def sample_dpmpp_2m(
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable_progress: bool = False,
+    lower_order_final: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M): multistep second-order data-prediction solver.
 
     Lu et al. 2022 ("DPM-Solver++"), Algorithm 2, in σ-space with λ = −log σ and h = λ' − λ:
     x' = (σ'/σ)·x − (e^{−h} − 1)·D, D = (1 + 1/(2r))·x̂0_i − 1/(2r)·x̂0_{i−1}, r = h_{i−1}/h.
-    The first step and the final step to σ = 0 are first order (DPM-Solver++(1) = DDIM).
-    Arguments as `sample_ddim`.
+    The first step and the final step to σ = 0 are first order (DPM-Solver++(1) = DDIM), and
+    so is the last step whatever its σ with ``lower_order_final`` (diffusers' choice below 15
+    steps). Other arguments as `sample_ddim`.
     """
     sigmas = sigmas.to(x.device)
     old_x0: Tensor | None = None
-    for i in _steps(len(sigmas) - 1, disable_progress):
+    num_steps = len(sigmas) - 1
+    for i in _steps(num_steps, disable_progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = _denoise(denoiser, x, sigma, extra_args)
         _report(callback, i, x, sigma, sigma_next, x0)
@@ -260,7 +298,7 @@ def sample_dpmpp_2m(
             lam, lam_next = -sigma.log(), -sigma_next.log()
             h = lam_next - lam
             d = x0
-            if old_x0 is not None:
+            if old_x0 is not None and not (lower_order_final and i == num_steps - 1):
                 r = (lam - (-sigmas[i - 1].log())) / h  # h_{i−1}/h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
             x = (sigma_next / sigma) * x - torch.expm1(-h) * d

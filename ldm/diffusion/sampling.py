@@ -8,9 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.diffusion.grids import (
+    GRIDS,
+    KARRAS_SAMPLERS,
+    SCHEDULER_CLASSES,
+    Grid,
+    diffusers_grid,
+    exact_grid,
+)
+from ldm.diffusion.noise import Generators
 from ldm.diffusion.samplers import STOCHASTIC, Callback, DenoiserFn, get_sampler
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.diffusion.timesteps import FINAL_SIGMAS, SPACINGS, get_sigmas, prior_scale
+from ldm.diffusion.timesteps import FINAL_SIGMAS, SPACINGS
 
 
 class Sampler:
@@ -29,7 +38,15 @@ class Sampler:
         timestep_spacing: ``leading``, ``trailing`` or ``linspace`` (as diffusers). Use
             ``trailing`` for zero-terminal-SNR models so sampling starts at t = T − 1.
         steps_offset: offset added to ``leading`` timesteps (Stable Diffusion uses 1).
-        final_sigma: ``zero`` (end on the denoised sample) or ``sigma_min``.
+        final_sigma: ``zero`` (end on the denoised sample) or ``sigma_min``: diffusers'
+            ``final_sigmas_type`` of ``euler`` and ``dpmpp_2m``; with ``grid="exact"``, every
+            sampler's.
+        grid: ``diffusers`` (the grid, timesteps and noise scaling of diffusers' scheduler of
+            the same name, see `ldm.diffusion.grids`) or ``exact`` (our grid for every sampler).
+        set_alpha_to_one: ``ddim`` with ``grid="diffusers"``: the last step lands on ᾱ = 1
+            (σ = 0) rather than on ᾱ_0 (DDIMScheduler's ``set_alpha_to_one``).
+        clip_sample: ``ddim`` and ``ddpm``: clamp x̂0 to [−clip_sample, clip_sample] (diffusers'
+            ``clip_sample`` with ``clip_sample_range``); None does not clip.
         disable_progress: hide the tqdm progress bar.
     """
 
@@ -42,9 +59,17 @@ class Sampler:
         timestep_spacing: str = "leading",
         steps_offset: int = 1,
         final_sigma: str = "zero",
+        grid: str = "diffusers",
+        set_alpha_to_one: bool = True,
+        clip_sample: float | None = None,
         disable_progress: bool = False,
     ) -> None:
         get_sampler(sampler)
+        if grid not in GRIDS:
+            raise ValueError(f"unknown sampling grid {grid!r}; valid: {', '.join(GRIDS)}")
+        if grid == "diffusers" and karras and sampler not in KARRAS_SAMPLERS:
+            raise ValueError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
+                             "sampling.karras=false or sampling.grid=exact")
         if timestep_spacing not in SPACINGS:
             raise ValueError(
                 f"unknown timestep spacing {timestep_spacing!r}; valid: {', '.join(SPACINGS)}"
@@ -64,25 +89,32 @@ class Sampler:
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
         self.final_sigma = final_sigma
+        self.grid_kind = grid
+        self.set_alpha_to_one = set_alpha_to_one
+        self.clip_sample = clip_sample
         self.disable_progress = disable_progress
 
     def __repr__(self) -> str:
         return (
             f"Sampler(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, "
             f"karras={self.karras}, timestep_spacing={self.timestep_spacing!r}, "
-            f"steps_offset={self.steps_offset}, final_sigma={self.final_sigma!r})"
+            f"steps_offset={self.steps_offset}, final_sigma={self.final_sigma!r}, "
+            f"grid={self.grid_kind!r}, set_alpha_to_one={self.set_alpha_to_one}, "
+            f"clip_sample={self.clip_sample})"
         )
+
+    def grid(self, schedule: NoiseSchedule) -> Grid:
+        """The `Grid` this sampler walks for ``schedule``."""
+        if self.grid_kind == "exact":
+            return exact_grid(schedule, self.steps, self.timestep_spacing, self.steps_offset,
+                              self.karras, self.final_sigma)
+        return diffusers_grid(schedule, self.sampler, self.steps, self.timestep_spacing,
+                              self.steps_offset, self.karras, self.final_sigma,
+                              self.set_alpha_to_one)
 
     def sigmas(self, schedule: NoiseSchedule) -> Tensor:
         """The (steps + 1,) float32 CPU σ grid for ``schedule``."""
-        return get_sigmas(
-            schedule,
-            self.steps,
-            self.timestep_spacing,
-            self.steps_offset,
-            self.karras,
-            self.final_sigma,
-        )
+        return self.grid(schedule).sigmas
 
     @torch.no_grad()
     def __call__(
@@ -91,7 +123,7 @@ class Sampler:
         noise: Tensor,
         schedule: NoiseSchedule,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
         callback: Callback | None = None,
         extra_args: Mapping[str, Any] | None = None,
     ) -> Tensor:
@@ -101,16 +133,20 @@ class Sampler:
             denoiser: σ-space denoiser, e.g. a `Denoiser` or a `CFGDenoiser` around one.
             noise: (B, ...) DDPM-space prior sample x_T ~ N(0, I).
             schedule: the schedule the model was trained with (gives the σ grid).
-            generator: noise source for the stochastic samplers.
+            generator: noise source for the stochastic samplers: one generator, or one per
+                sample (each sample's noise then comes from its own stream).
             callback: per-step callback (see `ldm.diffusion.samplers`).
             extra_args: extra keyword arguments for the denoiser.
 
         Returns:
             (B, ...) DDPM-space sample at the final σ (the clean latent for ``final_sigma="zero"``).
         """
-        sigmas = self.sigmas(schedule)
-        # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ units)
-        x = noise.float() * prior_scale(sigmas[0])
+        grid = self.grid(schedule)
+        # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ
+        # units), or diffusers' init_noise_sigma for its σ-space schedulers
+        x = noise.float() * grid.init_scale
+        if grid.timesteps is not None and hasattr(denoiser, "with_timesteps"):
+            denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
         opts: dict[str, Any] = {
             "extra_args": extra_args,
             "callback": callback,
@@ -120,5 +156,10 @@ class Sampler:
             opts["generator"] = generator
         if self.sampler == "ddim":
             opts["eta"] = self.eta
-        x = get_sampler(self.sampler)(denoiser, x, sigmas, **opts)
-        return (x / prior_scale(sigmas[-1])).to(noise.dtype)
+            opts["sigmas_to"] = grid.sigmas_to
+        if self.sampler in ("ddim", "ddpm"):
+            opts["clip_sample"] = self.clip_sample
+        if self.sampler == "dpmpp_2m":
+            opts["lower_order_final"] = grid.lower_order_final
+        x = get_sampler(self.sampler)(denoiser, x, grid.sigmas, **opts)
+        return (x / grid.final_scale).to(noise.dtype)

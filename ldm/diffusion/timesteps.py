@@ -1,10 +1,12 @@
 """Choosing timesteps: training draws (uniform, stratified) and inference σ grids.
 
-Inference grids follow diffusers exactly: the spacings of Lin et al. 2024 (Table 2) as
-implemented by `DDIMScheduler`/`EulerDiscreteScheduler` (``steps_offset`` as Stable Diffusion
-uses with ``leading``), σ interpolated linearly between integer timesteps, optional Karras
-sigmas, and a final σ of 0 (or σ_min). A grid is a descending float32 tensor of
-``num_steps + 1`` noise levels; the samplers step from ``sigmas[i]`` to ``sigmas[i + 1]``.
+Inference grids: the spacings of Lin et al. 2024 (Table 2) as implemented by diffusers'
+`EulerDiscreteScheduler` (``steps_offset`` as Stable Diffusion uses with ``leading``), σ
+interpolated linearly between integer timesteps, optional Karras sigmas, and a final σ of 0 (or
+σ_min). A grid is a descending float32 tensor of ``num_steps + 1`` noise levels; the samplers
+step from ``sigmas[i]`` to ``sigmas[i + 1]``. `get_sigmas` is our one grid for every sampler
+(``sampling.grid: exact``); `ldm.diffusion.grids` builds from these pieces the grid each diffusers
+scheduler walks (the default).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion import CFGDenoiser, Denoiser, NoiseSchedule, Sampler
+from ldm.diffusion.noise import randn
 
 
 class LatentDiffusion(nn.Module):
@@ -120,7 +121,7 @@ class LatentDiffusion(nn.Module):
         guidance_rescale: float = 0.0,
         height: int | None = None,
         width: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         latents: Tensor | None = None,
         net: Callable[..., Tensor] | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
@@ -130,14 +131,16 @@ class LatentDiffusion(nn.Module):
         Args:
             prompts: B prompts.
             sampler: A configured ``Sampler`` (name, steps, spacing, ...).
-            guidance: CFG scale (1 disables guidance and the unconditional pass).
+            guidance: CFG scale; at most 1 disables guidance and the unconditional pass (as
+                diffusers' pipelines do).
             negative_prompts: One string for all, or B strings; they replace the unconditional
                 (empty-prompt) context.
             guidance_rescale: Guidance rescale φ (Lin et al. 2024).
             height: Image height in pixels (default: the autoencoder's training resolution).
             width: Image width in pixels (default: height).
             generator: RNG for the initial noise (drawn on the CPU, so results do not depend on
-                the device) and for stochastic samplers.
+                the device) and for stochastic samplers; a list of B generators gives each sample
+                its own stream (initial noise, then the sampler's noise), as diffusers' lists do.
             latents: Initial DDPM-space noise (B, C, h, w) instead of drawing it.
             net: The network to use instead of ``self.unet`` (e.g. EMA weights).
             callback: Per-step callback passed to the sampler.
@@ -157,13 +160,13 @@ class LatentDiffusion(nn.Module):
             height = height or int(getattr(self.autoencoder, "resolution", 256))
             width = width or height
             shape = self.latent_shape(batch, height, width)
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            latents = randn(shape, generator=generator, device="cpu")
         latents = latents.to(device)
 
         context, mask = self.encode_prompts(prompts)
         cond = self.conditioning(context.to(device, dtype), mask.to(device))
         denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
-        if guidance != 1.0:
+        if guidance > 1.0:
             u_context, u_mask = self.encode_prompts(negative_prompts)
             uncond = self.conditioning(u_context.to(device, dtype), u_mask.to(device))
             guided = CFGDenoiser(denoiser, cond, uncond, scale=guidance, rescale=guidance_rescale)

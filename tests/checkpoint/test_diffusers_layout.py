@@ -75,9 +75,10 @@ def test_round_trip_is_exact(sd1: dict[str, Any]) -> None:
     assert sections["data"]["image_size"] == 16
     assert sections["sampling"]["timestep_spacing"] == "leading"
     # the folder decides what its weights fix; the caller's other keys stay
-    merged = folder_config(folder, load(base=sd1["config"], overrides=[
-        "model.unet.num_res_blocks=3", "sampling.steps=7"]))
+    merged = folder_config(folder, overrides=["model.unet.num_res_blocks=3", "sampling.steps=7",
+                                              "sampling.timestep_spacing=trailing"])
     assert merged.model.unet.num_res_blocks == 1 and merged.sampling.steps == 7
+    assert merged.sampling.timestep_spacing == "trailing"  # the caller wins over the folder
 
 
 def test_diffusers_pipeline_loads_our_export(sd1: dict[str, Any]) -> None:
@@ -96,7 +97,7 @@ def test_diffusers_pipeline_loads_our_export(sd1: dict[str, Any]) -> None:
     assert pipe.tokenizer.model_max_length == MAX_LEN
     s = pipe.scheduler.config
     assert (s.beta_schedule, s.prediction_type, s.steps_offset, s.set_alpha_to_one,
-            s.clip_sample) == ("scaled_linear", "epsilon", 1, False, False)
+            s.clip_sample) == ("scaled_linear", "epsilon", 1, True, False)  # the config's
     ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=MAX_LEN, truncation=True,
                          return_tensors="pt").input_ids
     with torch.no_grad():
@@ -116,10 +117,10 @@ def test_sd2_style_export_drops_the_last_text_layer(tmp_path: Path) -> None:
     assert scheduler["prediction_type"] == "v_prediction"
     assert scheduler["timestep_spacing"] == "trailing"
 
-    cfg = folder_config(folder, load(base=config))
+    cfg = folder_config(folder)
     assert cfg.model.text_encoder.layer == "last" and cfg.model.diffusion.prediction == "v"
     assert cfg.sampling.timestep_spacing == "trailing"
-    model = load_diffusers_folder(folder, load(base=config))
+    model = load_diffusers_folder(folder)  # its own config: layer=last of N − 1 layers
     assert_same_state(model.unet, src.unet)
     assert_same_state(model.autoencoder, src.autoencoder)
     err = (model.text_encoder.encode(PROMPTS)[0] - src.text_encoder.encode(PROMPTS)[0]).abs()

@@ -250,7 +250,7 @@ def test_sampler_class_matches_sd_ddim_config() -> None:
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     ref = run_diffusers(scheduler, 25, noise, None)
     schedule = NoiseSchedule("scaled_linear")
-    sampler = Sampler("ddim", 25, final_sigma="sigma_min", disable_progress=True)
+    sampler = Sampler("ddim", 25, set_alpha_to_one=False, disable_progress=True)
     ours = sampler(Denoiser(NET, schedule, "v"), noise, schedule)
     assert (ours - ref).abs().max().item() <= 1e-5
 
