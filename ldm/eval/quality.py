@@ -5,7 +5,7 @@
         --clip ./clip-vit-large-patch14 --n 30000 --sampler ddim --steps 50 --guidance 8
     torchrun --nproc_per_node 8 -m ldm.eval.quality --config configs/eval/mlperf.yaml ...
 
-Sample ``i`` uses prompt ``i mod len(prompts)`` and seed ``seed + i`` (the same initial noise
+Sample ``i`` uses prompt ``i mod len(prompts)`` and seed ``seed + i`` (its own noise stream,
 as ``sample.py`` gives that seed), so a report is reproducible and independent of the number
 of ranks; rank r generates the samples with ``i mod world == r``. Feature statistics are summed
 and CLIP scores gathered over ranks; rank 0 writes ``quality.json`` and ``quality.md`` to
@@ -121,14 +121,12 @@ def generate(args: argparse.Namespace, prompts: list[str], rank: int, world: int
     for b in range(0, len(mine), args.batch_size):
         idx = mine[b : b + args.batch_size]
         batch_prompts = [prompts[i % len(prompts)] for i in idx]
-        noise = torch.cat([torch.randn(model.latent_shape(1, height, width),
-                                       generator=torch.Generator().manual_seed(args.seed + i))
-                           for i in idx])
+        # One stream per sample (its initial noise, then its sampler's), as sample.py draws.
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in idx]
         with torch.no_grad():
             images, _ = model.generate(batch_prompts, sampler, guidance=guidance,
                                        negative_prompts=cfg.sampling.negative_prompt,
-                                       latents=noise,
-                                       generator=torch.Generator().manual_seed(args.seed + idx[0]))
+                                       height=height, width=width, generator=generators)
         if "inception" in sinks:
             with torch.no_grad():
                 f = sinks["inception"](images.to(args.device)).cpu()

@@ -120,12 +120,10 @@ class QualityMonitor(pl.Callback):
         for b in range(0, per_rank, self.batch_size):
             idx = mine[b : b + self.batch_size]
             prompts = [self.prompts[i % len(self.prompts)] for i in idx]
-            noise = torch.cat([torch.randn(model.latent_shape(1, self.size, self.size),
-                                           generator=torch.Generator().manual_seed(self.seed + i))
-                               for i in idx])
+            generators = [torch.Generator().manual_seed(self.seed + i) for i in idx]
             images, _ = model.generate(prompts, self.sampler, guidance=self.guidance,
-                                       negative_prompts=self.negative, latents=noise, net=net,
-                                       generator=torch.Generator().manual_seed(self.seed + idx[0]))
+                                       negative_prompts=self.negative, height=self.size,
+                                       width=self.size, net=net, generator=generators)
             keep = [j for j, i in enumerate(idx) if i < self.n]  # padding for equal batch counts
             images, prompts = images[keep], [prompts[j] for j in keep]
             if not keep:
