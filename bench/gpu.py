@@ -64,7 +64,7 @@ def part_peak(dry: bool) -> dict[str, Any]:
     name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
     return {"device": name, "torch": torch.__version__, "matmul": f"{n}^3 {dtype}",
-            "measured_tflops": round(tflops, 1), "datasheet_tflops": datasheet}
+            "measured_tflops": round(tflops, 4), "datasheet_tflops": datasheet}
 
 
 def part_unet(dry: bool, model: str, checkpointing: bool, compiled: bool) -> dict[str, Any]:
