@@ -196,9 +196,10 @@ class ImageLogger(pl.Callback):
             save_png(grid, self.dirpath / f"{split}_{name}_step{step:08d}.png", text)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    caption = "\n".join(captions) if captions else None
-                    logger.log_image(key=f"{split}/{name}", images=[grid],
-                                     caption=[caption] if caption else None, step=step)
+                    # Lightning's log_image zips every keyword with the images: a caption
+                    # keyword must be a list as long as ``images``, or absent.
+                    extra = {"caption": ["\n".join(captions)]} if captions else {}
+                    logger.log_image(key=f"{split}/{name}", images=[grid], step=step, **extra)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
