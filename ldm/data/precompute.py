@@ -26,7 +26,14 @@ from tqdm import tqdm
 from ldm.data.cached import encode_cached_sample, parse_dtype, save_empty_prompt
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.reader import collate_images, decode_image_sample
-from ldm.data.shards import ShardSpec, assign_shards, check_shards_exist, resolve_rank, worker_info
+from ldm.data.shards import (
+    ShardSpec,
+    assign_shards,
+    check_shards_exist,
+    ignore_stop_signals,
+    resolve_rank,
+    worker_info,
+)
 from ldm.data.tarstream import iter_tar_samples
 from ldm.data.transforms import ImageSpec
 from ldm.data.write_shards import ShardWriter
@@ -225,7 +232,8 @@ def precompute(
             todo.append(url)
     spec = ImageSpec(image_size, False, False, min_size, max_aspect)
     dataset = _ShardBatches(todo, spec, caption_key, batch_size, slots=num_workers + 1)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
     for item in tqdm(loader, disable=not progress, unit="batch", desc=f"precompute rank {rank}"):
