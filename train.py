@@ -60,7 +60,10 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     """Build everything from ``cfg`` and train; returns the run directory and final metrics."""
     from ldm import build
 
+    from ldm.consistency import check_inputs_exist
+
     build.seed_everything(cfg.run.seed)
+    check_inputs_exist(cfg)  # nothing is written before the inputs are known to be there
     cfg = build.resolve(cfg)
     path = build.prepare_run_dir(cfg)
     datamodule = build.build_datamodule(cfg)

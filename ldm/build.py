@@ -339,8 +339,10 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     )
     from ldm.training.loggers import build_logger, define_step_metrics
     from ldm.training.progress import progress_callbacks
+    from ldm.training.quiet import quiet_expected_warnings
     from ldm.training.strategy import ExecutionOptions, build_strategy
 
+    quiet_expected_warnings()
     t = cfg.trainer
     config = to_container(cfg)
     strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,

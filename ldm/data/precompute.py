@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
+from ldm.console import progress as show_progress
 from ldm.data.cached import encode_cached_sample, parse_dtype, save_empty_prompt
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.reader import collate_images, decode_image_sample
@@ -236,7 +236,7 @@ def precompute(
                         worker_init_fn=ignore_stop_signals)
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
-    for item in tqdm(loader, disable=not progress, unit="batch", desc=f"precompute rank {rank}"):
+    for item in show_progress(loader, f"cache rank {rank}", enabled=progress):
         url = item["url"]
         if url not in writers:
             target = os.path.join(output_dir, output_name(url))

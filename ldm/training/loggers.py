@@ -117,6 +117,12 @@ class FinishingWandbLogger(WandbLogger):
     Lightning logger method that touches the experiment.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Lightning always passes ``anonymous`` to wandb.init, which warns that the setting has
+        # no effect; leave it out.
+        self._wandb_init.pop("anonymous", None)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """Flush as Lightning does, then finish the run (exit code 1 unless it succeeded)."""

@@ -19,26 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar
 
-
-def format_duration(seconds: float) -> str:
-    """``h:mm:ss`` for a number of seconds (negative or non-finite: ``?``)."""
-    if not seconds >= 0 or seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def progress_line(step: int, total: int | None, loss: float | None, rate: float,
-                  elapsed: float) -> str:
-    """One progress line: step (of total), loss, iterations per second, elapsed time, ETA."""
-    parts = [f"step {step}/{total}" if total else f"step {step}"]
-    if loss is not None:
-        parts.append(f"loss {loss:.4g}")
-    parts.append(f"{rate:.3g} it/s")
-    parts.append(f"elapsed {format_duration(elapsed)}")
-    if total and rate > 0:
-        parts.append(f"ETA {format_duration((total - step) / rate)}")
-    return "  ".join(parts)
+from ldm.console import is_terminal, progress_line
 
 
 class ProgressLines(pl.Callback):
@@ -115,12 +96,6 @@ class StepProgressBar(RichProgressBar):
         if len(self.validation_description) > len(description):
             description = f"{description:{len(self.validation_description)}}"
         return description
-
-
-def is_terminal(stream: TextIO | None = None) -> bool:
-    """Whether ``stream`` (default stdout) is an interactive terminal."""
-    stream = stream or sys.stdout
-    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def progress_callbacks(enabled: bool, every_n_steps: int) -> tuple[list[pl.Callback], bool]:
