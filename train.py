@@ -59,7 +59,6 @@ def resume_paths(target: str) -> tuple[Path, Path]:
 def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, float]]:
     """Build everything from ``cfg`` and train; returns the run directory and final metrics."""
     from ldm import build
-
     from ldm.consistency import check_inputs_exist
 
     build.seed_everything(cfg.run.seed)

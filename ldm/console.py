@@ -51,17 +51,19 @@ def progress(iterable: Iterable[T], desc: str, unit: str = "batch", total: int |
         yield from tqdm(iterable, desc=desc, unit=unit, total=total)
         return
     start = last = time.perf_counter()
-    n = 0
+    n = printed = 0
+
+    def report() -> None:
+        now = time.perf_counter()
+        rate = n / (now - start) if now > start else 0.0
+        print(f"{desc}: " + progress_line(n, total, None, rate, now - start, unit, f"{unit}/s"),
+              flush=True)
+
     for item in iterable:
         yield item
         n += 1
-        now = time.perf_counter()
-        if n == 1 or now - last >= every_s:
-            rate = n / (now - start) if now > start else 0.0
-            print(f"{desc}: " + progress_line(n, total, None, rate, now - start, unit,
-                                               f"{unit}/s"), flush=True)
-            last = now
-    now = time.perf_counter()
-    rate = n / (now - start) if now > start else 0.0
-    print(f"{desc}: " + progress_line(n, total, None, rate, now - start, unit, f"{unit}/s"),
-          flush=True)
+        if n == 1 or time.perf_counter() - last >= every_s:
+            report()
+            last, printed = time.perf_counter(), n
+    if n != printed:
+        report()

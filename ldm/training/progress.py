@@ -39,6 +39,7 @@ class ProgressLines(pl.Callback):
         self.stream = stream
         self._start: tuple[float, int] | None = None
         self._last_print = 0.0
+        self._last_step = -1
 
     def _loss(self, trainer: pl.Trainer, outputs: Any) -> float | None:
         value = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -61,6 +62,7 @@ class ProgressLines(pl.Callback):
         print(progress_line(step, total, loss, rate, elapsed), file=self.stream or sys.stdout,
               flush=True)
         self._last_print = now
+        self._last_step = step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step)
@@ -78,7 +80,8 @@ class ProgressLines(pl.Callback):
             self._print(trainer, self._loss(trainer, outputs))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._start is not None:
+        if trainer.is_global_zero and self._start is not None \
+                and trainer.global_step != self._last_step:
             self._print(trainer, self._loss(trainer, None))
 
 
