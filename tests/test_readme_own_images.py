@@ -77,6 +77,16 @@ def test_readme_own_images_recipe_runs(tmp_path: Path) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
+    for noise in ("in eval mode at the start of training", "Tip: For seamless",
+                  "anonymous setting", "LeafSpec", "across ranks is zero", "Epoch 0/-"):
+        # expected by design: silenced
+        assert noise not in output, noise
+    from ldm.config import load
+
+    example = ROOT / "configs" / "examples" / "own-images"
+    steps = load([example / "autoencoder.yaml"]).trainer.max_steps
+    line = rf"^step {steps}/{steps}  loss \S+  \S+ it/s  elapsed \S+  ETA"  # no bar off a TTY
+    assert re.search(line, proc.stdout, re.M), proc.stdout[-3000:]
 
     assert list((work / "runs" / "autoencoder" / "wandb").glob("offline-run-*"))
     assert list((work / "runs" / "autoencoder" / "images").glob("train_reconstructions_*.png"))
