@@ -12,7 +12,8 @@ build reports the problem instead.
   ``model.autoencoder_ckpt`` when set);
 - ``data.image_size`` is a multiple of the autoencoder's downsampling factor;
 - ``data.cached`` agrees with the shards: cached shards for an ldm run that says ``cached``, raw
-  image shards otherwise (a cache directory holds ``empty_prompt.safetensors``).
+  image shards otherwise (a cache directory holds ``empty_prompt.safetensors``), and cached text
+  embeddings are ``model.unet.context_dim`` wide.
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ def _check_cached(cfg: DictConfig) -> None:
             continue
         has_cache_file = os.path.isfile(os.path.join(os.path.dirname(files[0]),
                                                      EMPTY_PROMPT_FILE))
+        if data.cached and has_cache_file:
+            _check_cached_width(cfg, os.path.join(os.path.dirname(files[0]), EMPTY_PROMPT_FILE))
         if data.cached and not has_cache_file:
             raise ConsistencyError(
                 f"data.cached=true but data.{key} ({files[0]}) are not cached shards (no "
@@ -208,6 +211,26 @@ def _check_cached(cfg: DictConfig) -> None:
                 "but data.cached=false: set data.cached=true, or point data."
                 f"{key} at the image shards"
             )
+
+
+def _check_cached_width(cfg: DictConfig, empty_prompt: str) -> None:
+    """The cache's text embeddings are as wide as ``model.unet.context_dim``."""
+    context_dim = cfg.model.unet.context_dim
+    if context_dim is None:
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(empty_prompt, framework="pt") as f:
+            width = int(f.get_slice("context").get_shape()[-1])
+    except Exception:  # noqa: BLE001 - an unreadable cache is reported when it is read
+        return
+    if width != context_dim:
+        raise ConsistencyError(
+            f"the cached text embeddings in {os.path.dirname(empty_prompt)} are {width} wide but "
+            f"model.unet.context_dim is {context_dim}: set model.unet.context_dim={width}, or "
+            "re-run python -m ldm.cache with this config's text encoder"
+        )
 
 
 def check_consistency(cfg: DictConfig) -> None:

@@ -81,3 +81,19 @@ def test_shipped_configs_are_consistent() -> None:
         if "sweeps" in path.parts or path.name == "shapes.yaml":  # not run configs
             continue
         load([path])
+
+
+def test_cached_text_width_vs_context_dim(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "a.tar").write_bytes(b"")
+    save_file({"context": torch.zeros(8, 512), "context_mask": torch.ones(8, dtype=torch.bool)},
+              str(cache / "empty_prompt.safetensors"))
+    overrides = ["data.cached=true", f"data.train_shards={cache}/a.tar"]
+    with pytest.raises(ConfigError, match="are 512 wide but model.unet.context_dim is 384"):
+        load([ROOT / "configs" / "ldm" / "tiny.yaml"], overrides)
+    load([ROOT / "configs" / "ldm" / "tiny.yaml"],
+         [*overrides, "model.unet.context_dim=512", "model.text_encoder.name_or_path=t5-small"])
