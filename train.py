@@ -59,19 +59,39 @@ def resume_paths(target: str) -> tuple[Path, Path]:
 def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, float]]:
     """Build everything from ``cfg`` and train; returns the run directory and final metrics."""
     from ldm import build
+    from ldm.consistency import check_inputs_exist
 
     build.seed_everything(cfg.run.seed)
+    check_inputs_exist(cfg)  # nothing is written before the inputs are known to be there
     cfg = build.resolve(cfg)
     quality = build.build_quality_monitor(cfg)  # checks its files before the run dir exists
     path = build.prepare_run_dir(cfg)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)
-    trainer = (build.build_trainer(cfg, path) if quality is None
-               else build.build_trainer(cfg, path, extra_callbacks=[quality]))
-    trainer.fit(module, datamodule=datamodule,
-                ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    trainer = build.build_trainer(cfg, path, extra_callbacks=[quality] if quality else None,
+                                  resuming=resume_ckpt is not None)
+    stopped_by = _fit_until_signal(trainer, module, datamodule, resume_ckpt)
+    if stopped_by:
+        print(f"{stopped_by}: saved a resumable checkpoint at step {trainer.global_step}; "
+              f"continue with: python train.py --resume {path}", flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return path, metrics
+
+
+def _fit_until_signal(trainer: Any, module: Any, datamodule: Any, resume_ckpt: Path | None
+                      ) -> str | None:
+    """``trainer.fit``; returns the signal that stopped it after saving (None: it finished)."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from ldm.training.callbacks import SafetensorsCheckpoint
+
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    except SIGTERMException:  # the checkpoint callback saved in on_exception
+        return "SIGTERM"
+    saver = next((c for c in trainer.callbacks if isinstance(c, SafetensorsCheckpoint)), None)
+    return saver.stop_signal if saver is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

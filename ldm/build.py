@@ -358,9 +358,12 @@ def build_quality_monitor(cfg: DictConfig) -> Any:
     return build_monitor(cfg, sampler)
 
 
-def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None
-                  ) -> pl.Trainer:
-    """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks."""
+def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None,
+                  resuming: bool = False) -> pl.Trainer:
+    """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks.
+
+    ``resuming``: the run continues from its resume checkpoint (wandb continues the same run).
+    """
     import pytorch_lightning as pl
 
     from ldm.training.callbacks import (
@@ -371,14 +374,17 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         ThroughputMonitor,
     )
     from ldm.training.loggers import build_logger, define_step_metrics
+    from ldm.training.progress import progress_callbacks
+    from ldm.training.quiet import quiet_expected_warnings
     from ldm.training.strategy import ExecutionOptions, build_strategy
 
+    quiet_expected_warnings()
     t = cfg.trainer
     config = to_container(cfg)
     strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
                               fsdp_sharding=t.fsdp_sharding)
     logger = build_logger(cfg.logging.logger, path, cfg.run.name, cfg.logging.project,
-                          cfg.logging.wandb_mode, config)
+                          cfg.logging.wandb_mode, config, resume=resuming)
     define_step_metrics(logger)
     callbacks: list[Any] = [
         SafetensorsCheckpoint(path / "checkpoints", config, t.ckpt_every_n_steps, t.keep_last_k),
@@ -389,7 +395,8 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         ExecutionOptions(t.compile, t.gradient_checkpointing, t.vae_precision),
         *(extra_callbacks or []),
     ]
-
+    progress, bar = progress_callbacks(t.enable_progress_bar, t.log_every_n_steps)
+    callbacks.extend(progress)
     manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module
     return pl.Trainer(
         accelerator=t.accelerator,
@@ -409,7 +416,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
         num_sanity_val_steps=t.num_sanity_val_steps,
         fast_dev_run=t.fast_dev_run,
         deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=bar,
         enable_checkpointing=False,
         default_root_dir=str(path),
         logger=logger,

@@ -179,8 +179,9 @@ def load(
         The merged, validated, read-only-in-spirit ``DictConfig``.
 
     Raises:
-        ConfigError: With a one-line message for a missing file, an unknown key, a wrong type or
-            a value outside a key's choices.
+        ConfigError: With a one-line message for a missing file, an unknown key, a wrong type,
+            a value outside a key's choices, or sections that contradict each other
+            (:mod:`ldm.consistency`).
     """
     cfg = OmegaConf.structured(Config)
     sources: list[tuple[Any, str]] = []
@@ -212,6 +213,9 @@ def load(
         except OmegaConfBaseException as e:
             raise _explain(e, source) from None
     _check_choices(cfg)
+    from ldm.consistency import check_consistency  # it imports ConfigError from here
+
+    check_consistency(cfg)
     return cfg
 
 

@@ -98,6 +98,28 @@ QUICK = {  # --quick: every stage at toy scale, to check the pipeline in a minut
 }
 
 
+def labelled_demo_grid(samples: Path, prompts: list[Any], out: Path, scale: int = 3) -> Path:
+    """The README's grid: ``sample.py``'s per-sample PNGs (their ``prompt`` text chunks say which
+    prompt each shows), upscaled, one row per prompt with its text, grouped seen / held-out /
+    paraphrase."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.eval.adherence import GROUPS
+    from ldm.images import labelled_grid, save_png
+
+    by_prompt: dict[str, list[np.ndarray]] = {}
+    for png in sorted(samples.glob("[0-9]*.png")):
+        with Image.open(png) as image:
+            prompt = image.text.get("prompt")  # type: ignore[attr-defined]
+            if prompt is not None:
+                by_prompt.setdefault(prompt, []).append(np.asarray(image.convert("RGB")))
+    ordered = sorted(prompts, key=lambda p: GROUPS.index(p.group) if p.group in GROUPS else 99)
+    rows = [(p.group, p.prompt, np.stack(by_prompt[p.prompt])) for p in ordered
+            if p.prompt in by_prompt]
+    return save_png(labelled_grid(rows, scale=scale), out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the CPU text-to-image demo.")
     parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--ckpt", str(ldm_ckpt), "--from-file", str(prompt_file), "--n", "4",
          "--outdir", str(out / "samples"), "--batch-size", "32"]))
 
+    labelled = labelled_demo_grid(out / "samples", prompts, out / "samples" / "labelled.png")
     cfg = load([ldm_cfg])
     report_path = out / "report.json"
     guidances = [1.0, float(cfg.sampling.guidance)]
@@ -168,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = json.loads(report_path.read_text())
     lines = ["# make demo report", "", f"grid: {grid} (one row per prompt of {prompt_file}, "
-             "4 seeds each)", "", "```", report["text"].rstrip(), "```", "", "stage wall times:"]
+             "4 seeds each); with the prompts beside each row, grouped: " + str(labelled), "",
+             "```", report["text"].rstrip(), "```", "", "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 
@@ -87,3 +87,59 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
 def caption_grid(captions: Sequence[str], nrow: int) -> str:
     """A readable caption list for a grid: one ``row,col: caption`` line per image."""
     return "\n".join(f"{i // nrow},{i % nrow}: {c}" for i, c in enumerate(captions))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font with FreeType (Pillow ≥ 10.1)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def labelled_grid(
+    rows: Sequence[tuple[str, str, np.ndarray]],
+    scale: int = 3,
+    padding: int = 4,
+    font_size: int = 16,
+) -> np.ndarray:
+    """A legible grid: one row of images per prompt, its text beside it, rows grouped.
+
+    Images are upscaled by ``scale`` (nearest neighbour, so pixels stay visible); a header line
+    starts each group (``seen``, ``held-out``, ...) where the group changes.
+
+    Args:
+        rows: ``(group, label, images)`` per row; ``images`` is ``(N, H, W, C)`` uint8 (C=3).
+        scale: Integer upscaling of every image.
+        padding: White pixels between tiles.
+        font_size: Text size in pixels.
+
+    Returns:
+        ``(H', W', 3)`` uint8 array.
+    """
+    if not rows:
+        raise ValueError("labelled_grid needs at least one row")
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(int(measure.textlength(label, font=font)) for _, label, _ in rows) + 2 * padding
+    tiles = [[Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale),
+                                        Image.NEAREST) for a in images] for _, _, images in rows]
+    tile_h = max(t.height for row in tiles for t in row)
+    tile_w = max(t.width for row in tiles for t in row)
+    ncol = max(len(row) for row in tiles)
+    header_h = font_size + 2 * padding
+    groups = [g for i, (g, _, _) in enumerate(rows) if i == 0 or rows[i - 1][0] != g]
+    width = text_w + ncol * (tile_w + padding) + padding
+    height = len(groups) * header_h + len(rows) * (tile_h + padding) + padding
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for i, ((group, label, _), row) in enumerate(zip(rows, tiles, strict=True)):
+        if i == 0 or rows[i - 1][0] != group:
+            draw.text((padding, y + padding), group, fill=(0, 0, 0), font=font)
+            y += header_h
+        draw.text((padding, y + padding + max(0, (tile_h - font_size) // 2)), label,
+                  fill=(40, 40, 40), font=font)
+        for j, tile in enumerate(row):
+            canvas.paste(tile, (text_w + j * (tile_w + padding), y + padding))
+        y += tile_h + padding
+    return np.asarray(canvas)

@@ -256,7 +256,10 @@ class TrainerConfig:
     ckpt_every_n_steps: int = opt(1000, "Checkpoint interval in optimizer steps.")
     keep_last_k: int = opt(3, "Checkpoints kept (plus `last`).")
     deterministic: bool = opt(False, "torch deterministic algorithms.")
-    enable_progress_bar: bool = opt(True, "Lightning progress bar.")
+    enable_progress_bar: bool = opt(
+        True, "Progress: a bar on a terminal; otherwise a line (step, loss, it/s, ETA) every "
+        "log_every_n_steps steps or 30 s."
+    )
     compile: bool = opt(False, "torch.compile the U-Net in place (state-dict names unchanged).")
     gradient_checkpointing: bool = opt(
         False, "Gradient checkpointing of the trained network (ldm: U-Net, autoencoder: "

@@ -27,6 +27,7 @@ def test_demo_quick_runs_all_stages_and_reuses_them(tmp_path: Path,
     stages = json.loads((out / "stages.json").read_text())
     assert len(stages) == 7
     assert (out / "samples" / "grid.png").is_file()
+    assert (out / "samples" / "labelled.png").is_file()
     report = json.loads((out / "report.json").read_text())
     groups = {(row["group"], row["guidance"]) for row in report["rows"]}
     g = float(load([ROOT / "configs" / "demo" / "ldm.yaml"]).sampling.guidance)

@@ -24,3 +24,11 @@ def test_psnr_and_ssim_match_skimage() -> None:
         assert psnr(y, x)[i].item() == pytest.approx(ref_psnr, rel=1e-4)
         assert ssim(y, x)[i].item() == pytest.approx(ref_ssim, abs=1e-4)
     assert ssim(x, x).min().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reconstruction_cli_missing_checkpoint_is_one_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ldm.eval.reconstruction import main
+
+    assert main(["--ckpt", str(tmp_path / "none.safetensors"), "--shards", "x.tar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint not found" in err[0]

@@ -30,7 +30,7 @@ from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
 from ldm.data.precompute import MANIFEST_FILE
 from ldm.data.reader import ShardDataset
-from ldm.data.shards import expand_shards, local_path
+from ldm.data.shards import expand_shards, ignore_stop_signals, local_path
 
 logger = logging.getLogger("ldm.data")
 
@@ -220,6 +220,7 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+            worker_init_fn=ignore_stop_signals,  # the main process handles SIGTERM/SIGINT
             # Its own generator: creating an iterator then draws no number from the global RNG,
             # which would shift the training noise of a resumed run.
             generator=torch.Generator().manual_seed(dataset.seed),

@@ -21,13 +21,20 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
+from ldm.console import progress as show_progress
 from ldm.data.buckets import BucketSet, collate_bucketed
 from ldm.data.cached import SIZE_KEYS, encode_cached_sample, parse_dtype, save_empty_prompt
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.reader import collate_images, decode_image_sample
-from ldm.data.shards import ShardSpec, assign_shards, check_shards_exist, resolve_rank, worker_info
+from ldm.data.shards import (
+    ShardSpec,
+    assign_shards,
+    check_shards_exist,
+    ignore_stop_signals,
+    resolve_rank,
+    worker_info,
+)
 from ldm.data.tarstream import iter_tar_samples
 from ldm.data.transforms import ImageSpec
 from ldm.data.write_shards import ShardWriter
@@ -248,10 +255,11 @@ def precompute(
             todo.append(url)
     spec = ImageSpec(image_size, False, False, min_size, max_aspect)
     dataset = _ShardBatches(todo, spec, caption_key, batch_size, num_workers + 1, buckets)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
-    for item in tqdm(loader, disable=not progress, unit="batch", desc=f"precompute rank {rank}"):
+    for item in show_progress(loader, f"cache rank {rank}", enabled=progress):
         url = item["url"]
         if url not in writers:
             target = os.path.join(output_dir, output_name(url))

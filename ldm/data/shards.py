@@ -179,3 +179,18 @@ def assign_shards(
     if shuffle:
         make_rng(seed, epoch).shuffle(order)
     return order[rank::world_size][worker::num_workers]
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT.
+
+    ``timeout``, SLURM, Kubernetes and Ctrl+C signal the whole process group. A worker that dies
+    of the signal makes the main process fail at its next fetch ("DataLoader worker ... is killed
+    by signal") before it can save; ignoring the signal here lets the main process handle it
+    (save, stop), after which it shuts its workers down as usual. Workers also exit by themselves
+    when the main process is gone (PyTorch's parent watchdog).
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -48,8 +48,10 @@ class SafetensorsCheckpoint(pl.Callback):
     the full training state (optimizer, LR schedule, EMA, loop progress, RNG and data position)
     for ``train.py --resume``; it is a Lightning checkpoint of tensors and plain values only, read
     back with ``weights_only=True``. Both are written atomically. On SIGTERM (e.g. SLURM
-    preemption; Lightning raises ``SIGTERMException`` at the next batch boundary) or SIGUSR1, the
-    state is saved before the process exits.
+    preemption; Lightning raises ``SIGTERMException`` at the next batch boundary), SIGINT or
+    SIGUSR1, the state is saved before the process exits; DataLoader workers ignore SIGTERM and
+    SIGINT (:func:`ldm.data.shards.ignore_stop_signals`), so a signal to the whole process group
+    saves too.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int,
@@ -59,18 +61,48 @@ class SafetensorsCheckpoint(pl.Callback):
         self.every_n_steps = every_n_steps
         self.keep_last_k = keep_last_k
         self._last_saved_step = -1
-        self._usr1 = False
+        self._stop_signal: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
 
+        if stage != "fit":
+            return
         # Lightning handles SIGUSR1 itself under SLURM auto-requeue; elsewhere it means "save
-        # and stop" (the usual pre-emption warning signal).
-        if stage == "fit" and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        # and stop" (the usual pre-emption warning signal). SIGINT (Ctrl+C, which reaches the
+        # whole foreground process group) saves and stops too; a second one interrupts at once.
+        # SIGTERM is Lightning's: it raises SIGTERMException at the next batch (on_exception).
+        self._previous_sigint = None
+        try:
+            if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGUSR1, lambda *_: self._request_stop("SIGUSR1"))
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread
+            pass
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The signal (``SIGINT``, ``SIGUSR1``) that made this run save and stop, if any."""
+        return self._stop_signal
+
+    def _request_stop(self, name: str) -> None:
+        self._stop_signal = name
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_signal == "SIGINT":  # the second Ctrl+C
+            raise KeyboardInterrupt
+        self._request_stop("SIGINT")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import signal
+
+        if getattr(self, "_previous_sigint", None) is not None:
             try:
-                signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "_usr1", True))
-            except ValueError:  # not the main thread
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            except ValueError:
                 pass
+            self._previous_sigint = None
 
     def save_resume_state(self, trainer: pl.Trainer) -> Path:
         """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
@@ -116,8 +148,8 @@ class SafetensorsCheckpoint(pl.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
-        if self._usr1:
-            log.warning("SIGUSR1: saving a checkpoint at step %d and stopping", step)
+        if self._stop_signal:
+            log.warning("%s: saving a checkpoint at step %d and stopping", self._stop_signal, step)
             self.save(trainer, pl_module)
             trainer.should_stop = True
 
@@ -196,9 +228,10 @@ class ImageLogger(pl.Callback):
             save_png(grid, self.dirpath / f"{split}_{name}_step{step:08d}.png", text)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    caption = "\n".join(captions) if captions else None
-                    logger.log_image(key=f"{split}/{name}", images=[grid],
-                                     caption=[caption] if caption else None, step=step)
+                    # Lightning's log_image zips every keyword with the images: a caption
+                    # keyword must be a list as long as ``images``, or absent.
+                    extra = {"caption": ["\n".join(captions)]} if captions else {}
+                    logger.log_image(key=f"{split}/{name}", images=[grid], step=step, **extra)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

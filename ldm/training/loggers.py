@@ -42,6 +42,7 @@ def build_logger(
     project: str = "ldm",
     wandb_mode: str = "auto",
     config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Logger | bool:
     """The Lightning logger for a run.
 
@@ -52,6 +53,8 @@ def build_logger(
         project: wandb project.
         wandb_mode: ``auto``, ``online`` or ``offline``.
         config: The resolved run config, stored as the wandb run config / CSV hparams.
+        resume: The run continues from its resume checkpoint: wandb logs into the same run
+            (the id kept in ``<run_dir>/wandb/run-id``), so the curves are not split.
 
     Returns:
         A logger, or ``False`` for none.
@@ -70,7 +73,6 @@ def build_logger(
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"
-    (run_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
     logger = FinishingWandbLogger(
         name=name,
         project=project,
@@ -78,8 +80,32 @@ def build_logger(
         offline=mode == "offline",
         config=config or {},
         settings=_wandb_settings(),
+        id=wandb_run_id(run_dir, resume),
+        resume="allow",
     )
     return logger
+
+
+RUN_ID_FILE = "run-id"
+
+
+def wandb_run_id(run_dir: str | Path, resume: bool) -> str:
+    """The wandb run id of a run directory: the saved one when resuming, else a new one (saved).
+
+    Offline runs with the same id are synced into one wandb run (``wandb sync``).
+    """
+    import secrets
+    import string
+
+    path = Path(run_dir) / "wandb" / RUN_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    alphabet = string.ascii_lowercase + string.digits  # wandb's own id alphabet and length
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    if getattr(rank_zero_only, "rank", 0) == 0:  # only rank 0 logs to wandb
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 class FinishingWandbLogger(WandbLogger):
@@ -90,6 +116,12 @@ class FinishingWandbLogger(WandbLogger):
     summary and exit record would only be written at interpreter exit. Rank 0 only, like every
     Lightning logger method that touches the experiment.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Lightning always passes ``anonymous`` to wandb.init, which warns that the setting has
+        # no effect; leave it out.
+        self._wandb_init.pop("anonymous", None)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

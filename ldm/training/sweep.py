@@ -64,8 +64,19 @@ def run_name(base: str, index: int, overrides: Sequence[str]) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: one row per trial with its overrides and final metrics."""
-    metric_keys = sorted({k for r in rows for k in r["metrics"]})
+    """A Markdown table: one row per trial with its overrides and final metrics.
+
+    Losses come first (``val/``, then ``train/``); skip counters (``data/skipped_*``) that are
+    zero in every trial are left out.
+    """
+    def wanted(key: str) -> bool:
+        return not key.startswith("data/skipped") or any(r["metrics"].get(key) for r in rows)
+
+    def order(key: str) -> tuple[int, str]:
+        prefix = next((i for i, p in enumerate(("val/", "train/")) if key.startswith(p)), 2)
+        return prefix, key
+
+    metric_keys = sorted({k for r in rows for k in r["metrics"] if wanted(k)}, key=order)
     header = ["run", "overrides", "status", *metric_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:

@@ -54,7 +54,7 @@ class RecordKeys(pl.Callback):
 
 
 original = build.build_trainer
-build.build_trainer = lambda cfg, path, extra=None: original(cfg, path, [RecordKeys()])
+build.build_trainer = lambda cfg, path, extra=None, **kw: original(cfg, path, [RecordKeys()], **kw)
 sys.exit(train.main(sys.argv[1:]))
 """
 

@@ -39,6 +39,15 @@ def test_summary_table() -> None:
     assert "| a | x=1 | ok | 0.5 |" in table and "| b | x=2 | failed |  |" in table
 
 
+def test_summary_table_leads_with_losses_and_drops_zero_skip_counters() -> None:
+    metrics = {"data/skipped_corrupt": 0.0, "data/skipped_total": 0.0, "data/skipped_x": 2.0,
+               "perf/step_time_s": 0.1, "train/loss": 0.25, "val/loss": 0.5}
+    header = summary_table([{"name": "a", "overrides": [], "status": "ok",
+                             "metrics": metrics}]).splitlines()[0]
+    assert header == ("| run | overrides | status | val/loss | train/loss | data/skipped_x | "
+                      "perf/step_time_s |")
+
+
 def test_wandb_sweep_specs_use_config_keys() -> None:
     specs = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
     assert specs
