@@ -68,8 +68,8 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     path = build.prepare_run_dir(cfg)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)
-    trainer = build.build_trainer(cfg, path, extra_callbacks=[quality] if quality else None,
-                                  resuming=resume_ckpt is not None)
+    extra = {"extra_callbacks": [quality]} if quality else {}
+    trainer = build.build_trainer(cfg, path, resuming=resume_ckpt is not None, **extra)
     stopped_by = _fit_until_signal(trainer, module, datamodule, resume_ckpt)
     if stopped_by:
         print(f"{stopped_by}: saved a resumable checkpoint at step {trainer.global_step}; "

@@ -50,7 +50,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Shapes:
     shapes = Shapes()
     original = build.build_trainer
     monkeypatch.setattr(build, "build_trainer",
-                        lambda cfg, path, extra=None: original(cfg, path, [shapes]))
+                        lambda cfg, path, extra_callbacks=None, **kw: original(
+                            cfg, path, [*(extra_callbacks or []), shapes], **kw))
     return shapes
 
 
