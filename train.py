@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ldm.boundary import error_boundary
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError, load, to_yaml
 
@@ -44,7 +45,7 @@ def resume_paths(target: str) -> tuple[Path, Path]:
     """(run config, resume checkpoint) of a run directory or a resume checkpoint path."""
     from ldm.training.callbacks import RESUME_NAME
 
-    path = Path(target)
+    path = Path(target).absolute()
     ckpt = path if path.is_file() else path / "checkpoints" / RESUME_NAME
     run_dir = ckpt.parent.parent
     config = run_dir / "config.yaml"
@@ -56,13 +57,20 @@ def resume_paths(target: str) -> tuple[Path, Path]:
     return config, ckpt
 
 
+def resume_location(ckpt: Path) -> list[str]:
+    """Overrides that put a resumed run back into the directory it was resumed from (which may
+    have moved, or been named relative to another working directory, since it was started)."""
+    run_dir = ckpt.parent.parent
+    return [f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
+
+
 def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, float]]:
     """Build everything from ``cfg`` and train; returns the run directory and final metrics."""
     from ldm import build
 
     build.seed_everything(cfg.run.seed)
     cfg = build.resolve(cfg)
-    path = build.prepare_run_dir(cfg)
+    path = build.prepare_run_dir(cfg, resuming=resume_ckpt is not None)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)
     trainer = build.build_trainer(cfg, path)
@@ -72,6 +80,7 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     return path, metrics
 
 
+@error_boundary
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             run_config, resume_ckpt = resume_paths(args.resume)
             files = [run_config, *files]
+            overrides = [*overrides, *resume_location(resume_ckpt)]
         cfg = load(files, overrides)
         if args.print_config:
             sys.stdout.write(to_yaml(cfg))

@@ -249,11 +249,39 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.root) / cfg.run.name
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Create the run directory and write the resolved config into it."""
+class RunDirError(ValueError):
+    """A run directory that cannot be used for this run (one-line message with the fix)."""
+
+
+def prepare_run_dir(cfg: DictConfig, resuming: bool = False) -> Path:
+    """Create the run directory and write the resolved config into it (atomically).
+
+    A directory that already holds a run (its ``config.yaml`` or checkpoints) belongs to that
+    run: only ``train.py --resume`` of it may write there, so a new run never overwrites another
+    run's config or resume state, and pruning never deletes another run's checkpoints.
+
+    Raises:
+        RunDirError: The directory holds another run and this is not a resume of it, or it
+            cannot be created or written.
+    """
+    from ldm.checkpoint.format import atomic_write
+
     path = run_dir(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
+    taken = (path / "config.yaml").exists() or any((path / "checkpoints").glob("*.safetensors"))
+    if taken and not resuming:
+        raise RunDirError(
+            f"run directory {path} already holds a run: continue it with --resume {path}, or "
+            "start this one elsewhere (run.name=<new name> or run.root=<other folder>)"
+        )
+    text = to_yaml(cfg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write the run directory {path} ({e.strerror or e}): set run.root to a "
+            "writable folder with free space"
+        ) from None
     return path
 
 

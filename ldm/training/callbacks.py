@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.checkpoint.format import save_checkpoint
 from ldm.images import caption_grid, make_grid, save_png
+from ldm.training.nonfinite import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,25 @@ def _replace_link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        tmp.write_bytes(src.read_bytes())
+        try:
+            tmp.write_bytes(src.read_bytes())
+        except BaseException:  # e.g. a full disk: no partial copy stays behind
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, dst)
 
 
 RESUME_NAME = "resume.ckpt"
+
+
+def remove_stale_temporaries(dirpath: Path) -> list[Path]:
+    """Delete the temporary files a process killed mid-save left in a checkpoint directory
+    (``.step-….tmp``, ``.resume.ckpt.tmp``, ``.last.safetensors.tmp``); returns them."""
+    stale = [p for p in Path(dirpath).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
 
 
 def _at_last_batch(trainer: pl.Trainer) -> bool:
@@ -72,6 +87,8 @@ class SafetensorsCheckpoint(pl.Callback):
 
         # Lightning handles SIGUSR1 itself under SLURM auto-requeue; elsewhere it means "save
         # and stop" (the usual pre-emption warning signal).
+        if stage == "fit" and trainer.is_global_zero:
+            remove_stale_temporaries(self.dirpath)
         if stage == "fit" and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             try:
                 signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "_usr1", True))
@@ -82,11 +99,16 @@ class SafetensorsCheckpoint(pl.Callback):
         """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
         final = self.dirpath / RESUME_NAME
         tmp = self.dirpath / f".{RESUME_NAME}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # the full state
-        if trainer.is_global_zero:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # the full state
+            if trainer.is_global_zero:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+        except BaseException:  # e.g. a full disk: leave no partial file behind
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            raise
         trainer.strategy.barrier("resume-checkpoint")
         return final
 
@@ -96,6 +118,11 @@ class SafetensorsCheckpoint(pl.Callback):
         if step == self._last_saved_step:
             return None
         modules = pl_module.export_modules()
+        bad = non_finite_tensors(modules)
+        if bad:  # never replace a good checkpoint with NaN weights (every rank sees the same)
+            log.error("not saving step %d: %d tensors are non-finite (%s, ...); the last "
+                      "finite checkpoint is kept", step, len(bad), bad[0])
+            return None
         self._last_saved_step = step
         self.save_resume_state(trainer)
         if not trainer.is_global_zero:
