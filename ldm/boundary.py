@@ -30,6 +30,9 @@ class UsageError(ValueError):
 
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in lines[1]:
+        # Re-raised from a DataLoader worker: the message is the traceback's last line.
+        return lines[-1].partition(": ")[2] or lines[-1]
     return lines[0] if lines else ""
 
 

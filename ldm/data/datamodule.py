@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
-from ldm.data.reader import ShardDataset
+from ldm.data.reader import NoUsableDataError, ShardDataset
 
 logger = logging.getLogger("ldm.data")
 
@@ -46,7 +46,25 @@ class PositionedLoader(DataLoader):
         if skip:
             logger.info("resuming mid-epoch: skipping %d consumed batches", skip)
             return _skipped(iterator, skip)
+        if self.position_fn is not None and isinstance(dataset, ShardDataset):
+            return _watched(iterator, dataset)
         return iterator
+
+
+def _watched(iterator: Iterator[Any], dataset: ShardDataset) -> Iterator[Any]:
+    """The no-progress watchdog: an epoch that yields no batch at all would repeat forever
+    (Lightning starts the next one, which is empty too), so it stops training instead."""
+    delivered = False
+    for batch in iterator:
+        delivered = True
+        yield batch
+    if not delivered:
+        counts = {k: v for k, v in dataset.counter.counts().items() if v}
+        raise NoUsableDataError(
+            f"a whole pass over data.train_shards ({len(dataset.urls)} shards) gave no usable "
+            f"sample (counts: {counts or 'none read'}): check the shards, "
+            f"data.caption_key={dataset.caption_key!r} and data.cached={dataset.cached}"
+        )
 
 
 def _skipped(iterator: Iterator[Any], n: int) -> Iterator[Any]:

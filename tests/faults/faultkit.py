@@ -49,3 +49,15 @@ def run_killed(args: list[str], kill_at: int) -> subprocess.CompletedProcess:
     script = KILLER.format(kill_at=kill_at, args=args)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+TINY_AE = ROOT / "configs" / "autoencoder" / "kl-tiny.yaml"
+
+
+def tiny_ae_args(shards: str, root: Path | str, *extra: str) -> list[str]:
+    """train.py arguments for the tiny autoencoder on CPU, quiet, two steps, saving every two."""
+    return ["-c", str(TINY_AE), f"data.train_shards={shards}", "data.num_workers=0",
+            "data.image_size=32", "data.batch_size=4", "data.shuffle_buffer=0",
+            "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "trainer.max_steps=2",
+            "trainer.ckpt_every_n_steps=2", f"run.root={root}", *extra]

@@ -1,0 +1,70 @@
+"""Run directories: reused ones are refused, moved ones resume in place, interrupted saves leave
+nothing behind, and a diverging run stops in one line without replacing its good weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.checkpoint.format import load_checkpoint
+from tests.faults.faultkit import tiny_ae_args
+from tests.faults.test_bad_input import assert_one_line_exit_2
+
+
+def _step(run: Path) -> str:
+    return load_checkpoint(run / "checkpoints" / "last.safetensors").metadata["step"]
+
+
+def test_reused_run_directory_is_refused(six_batch_shard: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import train
+
+    assert train.main(tiny_ae_args(six_batch_shard, tmp_path, "run.name=a")) == 0
+    run = tmp_path / "a"
+    before = {p: p.read_bytes() for p in [run / "config.yaml", *run.glob("checkpoints/*")]}
+    capsys.readouterr()
+    rc = train.main(tiny_ae_args(six_batch_shard, tmp_path, "run.name=a", "optim.lr=1e-3",
+                                 "trainer.ckpt_every_n_steps=1", "trainer.keep_last_k=1"))
+    assert_one_line_exit_2(rc, capsys.readouterr().err, "already holds a run", "--resume")
+    assert {p: p.read_bytes() for p in before} == before  # config, resume state, checkpoints
+
+
+def test_moved_run_resumes_where_it_now_is(six_batch_shard: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started with a relative run.root from one directory, moved, resumed from another cwd."""
+    import train
+
+    start = tmp_path / "start"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    assert train.main(tiny_ae_args(six_batch_shard, "runs", "run.name=r")) == 0
+    moved = tmp_path / "elsewhere" / "r"
+    moved.parent.mkdir()
+    shutil.move(start / "runs" / "r", moved)
+    ckpts = moved / "checkpoints"
+    # What a process killed mid-save leaves: removed when the run starts again.
+    (ckpts / ".step-00000004.safetensors.k2j4.tmp").write_bytes(b"partial")
+    (ckpts / ".resume.ckpt.tmp").write_bytes(b"partial")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--resume", str(moved), "trainer.max_steps=4"]) == 0
+    assert _step(moved) == "4"
+    assert not (start / "runs" / "r").exists()
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+def test_diverging_autoencoder_stops_in_one_line(six_batch_shard: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An absurd learning rate: the non-finite guard skips, then stops with the advice; every
+    checkpoint written holds finite weights only."""
+    import train
+
+    rc = train.main(tiny_ae_args(six_batch_shard, tmp_path, "run.name=nan", "optim.lr=1e12",
+                                 "trainer.max_steps=60", "trainer.ckpt_every_n_steps=1",
+                                 "trainer.max_epochs=100"))
+    assert_one_line_exit_2(rc, capsys.readouterr().err, "non-finite", "optim.lr", only=False)
+    for path in (tmp_path / "nan" / "checkpoints").glob("*.safetensors"):
+        for name, tensor in load_checkpoint(path).tensors.items():
+            assert torch.isfinite(tensor).all(), f"{path.name}: {name} is not finite"
