@@ -37,7 +37,7 @@ def _first_line(text: str) -> str:
 
 
 def _os_message(exc: OSError) -> str | None:
-    where = f" {exc.filename}" if exc.filename else ""
+    where = f" {exc.filename}" if exc.filename else " a file"
     if exc.errno in _DISK_FULL:
         return (f"disk full writing{where}: free space, or point run.root / --outdir at a disk "
                 "with room (nothing partial was kept)")

@@ -105,9 +105,11 @@ class SafetensorsCheckpoint(pl.Callback):
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
-        except BaseException:  # e.g. a full disk: leave no partial file behind
+        except BaseException as e:  # e.g. a full disk: leave no partial file behind
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(final)) from e
             raise
         trainer.strategy.barrier("resume-checkpoint")
         return final

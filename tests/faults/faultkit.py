@@ -61,3 +61,20 @@ def tiny_ae_args(shards: str, root: Path | str, *extra: str) -> list[str]:
             "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false", "trainer.max_steps=2",
             "trainer.ckpt_every_n_steps=2", f"run.root={root}", *extra]
+
+
+FSIZE_RUNNER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+import train
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.exit(train.main({args!r}))
+"""
+
+
+def run_with_file_size_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """Run ``train.main(args)`` in a subprocess that cannot write files past ``limit`` bytes
+    (``RLIMIT_FSIZE``: a full disk for every file it writes)."""
+    script = FSIZE_RUNNER.format(limit=limit, args=args)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

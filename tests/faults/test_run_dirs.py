@@ -68,3 +68,15 @@ def test_diverging_autoencoder_stops_in_one_line(six_batch_shard: str, tmp_path:
     for path in (tmp_path / "nan" / "checkpoints").glob("*.safetensors"):
         for name, tensor in load_checkpoint(path).tensors.items():
             assert torch.isfinite(tensor).all(), f"{path.name}: {name} is not finite"
+
+
+def test_full_disk_leaves_no_partial_file(six_batch_shard: str, tmp_path: Path) -> None:
+    """Files may not grow past 300 kB: the config and logs fit, the checkpoints do not."""
+    from tests.faults.faultkit import run_with_file_size_limit
+
+    proc = run_with_file_size_limit(tiny_ae_args(six_batch_shard, tmp_path, "run.name=full"),
+                                    limit=300_000)
+    assert_one_line_exit_2(proc.returncode, proc.stderr, "disk full", "resume.ckpt",
+                           only=False)
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == []  # no partial or temporary file
