@@ -350,6 +350,34 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     )
 
 
+#: Smallest positive normal float16: a smaller AdamW epsilon rounds to 0 in fp16 state.
+_FP16_TINY = 6.2e-5
+
+
+def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None:
+    """Refuse precisions that cannot work: fp16 mixed precision on CPU (which Lightning would
+    silently turn into bf16), and ``16-true`` with an AdamW epsilon that rounds to zero in fp16
+    (the first step then divides by zero and every weight becomes NaN).
+
+    Raises:
+        ConfigError: Naming the setting and what to use instead.
+    """
+    from ldm.config import ConfigError
+
+    if str(precision) == "16-true" and eps < _FP16_TINY:
+        raise ConfigError(
+            f"trainer.precision=16-true keeps AdamW's state in fp16, where optim.eps={eps:g} "
+            "rounds to 0 and the first step writes NaN weights: set optim.eps=1e-4, or use "
+            "trainer.precision=bf16-true or 16-mixed"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(precision) in ("16-mixed", "16", "fp16-mixed"):
+        raise ConfigError(
+            f"trainer.precision={precision} needs a GPU (fp16 autocast does not run on the CPU, "
+            "and Lightning would train in bf16 instead): use trainer.precision=bf16-mixed or 32"
+        )
+
+
 def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None
                   ) -> pl.Trainer:
     """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks."""
@@ -366,6 +394,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     from ldm.training.strategy import ExecutionOptions, build_strategy
 
     t = cfg.trainer
+    check_precision(t.precision, t.accelerator, cfg.optim.eps)
     config = to_container(cfg)
     strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
                               fsdp_sharding=t.fsdp_sharding)

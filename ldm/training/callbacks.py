@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.checkpoint.format import save_checkpoint
 from ldm.images import caption_grid, make_grid, save_png
-from ldm.training.nonfinite import non_finite_tensors
+from ldm.training.nonfinite import ADVICE, NonFiniteLossError, non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ class SafetensorsCheckpoint(pl.Callback):
         modules = pl_module.export_modules()
         bad = non_finite_tensors(modules)
         if bad:  # never replace a good checkpoint with NaN weights (every rank sees the same)
-            log.error("not saving step %d: %d tensors are non-finite (%s, ...); the last "
-                      "finite checkpoint is kept", step, len(bad), bad[0])
-            return None
+            raise NonFiniteLossError(
+                f"the weights at step {step} are non-finite ({len(bad)} tensors, e.g. {bad[0]}), "
+                f"so they were not saved: {ADVICE}; the run's last finite checkpoint is kept")
         self._last_saved_step = step
         self.save_resume_state(trainer)
         if not trainer.is_global_zero:

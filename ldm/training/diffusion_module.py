@@ -123,6 +123,10 @@ class DiffusionModule(pl.LightningModule):
                 self.device).reshape(1, -1).bool()
         return self.model.text_encoder.empty_embedding()
 
+    def _unet_dtype(self) -> torch.dtype:
+        """The U-Net's weight dtype: float32, or bf16/fp16 under a "true" trainer precision."""
+        return next(self.model.unet.parameters()).dtype
+
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents of a batch (cached posterior or freshly encoded images)."""
         if "latent_mean" in batch:
@@ -147,7 +151,7 @@ class DiffusionModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        z = self.latents(batch)
+        z = self.latents(batch).to(self._unet_dtype())  # bf16/16-true converted the U-Net
         context, mask = self.context(batch)
         cond = self.model.conditioning(context.to(z.dtype), mask)
         out = self.loss_fn(self.model.unet, z, self.model.schedule, cond)
@@ -182,7 +186,7 @@ class DiffusionModule(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        z = self.latents(batch)
+        z = self.latents(batch).to(self._unet_dtype())
         context, mask = self.context(batch)
         cond = self.model.conditioning(context.to(z.dtype), mask)
         net = self.ema.model if self.ema is not None else self.model.unet
