@@ -54,7 +54,30 @@ def resume_paths(target: str) -> tuple[Path, Path]:
                                 "trainer.ckpt_every_n_steps steps)")
     if not config.is_file():
         raise FileNotFoundError(f"no run config at {config}")
+    check_resume_checkpoint(ckpt)
     return config, ckpt
+
+
+def check_resume_checkpoint(ckpt: Path) -> None:
+    """Refuse a damaged ``resume.ckpt`` (a zip archive, as torch.save writes) in one line.
+
+    Raises:
+        CheckpointError: The file is not a complete torch checkpoint.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(ckpt) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        names, reason = [], str(e)
+    else:
+        reason = "no data.pkl inside"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise CheckpointError(
+            f"{ckpt} is damaged ({reason}): the run's step-*.safetensors files still hold "
+            "its weights for sampling and export, but its training state cannot be resumed"
+        )
 
 
 def resume_location(ckpt: Path) -> list[str]:

@@ -78,8 +78,25 @@ def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
 
     cfg = load(base={"model": {"autoencoder": section}})
     model = build_autoencoder(cfg.model.autoencoder)
-    model.load_state_dict(ckpt.module_state("autoencoder"), strict=True)
+    load_weights(model, ckpt.module_state("autoencoder"), "autoencoder")
     return model
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, with a mismatch as one line.
+
+    Raises:
+        CheckpointError: Missing, unexpected or wrongly shaped tensors (the first few named).
+    """
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        shown = "; ".join(details)[:300]
+        raise CheckpointError(
+            f"the checkpoint's {what} weights do not fit the {what} its config builds "
+            f"({shown}): use the checkpoint with the config it was trained with"
+        ) from None
 
 
 def build_unet(section: Any) -> torch.nn.Module:
@@ -177,7 +194,7 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt))
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
-    model.unet.load_state_dict(ckpt.module_state(unet_key), strict=True)
+    load_weights(model.unet, ckpt.module_state(unet_key), "U-Net")
     return model
 
 

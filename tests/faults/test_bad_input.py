@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.faultkit import ROOT
-
-TINY_AE = ROOT / "configs" / "autoencoder" / "kl-tiny.yaml"
+from tests.faults.faultkit import TINY_AE
 
 
 def assert_one_line_exit_2(rc: int, err: str, *needles: str, only: bool = True) -> None:
