@@ -273,9 +273,11 @@ class RunDirError(ValueError):
 def prepare_run_dir(cfg: DictConfig, resuming: bool = False) -> Path:
     """Create the run directory and write the resolved config into it (atomically).
 
-    A directory that already holds a run (its ``config.yaml`` or checkpoints) belongs to that
-    run: only ``train.py --resume`` of it may write there, so a new run never overwrites another
-    run's config or resume state, and pruning never deletes another run's checkpoints.
+    A directory that holds checkpoints, or the config of a different run, belongs to that run:
+    only ``train.py --resume`` of it may write there, so a new run never overwrites another
+    run's config or resume state, and pruning never deletes another run's checkpoints. A
+    directory holding nothing but this very config (a run stopped before its first checkpoint)
+    is started again.
 
     Raises:
         RunDirError: The directory holds another run and this is not a resume of it, or it
@@ -284,13 +286,16 @@ def prepare_run_dir(cfg: DictConfig, resuming: bool = False) -> Path:
     from ldm.checkpoint.format import atomic_write
 
     path = run_dir(cfg)
-    taken = (path / "config.yaml").exists() or any((path / "checkpoints").glob("*.safetensors"))
-    if taken and not resuming:
+    text = to_yaml(cfg)
+    config = path / "config.yaml"
+    checkpoints = path / "checkpoints"
+    saved = any(checkpoints.glob("*.safetensors")) or any(checkpoints.glob("*.ckpt"))
+    other = config.is_file() and config.read_text() != text
+    if (saved or other) and not resuming:
         raise RunDirError(
             f"run directory {path} already holds a run: continue it with --resume {path}, or "
             "start this one elsewhere (run.name=<new name> or run.root=<other folder>)"
         )
-    text = to_yaml(cfg)
     try:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / "config.yaml", lambda tmp: Path(tmp).write_text(text))

@@ -80,3 +80,18 @@ def test_full_disk_leaves_no_partial_file(six_batch_shard: str, tmp_path: Path) 
                            only=False)
     ckpts = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == []  # no partial or temporary file
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again(tmp_path: Path) -> None:
+    """Only this run's own config, no checkpoint: nothing to lose, the same run may restart;
+    another run's config is refused even without checkpoints."""
+    from ldm import build
+    from ldm.config import load
+    from tests.faults.faultkit import TINY_AE
+
+    cfg = load([TINY_AE], [f"run.root={tmp_path}", "run.name=r"])
+    path = build.prepare_run_dir(cfg)
+    assert build.prepare_run_dir(cfg) == path
+    other = load([TINY_AE], [f"run.root={tmp_path}", "run.name=r", "optim.lr=1e-3"])
+    with pytest.raises(build.RunDirError, match="already holds a run"):
+        build.prepare_run_dir(other)
