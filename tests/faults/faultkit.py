@@ -77,3 +77,33 @@ def run_with_file_size_limit(args: list[str], limit: int) -> subprocess.Complete
     script = FSIZE_RUNNER.format(limit=limit, args=args)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+STAGE_KILLER = """
+import os, signal, sys
+import train
+
+calls = {{"replace": 0, "unlink": 0}}
+originals = {{"replace": os.replace, "unlink": os.unlink}}
+
+def killing(name):
+    def call(*args, **kwargs):
+        if "checkpoints" in str(args[-1] if name == "replace" else args[0]):
+            calls[name] += 1
+            if (name, calls[name]) == ({name!r}, {count}):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return originals[name](*args, **kwargs)
+    return call
+
+os.replace, os.unlink = killing("replace"), killing("unlink")
+sys.exit(train.main({args!r}))
+"""
+
+
+def run_killed_in_save(args: list[str], name: str, count: int) -> subprocess.CompletedProcess:
+    """Run ``train.main(args)`` in a subprocess SIGKILLed just before its ``count``-th call of
+    ``os.<name>`` on a checkpoint path (``replace``: the renames of a save, three per save:
+    resume.ckpt, step-N.safetensors, last.safetensors; ``unlink``: pruning)."""
+    script = STAGE_KILLER.format(name=name, count=count, args=args)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
