@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.faults.faultkit import TINY_AE
 
@@ -62,7 +63,7 @@ def test_stored_config_that_is_a_list(tmp_path: Path, capsys: pytest.CaptureFixt
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("- a\n- b\n")
-    (run / "checkpoints" / "resume.ckpt").write_bytes(b"x")
+    torch.save({"state_dict": {}}, run / "checkpoints" / "resume.ckpt")
     assert_one_line_exit_2(train.main(["--resume", str(run)]), capsys.readouterr().err,
                            "mapping")
 
