@@ -76,3 +76,17 @@ def test_missing_config_file_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
                            capsys.readouterr().err, "not found")
     assert_one_line_exit_2(train.main(["--resume", str(tmp_path / "nope")]),
                            capsys.readouterr().err, "resume checkpoint")
+
+
+def test_run_root_that_cannot_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    """run.root below a file (as unwritable as a read-only folder, also for root)."""
+    import train
+
+    (tmp_path / "file").write_text("x")
+    shards = tmp_path / "s.tar"
+    shards.write_bytes(bytes(1024))
+    rc = train.main(["-c", str(TINY_AE), f"run.root={tmp_path / 'file' / 'runs'}",
+                     f"data.train_shards={shards}", "trainer.accelerator=cpu"])
+    assert_one_line_exit_2(rc, capsys.readouterr().err, "cannot write the run directory",
+                           "run.root")
