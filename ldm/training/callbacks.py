@@ -180,6 +180,13 @@ class SafetensorsCheckpoint(pl.Callback):
             log.warning("SIGTERM: saving a checkpoint at step %d before exiting",
                         trainer.global_step)
             self.save(trainer, pl_module)
+        if isinstance(exception, NonFiniteLossError) and not trainer.fast_dev_run:
+            # The skipped steps left the weights as they were: keep the progress made since
+            # the last save (a save refuses weights that are themselves non-finite).
+            try:
+                self.save(trainer, pl_module)
+            except NonFiniteLossError as refused:
+                log.error("%s", refused)
 
 
 class RNGState(pl.Callback):

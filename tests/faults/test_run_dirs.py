@@ -95,3 +95,27 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(tmp_path: Path) ->
     other = load([TINY_AE], [f"run.root={tmp_path}", "run.name=r", "optim.lr=1e-3"])
     with pytest.raises(build.RunDirError, match="already holds a run"):
         build.prepare_run_dir(other)
+
+
+def test_nan_stop_saves_the_finite_weights(six_batch_shard: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Losses turn NaN from step 3 on (the weights stay finite: those steps are skipped): the
+    stop is one line, and a checkpoint of step 3 is saved for --resume with new settings."""
+    import train
+    from ldm.models.autoencoder_loss import AutoencoderLoss
+
+    original = AutoencoderLoss.generator_loss
+
+    def nan_from_step_3(self, x, reconstruction, posterior, step, last_layer):  # noqa: ANN001
+        loss, log = original(self, x, reconstruction, posterior, step, last_layer)
+        return (loss * float("nan") if step >= 3 else loss), log
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", nan_from_step_3)
+    rc = train.main(tiny_ae_args(six_batch_shard, tmp_path, "run.name=n", "trainer.max_steps=50",
+                                 "trainer.ckpt_every_n_steps=100", "trainer.max_epochs=100"))
+    assert_one_line_exit_2(rc, capsys.readouterr().err, "20 consecutive non-finite", "optim.lr",
+                           only=False)
+    ckpts = tmp_path / "n" / "checkpoints"
+    assert _step(tmp_path / "n") == "3"
+    assert (ckpts / "resume.ckpt").is_file()
