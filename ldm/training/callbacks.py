@@ -67,7 +67,10 @@ class SafetensorsCheckpoint(pl.Callback):
     the resolved config, so it is enough to sample from. Alongside, ``<dir>/resume.ckpt`` holds
     the full training state (optimizer, LR schedule, EMA, loop progress, RNG and data position)
     for ``train.py --resume``; it is a Lightning checkpoint of tensors and plain values only, read
-    back with ``weights_only=True``. Both are written atomically. On SIGTERM (e.g. SLURM
+    back with ``weights_only=True``. Both are written atomically; the temporaries of a save
+    that was killed are removed at the next start, and weights that are not finite are never
+    written. A save due at an epoch's last batch is written when the epoch has ended, so a
+    resume from it starts the next epoch instead of replaying an empty one. On SIGTERM (e.g. SLURM
     preemption; Lightning raises ``SIGTERMException`` at the next batch boundary) or SIGUSR1, the
     state is saved before the process exits.
     """
