@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ldm.boundary import error_boundary
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError
 from ldm.diffusion import SAMPLERS
@@ -86,6 +87,55 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+#: Largest image side accepted (8x SDXL's 1024; beyond it the latents alone need many GB).
+MAX_SIDE = 8192
+#: Seeds must fit torch's generator (a signed 64-bit seed), one per sample.
+MAX_SEED = 2**63 - 1
+
+
+def check_args(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Refuse flag values that cannot work, in one line naming the flag, before any loading.
+
+    Raises:
+        UsageError: A count below 1, a size outside 1..MAX_SIDE, a seed out of range, a
+            non-finite number, an unknown device, a blank prompt or an --outdir that is a file.
+    """
+    import math
+
+    from ldm.boundary import UsageError
+
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not 1 <= value <= MAX_SIDE:
+            raise UsageError(f"{flag} must be between 1 and {MAX_SIDE} pixels, got {value}")
+    for flag, number in (("--guidance", args.guidance), ("--guidance-rescale",
+                         args.guidance_rescale), ("--eta", args.eta)):
+        if number is not None and not math.isfinite(number):
+            raise UsageError(f"{flag} must be a finite number, got {number}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED - args.n * len(prompts):
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1 minus the number of samples, "
+                         f"got {args.seed}")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise UsageError(f"prompt {i + 1} is blank: give it text (--prompt TEXT); for an "
+                             "unguided sample use --guidance 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N "
+                         "or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use "
+                         "--device cpu")
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"--outdir {outdir} is a file, not a folder: name a folder")
+
+
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
@@ -107,6 +157,7 @@ def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[in
     return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
 
 
+@error_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -114,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown sampler '{args.sampler}'; choose one of "
                              f"{', '.join(SAMPLERS)}")
         prompts = read_prompts(args)
+        check_args(args, prompts)
         from ldm import build
 
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ldm.boundary import error_boundary
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError, load, to_yaml
 
@@ -44,7 +45,7 @@ def resume_paths(target: str) -> tuple[Path, Path]:
     """(run config, resume checkpoint) of a run directory or a resume checkpoint path."""
     from ldm.training.callbacks import RESUME_NAME
 
-    path = Path(target)
+    path = Path(target).absolute()
     ckpt = path if path.is_file() else path / "checkpoints" / RESUME_NAME
     run_dir = ckpt.parent.parent
     config = run_dir / "config.yaml"
@@ -53,7 +54,37 @@ def resume_paths(target: str) -> tuple[Path, Path]:
                                 "trainer.ckpt_every_n_steps steps)")
     if not config.is_file():
         raise FileNotFoundError(f"no run config at {config}")
+    check_resume_checkpoint(ckpt)
     return config, ckpt
+
+
+def check_resume_checkpoint(ckpt: Path) -> None:
+    """Refuse a damaged ``resume.ckpt`` (a zip archive, as torch.save writes) in one line.
+
+    Raises:
+        CheckpointError: The file is not a complete torch checkpoint.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(ckpt) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        names, reason = [], str(e)
+    else:
+        reason = "no data.pkl inside"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise CheckpointError(
+            f"{ckpt} is damaged ({reason}): the run's step-*.safetensors files still hold "
+            "its weights for sampling and export, but its training state cannot be resumed"
+        )
+
+
+def resume_location(ckpt: Path) -> list[str]:
+    """Overrides that put a resumed run back into the directory it was resumed from (which may
+    have moved, or been named relative to another working directory, since it was started)."""
+    run_dir = ckpt.parent.parent
+    return [f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
 
 
 def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, float]]:
@@ -65,7 +96,7 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     check_inputs_exist(cfg)  # nothing is written before the inputs are known to be there
     cfg = build.resolve(cfg)
     quality = build.build_quality_monitor(cfg)  # checks its files before the run dir exists
-    path = build.prepare_run_dir(cfg)
+    path = build.prepare_run_dir(cfg, resuming=resume_ckpt is not None)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)
     extra = {"extra_callbacks": [quality]} if quality else {}
@@ -94,6 +125,7 @@ def _fit_until_signal(trainer: Any, module: Any, datamodule: Any, resume_ckpt: P
     return saver.stop_signal if saver is not None else None
 
 
+@error_boundary
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -102,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             run_config, resume_ckpt = resume_paths(args.resume)
             files = [run_config, *files]
+            overrides = [*overrides, *resume_location(resume_ckpt)]
         cfg = load(files, overrides)
         if args.print_config:
             sys.stdout.write(to_yaml(cfg))

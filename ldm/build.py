@@ -78,8 +78,25 @@ def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
 
     cfg = load(base={"model": {"autoencoder": section}})
     model = build_autoencoder(cfg.model.autoencoder)
-    model.load_state_dict(ckpt.module_state("autoencoder"), strict=True)
+    load_weights(model, ckpt.module_state("autoencoder"), "autoencoder")
     return model
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, with a mismatch as one line.
+
+    Raises:
+        CheckpointError: Missing, unexpected or wrongly shaped tensors (the first few named).
+    """
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        shown = "; ".join(details)[:300]
+        raise CheckpointError(
+            f"the checkpoint's {what} weights do not fit the {what} its config builds "
+            f"({shown}): use the checkpoint with the config it was trained with"
+        ) from None
 
 
 def build_unet(section: Any) -> torch.nn.Module:
@@ -201,7 +218,7 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt))
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
-    model.unet.load_state_dict(ckpt.module_state(unet_key), strict=True)
+    load_weights(model.unet, ckpt.module_state(unet_key), "U-Net")
     return model
 
 
@@ -274,11 +291,44 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.root) / cfg.run.name
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Create the run directory and write the resolved config into it."""
+class RunDirError(ValueError):
+    """A run directory that cannot be used for this run (one-line message with the fix)."""
+
+
+def prepare_run_dir(cfg: DictConfig, resuming: bool = False) -> Path:
+    """Create the run directory and write the resolved config into it (atomically).
+
+    A directory that holds checkpoints, or the config of a different run, belongs to that run:
+    only ``train.py --resume`` of it may write there, so a new run never overwrites another
+    run's config or resume state, and pruning never deletes another run's checkpoints. A
+    directory holding nothing but this very config (a run stopped before its first checkpoint)
+    is started again.
+
+    Raises:
+        RunDirError: The directory holds another run and this is not a resume of it, or it
+            cannot be created or written.
+    """
+    from ldm.checkpoint.format import atomic_write
+
     path = run_dir(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
+    text = to_yaml(cfg)
+    config = path / "config.yaml"
+    checkpoints = path / "checkpoints"
+    saved = any(checkpoints.glob("*.safetensors")) or any(checkpoints.glob("*.ckpt"))
+    other = config.is_file() and config.read_text() != text
+    if (saved or other) and not resuming:
+        raise RunDirError(
+            f"run directory {path} already holds a run: continue it with --resume {path}, or "
+            "start this one elsewhere (run.name=<new name> or run.root=<other folder>)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write the run directory {path} ({e.strerror or e}): set run.root to a "
+            "writable folder with free space"
+        ) from None
     return path
 
 
@@ -347,6 +397,34 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     )
 
 
+#: Smallest positive normal float16: a smaller AdamW epsilon rounds to 0 in fp16 state.
+_FP16_TINY = 6.2e-5
+
+
+def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None:
+    """Refuse precisions that cannot work: fp16 mixed precision on CPU (which Lightning would
+    silently turn into bf16), and ``16-true`` with an AdamW epsilon that rounds to zero in fp16
+    (the first step then divides by zero and every weight becomes NaN).
+
+    Raises:
+        ConfigError: Naming the setting and what to use instead.
+    """
+    from ldm.config import ConfigError
+
+    if str(precision) == "16-true" and eps < _FP16_TINY:
+        raise ConfigError(
+            f"trainer.precision=16-true keeps AdamW's state in fp16, where optim.eps={eps:g} "
+            "rounds to 0 and the first step writes NaN weights: set optim.eps=1e-4, or use "
+            "trainer.precision=bf16-true or 16-mixed"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(precision) in ("16-mixed", "16", "fp16-mixed"):
+        raise ConfigError(
+            f"trainer.precision={precision} needs a GPU (fp16 autocast does not run on the CPU, "
+            "and Lightning would train in bf16 instead): use trainer.precision=bf16-mixed or 32"
+        )
+
+
 def build_quality_monitor(cfg: DictConfig) -> Any:
     """``quality`` → the training-time metrics callback, or None when disabled. Checks its
     settings (prompts, files), so call it before anything is written."""
@@ -380,6 +458,7 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
 
     quiet_expected_warnings()
     t = cfg.trainer
+    check_precision(t.precision, t.accelerator, cfg.optim.eps)
     config = to_container(cfg)
     strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
                               fsdp_sharding=t.fsdp_sharding)

@@ -132,4 +132,6 @@ def _listed(patterns: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.boundary import error_boundary
+
+    sys.exit(error_boundary(main)())

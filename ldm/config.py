@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ldm.ranges import out_of_range
 from ldm.schema import Config
 
 
@@ -213,6 +214,9 @@ def load(
         except OmegaConfBaseException as e:
             raise _explain(e, source) from None
     _check_choices(cfg)
+    problem = out_of_range(cfg)
+    if problem:
+        raise ConfigError(problem)
     from ldm.consistency import check_consistency  # it imports ConfigError from here
 
     check_consistency(cfg)

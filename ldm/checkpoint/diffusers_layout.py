@@ -373,4 +373,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.boundary import error_boundary
+
+    sys.exit(error_boundary(main)())

@@ -16,6 +16,7 @@ name. Nothing is ever unpickled: safetensors holds only tensors and strings.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,7 +74,16 @@ def atomic_write(path: str | Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except SafetensorError as e:  # an I/O error inside safetensors' writer: say which
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            errno_ = int(code.group(1))
+            raise OSError(errno_, os.strerror(errno_), str(path)) from e
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions

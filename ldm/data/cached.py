@@ -126,6 +126,12 @@ def decode_cached_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise SkipSample("corrupt_latent", str(exc)) from exc
     if any(k not in tensors for k in TENSOR_KEYS):
         raise SkipSample("corrupt_latent", f"keys {sorted(tensors)} lack one of {TENSOR_KEYS}")
+    mean, std, context, mask = (tensors[k] for k in TENSOR_KEYS)
+    if mean.dim() != 3 or std.shape != mean.shape or context.dim() != 2 or mask.shape != (
+            context.shape[0],):
+        raise SkipSample("corrupt_latent", f"inconsistent shapes: latent_mean "
+                         f"{tuple(mean.shape)}, latent_std {tuple(std.shape)}, context "
+                         f"{tuple(context.shape)}, context_mask {tuple(mask.shape)}")
     caption = raw.get("txt", b"")
     sizes = {k: tuple(int(v) for v in tensors[k].tolist()) for k in SIZE_KEYS if k in tensors}
     return {
@@ -137,6 +143,23 @@ def decode_cached_sample(raw: dict[str, Any]) -> dict[str, Any]:
         "caption": caption.decode("utf-8", errors="replace") if caption else "",
         "key": raw["__key__"],
     }
+
+
+SampleShapes = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def check_cached_shapes(sample: dict[str, Any], reference: SampleShapes | None) -> SampleShapes:
+    """The sample's ``(latent shape, context shape)``, after checking it equals ``reference``
+    (the first sample's): one odd sample is counted, never a crash when batches are stacked.
+
+    Raises:
+        SkipSample: ``corrupt_latent`` for a latent or context shape unlike the reference.
+    """
+    shapes = (tuple(sample["latent_mean"].shape), tuple(sample["context"].shape))
+    if reference is not None and shapes != reference:
+        raise SkipSample("corrupt_latent", f"latent {shapes[0]} / context {shapes[1]} differ "
+                         f"from the other samples' {reference[0]} / {reference[1]}")
+    return shapes
 
 
 def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

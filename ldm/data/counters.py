@@ -34,6 +34,7 @@ REASONS: tuple[str, ...] = (
     "corrupt_caption",  # caption not UTF-8, or JSON that does not parse
     "too_small",  # shorter side below ``min_size`` (filter)
     "bad_aspect",  # aspect ratio above ``max_aspect`` (filter)
+    "too_large",  # more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb)
     "missing_latent",  # cached mode: no latent member
     "corrupt_latent",  # cached mode: latent member does not parse / has wrong keys
 )

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
 from ldm.data.precompute import MANIFEST_FILE
-from ldm.data.reader import ShardDataset
+from ldm.data.reader import NoUsableDataError, ShardDataset
 from ldm.data.shards import expand_shards, ignore_stop_signals, local_path
 
 logger = logging.getLogger("ldm.data")
@@ -53,7 +53,25 @@ class PositionedLoader(DataLoader):
         if skip:
             logger.info("resuming mid-epoch: skipping %d consumed batches", skip)
             return _skipped(iterator, skip)
+        if self.position_fn is not None and isinstance(dataset, ShardDataset):
+            return _watched(iterator, dataset)
         return iterator
+
+
+def _watched(iterator: Iterator[Any], dataset: ShardDataset) -> Iterator[Any]:
+    """The no-progress watchdog: an epoch that yields no batch at all would repeat forever
+    (Lightning starts the next one, which is empty too), so it stops training instead."""
+    delivered = False
+    for batch in iterator:
+        delivered = True
+        yield batch
+    if not delivered:
+        counts = {k: v for k, v in dataset.counter.counts().items() if v}
+        raise NoUsableDataError(
+            f"a whole pass over data.train_shards ({len(dataset.urls)} shards) gave no usable "
+            f"sample (counts: {counts or 'none read'}): check the shards, "
+            f"data.caption_key={dataset.caption_key!r} and data.cached={dataset.cached}"
+        )
 
 
 def _skipped(iterator: Iterator[Any], n: int) -> Iterator[Any]:
@@ -149,6 +167,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.cached = cached
         self.empty_prompt_path = empty_prompt_path
         self._epoch = 0
+        self._resumed: bool | None = None  # None until the first train iteration
         self._empty_prompt: dict[str, torch.Tensor] | None = None
         if buckets is not None and not isinstance(buckets, BucketSet):
             buckets = bucket_set(buckets)
@@ -204,12 +223,22 @@ class ShardDataModule(pl.LightningDataModule):
         if trainer is not None:
             epoch_loop = trainer.fit_loop.epoch_loop
             progress = epoch_loop.batch_progress
+            epochs = trainer.fit_loop.epoch_progress.current
+            epoch = trainer.current_epoch
+            resumed, self._resumed = self._resumed, False
+            if resumed is None:
+                resumed = trainer.ckpt_path is not None  # this is the first iteration
+            if resumed and epochs.completed == epochs.processed - 1:
+                # Restored from a checkpoint written at an epoch's end (the callbacks defer a
+                # save due at an epoch's last batch to there): the loader is iterated before
+                # Lightning moves ``current_epoch`` on, and this iterator serves the next epoch.
+                return epochs.processed, progress.total.completed, 0
             if epoch_loop.restarting:
                 # Restored from a checkpoint, before Lightning's own restart bookkeeping:
                 # ``processed`` counts the batches this epoch had consumed when it was saved.
                 done = progress.current.processed
-                return trainer.current_epoch, progress.total.processed - done, done
-            return trainer.current_epoch, progress.total.completed, 0
+                return epoch, progress.total.processed - done, done
+            return epoch, progress.total.completed, 0
         epoch, self._epoch = self._epoch, self._epoch + 1
         return epoch, 0, 0
 

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset
 
 from ldm.data.bucket_batcher import BucketBatcher, image_bucket_key
 from ldm.data.buckets import BucketSet, collate_bucketed, image_to_bucket, size_tensors
-from ldm.data.cached import collate_cached, decode_cached_sample
+from ldm.data.cached import check_cached_shapes, collate_cached, decode_cached_sample
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.shards import (
     ShardSpec,
@@ -44,6 +44,10 @@ from ldm.data.tarstream import RawSample, iter_tar_samples
 from ldm.data.transforms import IMAGE_EXTS, ImageSpec, image_to_tensor
 
 logger = logging.getLogger("ldm.data")
+
+
+class NoUsableDataError(ValueError):
+    """The data source delivers no usable sample (a misconfiguration, not bad input)."""
 
 
 def parse_caption_key(caption_key: str) -> tuple[str, str | None]:
@@ -80,6 +84,8 @@ def extract_caption(raw: RawSample, caption_key: str) -> str:
                 raise SkipSample("missing_caption", f"json has no string field {field!r}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SkipSample("corrupt_caption", str(exc)) from exc
+    except RecursionError as exc:  # e.g. 100k nested arrays
+        raise SkipSample("corrupt_caption", "json nested too deeply") from exc
     text = text.strip()
     if not text:
         raise SkipSample("missing_caption", "blank caption")
@@ -302,14 +308,18 @@ class ShardDataset(IterableDataset):
                 yield raw
             empty_streak = 0 if count else empty_streak + 1
             if self.resampled and empty_streak > max(16, 2 * len(self.urls)):
-                raise RuntimeError(f"{empty_streak} resampled shards in a row held no sample")
+                raise NoUsableDataError(
+                    f"{empty_streak} resampled shards in a row held no sample: check "
+                    "data.train_shards")
 
     def _decoded(self, raws: Iterable[RawSample], rng: random.Random) -> Iterator[dict[str, Any]]:
         streak = 0
+        shapes = None  # cached mode: every sample's shapes must be the first one's
         for raw in raws:
             try:
                 if self.cached:
                     sample = decode_cached_sample(raw)
+                    shapes = check_cached_shapes(sample, shapes)
                 else:
                     sample = decode_image_sample(
                         raw, self.spec, self.caption_key, rng, self.buckets
@@ -320,7 +330,7 @@ class ShardDataset(IterableDataset):
                 )
                 streak += 1
                 if self.resampled and streak >= self.max_consecutive_skips:
-                    raise RuntimeError(
+                    raise NoUsableDataError(
                         f"{streak} samples in a row were skipped ({self.counter.counts()}); "
                         f"check caption_key={self.caption_key!r}, cached={self.cached} and the data"
                     ) from skip

@@ -120,23 +120,47 @@ def _field_str(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+#: Largest member we read into memory (a shard sample is an image, a caption or a latent).
+MAX_MEMBER_BYTES = 1 << 30
+#: Largest pax / GNU long-name header (they hold a path and a few numbers).
+MAX_EXTENDED_BYTES = 1 << 20
+
+
 def _field_int(raw: bytes) -> int:
-    if raw[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(raw[1:], "big")
+    """A numeric header field: octal text, or GNU base-256 (first byte 0x80 positive, 0xff
+    negative, both two's complement over the whole field)."""
+    if raw[0] & 0x80:
+        value = int.from_bytes(raw, "big", signed=raw[0] == 0xFF)
+        return value if raw[0] == 0xFF else value - (0x80 << (8 * (len(raw) - 1)))
     text = raw.split(b"\0", 1)[0].strip()
     return int(text, 8) if text else 0
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """``"<length> <key>=<value>\\n"`` records; any malformed one is a ``bad_tar``."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        space = data.find(b" ", pos, pos + 20)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarFormatError("malformed pax record length", truncated=False)
+        length = int(digits)
+        end = pos + length
+        if end <= space + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise TarFormatError(f"malformed pax record (length {length})", truncated=False)
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError("malformed pax record (no '=')", truncated=False)
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        pos = end
     return records
+
+
+def _checked_size(size: int, limit: int, what: str) -> int:
+    if not 0 <= size <= limit:
+        raise TarFormatError(f"{what} size {size} outside 0..{limit} bytes", truncated=False)
+    return size
 
 
 def iter_tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -169,6 +193,7 @@ def iter_tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             name = f"{_field_str(header[345:500])}/{name}"
         kind = header[156:157]
         if kind in (b"x", b"g", b"L"):
+            _checked_size(size, MAX_EXTENDED_BYTES, "extended header")
             data = _read_exact(source, -(-size // _BLOCK) * _BLOCK)
             if len(data) < size:
                 raise TarFormatError("truncated extended header", truncated=True)
@@ -178,7 +203,11 @@ def iter_tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 long_name = _field_str(data[:size])
             continue
         name = pax.get("path", long_name or name)
-        size = int(pax.get("size", size))
+        if "size" in pax:
+            if not pax["size"].isdigit():
+                raise TarFormatError(f"malformed pax size {pax['size'][:20]!r}", truncated=False)
+            size = int(pax["size"])
+        _checked_size(size, MAX_MEMBER_BYTES, f"member {name}")
         pax, long_name = {}, None
         data = _read_member(source, size)
         padding = -size % _BLOCK

@@ -63,8 +63,14 @@ def read_header(data: bytes, spec: ImageSpec) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
+    except Image.DecompressionBombError as exc:  # more than twice MAX_IMAGE_PIXELS
+        raise SkipSample("too_large", str(exc)) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SkipSample("corrupt_image", str(exc)) from exc
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:  # PIL would only warn, then decode it
+        raise SkipSample("too_large", f"{width}x{height} pixels > PIL.Image.MAX_IMAGE_PIXELS "
+                         f"({limit})")
     short, long = min(width, height), max(width, height)
     if short < max(spec.min_size, 1):
         raise SkipSample("too_small", f"{width}x{height} < {spec.min_size}")
@@ -92,8 +98,17 @@ def decode_rgb(img: Image.Image, draft: int) -> Image.Image:
     return img
 
 
+#: Modes of 16-bit greyscale images (PIL's ``convert("RGB")`` clips them to white).
+_WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB, compositing transparent images over white."""
+    """Convert to RGB, compositing transparent images over white; 16-bit greyscale is scaled
+    to 8 bits (``v / 257``, so 65535 stays white and 0 black)."""
+    if img.mode in _WIDE_GREY:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # (H, W) uint8 is mode L
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

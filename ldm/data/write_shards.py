@@ -12,8 +12,9 @@ with a path column and a caption column (paths relative to the table's directory
 
 Example::
 
-    python -m ldm.data.write_shards --folder photos/ --out shards/ --prefix train \\
+    python -m ldm.data.write_shards --folder photos/ --out data/ \\
         --max-samples 10000 --max-bytes 1e9 --caption-format both
+    # ... prints: train with: data.train_shards='data/train-{000000..000003}.tar'
 """
 
 from __future__ import annotations
@@ -221,10 +222,16 @@ def load_image_member(path: str, verify: bool = True) -> tuple[str, bytes]:
         raise ValueError(f"unsupported_format: {suffix}")
     try:
         img = Image.open(io.BytesIO(data))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:  # PIL would only warn
+            raise ValueError(f"too_large: {img.width}x{img.height} pixels > "
+                             f"PIL.Image.MAX_IMAGE_PIXELS ({limit})")
         if verify or suffix in _CONVERT_EXTS:
             img.draft("RGB", (64, 64))
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # a decompression bomb: counted, not raised
+        raise ValueError(f"too_large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"corrupt_image: {exc}") from exc
     if suffix in _DIRECT_EXTS:
         return _DIRECT_EXTS[suffix], data
@@ -325,28 +332,99 @@ def write_shards(
     return summary
 
 
-def main(argv: list[str] | None = None) -> WriteSummary:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+DEFAULT_PREFIX = "train"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see :func:`build_parser`)."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option is documented in ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm.data.write_shards",
+        description="Write image-caption webdataset shards from an image folder with sidecar "
+                    "captions or from a CSV/JSONL table.",
+        epilog="Shards are named <out>/<prefix>-000000.tar, -000001.tar, ...; the summary "
+               "prints the brace pattern to pass as data.train_shards.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--folder", help="image folder with sidecar captions")
-    source.add_argument("--table", help="CSV or JSONL with image path and caption columns")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--prefix", default="shard", help="shard name prefix")
-    parser.add_argument("--max-samples", type=int, default=10_000)
-    parser.add_argument("--max-bytes", type=float, default=None)
-    parser.add_argument("--caption-format", choices=("txt", "json", "both"), default="txt")
-    parser.add_argument("--caption-field", default="caption")
-    parser.add_argument("--caption-ext", default="txt", help="sidecar caption extension")
-    parser.add_argument("--path-column", default="path")
-    parser.add_argument("--caption-column", default="caption")
-    parser.add_argument("--no-verify", action="store_true", help="do not decode-check images")
+    source.add_argument("--folder", help="image folder, searched recursively; each image's "
+                        "caption is the sidecar file <stem>.<caption-ext> next to it")
+    source.add_argument("--table", help="CSV or JSONL file with an image path column and a "
+                        "caption column (paths relative to the table's folder)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX,
+                        help="shard name prefix: <prefix>-000000.tar (default: %(default)s)")
+    parser.add_argument("--max-samples", type=int, default=10_000,
+                        help="samples per shard at most (default: %(default)s)")
+    parser.add_argument("--max-bytes", type=float, default=None,
+                        help="bytes per shard at most, e.g. 1e9 (default: no limit)")
+    parser.add_argument("--caption-format", choices=("txt", "json", "both"), default="txt",
+                        help="store captions as <key>.txt, inside <key>.json, or both "
+                        "(default: %(default)s; train with data.caption_key=txt or json:<field>)")
+    parser.add_argument("--caption-field", default="caption",
+                        help="JSON field holding the caption (default: %(default)s)")
+    parser.add_argument("--caption-ext", default="txt",
+                        help="--folder: extension of the sidecar caption files "
+                        "(default: %(default)s)")
+    parser.add_argument("--path-column", default="path",
+                        help="--table: column with the image paths (default: %(default)s)")
+    parser.add_argument("--caption-column", default="caption",
+                        help="--table: column with the captions (default: %(default)s)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not decode-check images (faster; undecodable images are then "
+                        "only counted when training reads them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def source_items(args: argparse.Namespace) -> list[SourceItem]:
+    """The items the command line names.
+
+    Raises:
+        UsageError: The folder or table does not exist, or its columns are missing.
+    """
+    from ldm.boundary import UsageError
+
     if args.folder:
-        items = list(iter_folder(args.folder, args.caption_ext))
-    else:
+        if not os.path.isdir(args.folder):
+            raise UsageError(f"--folder {args.folder} is not a folder")
+        return list(iter_folder(args.folder, args.caption_ext))
+    if not os.path.isfile(args.table):
+        raise UsageError(f"--table {args.table} not found (a .csv or .jsonl file)")
+    try:
         items = list(iter_table(args.table, args.path_column, args.caption_column))
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"--table {args.table} cannot be parsed ({exc})") from None
+    if items and all(not item.meta["source"] for item in items):
+        raise UsageError(f"--table {args.table} has no column {args.path_column!r}: name the "
+                         "image path column with --path-column")
+    return items
+
+
+def brace_pattern(shards: list[str]) -> str:
+    """The webdataset brace pattern naming exactly ``shards`` (as :meth:`ShardWriter` names
+    them), e.g. ``out/train-{000000..000011}.tar``; one shard is its own path."""
+    if len(shards) <= 1:
+        return shards[0] if shards else ""
+    first, last = shards[0], shards[-1]
+    stem, digits = first[:-len(".tar")].rsplit("-", 1)
+    last_digits = last[:-len(".tar")].rsplit("-", 1)[1]
+    return f"{stem}-{{{digits}..{last_digits}}}.tar"
+
+
+def run(args: argparse.Namespace) -> WriteSummary:
+    """Write the shards the command line asks for and print the summary.
+
+    Raises:
+        UsageError: Bad source (see :func:`source_items`), or no sample could be written.
+    """
+    from ldm.boundary import UsageError
+
+    items = source_items(args)
+    if args.max_samples < 1:
+        raise UsageError(f"--max-samples must be at least 1, got {args.max_samples}")
     summary = write_shards(
         items,
         os.path.join(args.out, f"{args.prefix}-%06d.tar"),
@@ -359,8 +437,25 @@ def main(argv: list[str] | None = None) -> WriteSummary:
         total=len(items),
     )
     print(summary)
+    if not summary.written:
+        source = args.folder or args.table
+        raise UsageError(f"no sample written from {source} ({len(items)} images found): "
+                         "images need a caption (--caption-ext / --caption-column)")
+    print(f"train with: data.train_shards='{brace_pattern(summary.shards)}'")
     return summary
 
 
+def _cli(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 when shards were written, 2 (one line) for bad input."""
+    from ldm.boundary import error_boundary
+
+    return error_boundary(_cli)(argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

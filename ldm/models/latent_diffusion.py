@@ -88,8 +88,12 @@ class LatentDiffusion(nn.Module):
         kind = images.device.type
         precision = (torch.autocast(kind, enabled=False) if dtype == torch.float32
                      else torch.autocast(kind, dtype=dtype))
+        # In the weights' dtype: under a "true" precision (bf16-true, 16-true) they were
+        # converted, and a float32 input would not match them.
+        weights = next(self.autoencoder.parameters()).dtype
         with precision:
-            z = self.autoencoder.encode_latents(images.float(), sample=True, generator=generator)
+            z = self.autoencoder.encode_latents(images.to(weights), sample=True,
+                                                generator=generator)
         return z.float()
 
     @torch.no_grad()

@@ -61,6 +61,12 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def _load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained` keywords: the dtype, and safetensors weights only (a pickled
+    ``pytorch_model.bin`` is never unpickled)."""
+    return {**_dtype_kwargs(dtype), "use_safetensors": True}
+
+
 class HFTextEncoder(TextEncoder):
     """Any transformers encoder-only model (BERT, RoBERTa, MiniLM, ...) via `AutoModel`.
 
@@ -102,7 +108,14 @@ class HFTextEncoder(TextEncoder):
         self.tokenizer = AutoTokenizer.from_pretrained(
             source.tokenizer, local_files_only=source.local
         )
-        self.model = self._load_model(source)
+        try:
+            self.model = self._load_model(source)
+        except OSError as e:  # e.g. only a pickled pytorch_model.bin, or no weights at all
+            raise ValueError(
+                f"cannot load text encoder weights from {source.model} "
+                f"({str(e).splitlines()[0][:200]}): it needs model.safetensors (pickled .bin "
+                "files are never loaded; convert them with safetensors)"
+            ) from None
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's {limit} positions")
@@ -124,7 +137,7 @@ class HFTextEncoder(TextEncoder):
                 f"{source.model} is an encoder-decoder model; use kind 't5' for T5-style models"
             )
         return AutoModel.from_pretrained(
-            source.model, local_files_only=source.local, **_dtype_kwargs(self.weight_dtype)
+            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
         )
 
     def penultimate_norm(self) -> nn.Module:
@@ -192,7 +205,7 @@ class ClipTextEncoder(HFTextEncoder):
         from transformers import CLIPTextModel
 
         return CLIPTextModel.from_pretrained(
-            source.model, local_files_only=source.local, **_dtype_kwargs(self.weight_dtype)
+            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
         )
 
     def penultimate_norm(self) -> nn.Module:
@@ -216,7 +229,7 @@ class T5TextEncoder(HFTextEncoder):
         from transformers import T5EncoderModel
 
         return T5EncoderModel.from_pretrained(
-            source.model, local_files_only=source.local, **_dtype_kwargs(self.weight_dtype)
+            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
         )
 
     def penultimate_norm(self) -> nn.Module:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ldm.eval.reconstruction import psnr, ssim
+from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import build_optimizer, build_scheduler
 from ldm.training.sharding import full_state_dict, outermost_module
 
@@ -38,6 +39,8 @@ class AutoencoderModule(pl.LightningModule):
         total_steps: Steps the cosine schedule spans.
         gradient_clip_val: Gradient-norm clipping (None: off); done here because Lightning
             does not clip in manual optimisation.
+        max_bad_steps: Consecutive non-finite losses tolerated (each skips its step) before
+            training stops with :class:`ldm.training.nonfinite.NonFiniteLossError`.
     """
 
     checkpoint_kind = "autoencoder"
@@ -55,6 +58,7 @@ class AutoencoderModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         total_steps: int = 0,
         gradient_clip_val: float | None = None,
+        max_bad_steps: int = 20,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
@@ -69,6 +73,7 @@ class AutoencoderModule(pl.LightningModule):
         self.total_steps = total_steps
         self.gradient_clip_val = gradient_clip_val
         self.automatic_optimization = False
+        self.guard = NonFiniteGuard(max_bad_steps)
 
     @property
     def discriminator(self) -> nn.Module:
@@ -88,14 +93,20 @@ class AutoencoderModule(pl.LightningModule):
         g_loss, g_log = self.loss.generator_loss(
             x, reconstruction, posterior, step, self.autoencoder.get_last_layer()
         )
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
         self.discriminator.requires_grad_(True)
         logs = {f"train/{k}": v for k, v in g_log.items()}
+        losses = [g_loss]
         if self._disc_active(step):
             d_loss, d_log = self.loss.discriminator_loss(x, reconstruction.detach(), step)
-            self.manual_backward(d_loss)
+            losses.append(d_loss)
             logs.update({f"train/{k}": v for k, v in d_log.items()})
+        opt.zero_grad(set_to_none=True)
+        if not self.guard.check(step, *losses):  # the same on every rank: all skip together
+            self.log("train/skipped_steps", float(self.guard.skipped_steps), batch_size=len(x))
+            return g_loss.detach()
+        self.manual_backward(g_loss)  # its graph was built with the discriminator frozen
+        if len(losses) > 1:
+            self.manual_backward(losses[1])
         if self.gradient_clip_val:
             self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
                                 gradient_clip_algorithm="norm")

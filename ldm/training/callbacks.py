@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.checkpoint.format import save_checkpoint
 from ldm.images import caption_grid, make_grid, save_png
+from ldm.training.nonfinite import ADVICE, NonFiniteLossError, non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,30 @@ def _replace_link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        tmp.write_bytes(src.read_bytes())
+        try:
+            tmp.write_bytes(src.read_bytes())
+        except BaseException:  # e.g. a full disk: no partial copy stays behind
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, dst)
 
 
 RESUME_NAME = "resume.ckpt"
+
+
+def remove_stale_temporaries(dirpath: Path) -> list[Path]:
+    """Delete the temporary files a process killed mid-save left in a checkpoint directory
+    (``.step-….tmp``, ``.resume.ckpt.tmp``, ``.last.safetensors.tmp``); returns them."""
+    stale = [p for p in Path(dirpath).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
+
+
+def _at_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended was its epoch's last (Lightning prefetches one)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 class SafetensorsCheckpoint(pl.Callback):
@@ -47,11 +67,14 @@ class SafetensorsCheckpoint(pl.Callback):
     the resolved config, so it is enough to sample from. Alongside, ``<dir>/resume.ckpt`` holds
     the full training state (optimizer, LR schedule, EMA, loop progress, RNG and data position)
     for ``train.py --resume``; it is a Lightning checkpoint of tensors and plain values only, read
-    back with ``weights_only=True``. Both are written atomically. On SIGTERM (e.g. SLURM
-    preemption; Lightning raises ``SIGTERMException`` at the next batch boundary), SIGINT or
-    SIGUSR1, the state is saved before the process exits; DataLoader workers ignore SIGTERM and
-    SIGINT (:func:`ldm.data.shards.ignore_stop_signals`), so a signal to the whole process group
-    saves too.
+    back with ``weights_only=True``. Both are written atomically; the temporaries of a save
+    that was killed are removed at the next start, and weights that are not finite are never
+    written. A save due at an epoch's last batch is written when the epoch has ended, so a
+    resume from it starts the next epoch instead of replaying an empty one. On SIGTERM (e.g.
+    SLURM preemption; Lightning raises ``SIGTERMException`` at the next batch boundary), SIGINT
+    or SIGUSR1, the state is saved before the process exits; DataLoader workers ignore SIGTERM
+    and SIGINT (:func:`ldm.data.shards.ignore_stop_signals`), so a signal to the whole process
+    group saves too.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int,
@@ -62,6 +85,7 @@ class SafetensorsCheckpoint(pl.Callback):
         self.keep_last_k = keep_last_k
         self._last_saved_step = -1
         self._stop_signal: str | None = None
+        self._save_at_epoch_end = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
@@ -72,6 +96,8 @@ class SafetensorsCheckpoint(pl.Callback):
         # and stop" (the usual pre-emption warning signal). SIGINT (Ctrl+C, which reaches the
         # whole foreground process group) saves and stops too; a second one interrupts at once.
         # SIGTERM is Lightning's: it raises SIGTERMException at the next batch (on_exception).
+        if trainer.is_global_zero:
+            remove_stale_temporaries(self.dirpath)
         self._previous_sigint = None
         try:
             if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
@@ -108,11 +134,18 @@ class SafetensorsCheckpoint(pl.Callback):
         """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
         final = self.dirpath / RESUME_NAME
         tmp = self.dirpath / f".{RESUME_NAME}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # the full state
-        if trainer.is_global_zero:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # the full state
+            if trainer.is_global_zero:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+        except BaseException as e:  # e.g. a full disk: leave no partial file behind
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(final)) from e
+            raise
         trainer.strategy.barrier("resume-checkpoint")
         return final
 
@@ -122,6 +155,11 @@ class SafetensorsCheckpoint(pl.Callback):
         if step == self._last_saved_step:
             return None
         modules = pl_module.export_modules()
+        bad = non_finite_tensors(modules)
+        if bad:  # never replace a good checkpoint with NaN weights (every rank sees the same)
+            raise NonFiniteLossError(
+                f"the weights at step {step} are non-finite ({len(bad)} tensors, e.g. {bad[0]}), "
+                f"so they were not saved: {ADVICE}; the run's last finite checkpoint is kept")
         self._last_saved_step = step
         self.save_resume_state(trainer)
         if not trainer.is_global_zero:
@@ -147,11 +185,27 @@ class SafetensorsCheckpoint(pl.Callback):
             return
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.save(trainer, pl_module)
+            if _at_last_batch(trainer):
+                # Saved here, the loop state reads "inside an epoch whose batches are all
+                # consumed": Lightning, not knowing the epoch's length, would replay an empty
+                # epoch on resume and shift every later epoch's data. Once the epoch has ended
+                # the state reads "epoch done" and resumes at the next epoch's first batch.
+                self._save_at_epoch_end = True
+            else:
+                self.save(trainer, pl_module)
         if self._stop_signal:
             log.warning("%s: saving a checkpoint at step %d and stopping", self._stop_signal, step)
+            if _at_last_batch(trainer):  # as above: saved once the epoch has ended
+                self._save_at_epoch_end = True
+                trainer.should_stop = True
+                return
             self.save(trainer, pl_module)
             trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run:
@@ -165,6 +219,13 @@ class SafetensorsCheckpoint(pl.Callback):
             log.warning("SIGTERM: saving a checkpoint at step %d before exiting",
                         trainer.global_step)
             self.save(trainer, pl_module)
+        if isinstance(exception, NonFiniteLossError) and not trainer.fast_dev_run:
+            # The skipped steps left the weights as they were: keep the progress made since
+            # the last save (a save refuses weights that are themselves non-finite).
+            try:
+                self.save(trainer, pl_module)
+            except NonFiniteLossError as refused:
+                log.error("%s", refused)
 
 
 class RNGState(pl.Callback):

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from ldm.data.cached import sample_latents
 from ldm.diffusion import DiffusionLoss, Sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.training.ema import EMA
+from ldm.training.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-export)
 from ldm.training.optim import build_optimizer, build_scheduler
 from ldm.training.sharding import full_parameters, full_state_dict, outermost_module
 
@@ -36,10 +36,6 @@ NUM_T_BUCKETS = 4
 FROZEN_PREFIXES: tuple[str, ...] = ("model.autoencoder.", "model.text_encoder.")
 #: Relative tolerance of the frozen-weight fingerprint (sums in float64; device-independent).
 _FINGERPRINT_RTOL = 1e-6
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite losses too many steps in a row."""
 
 
 class DiffusionModule(pl.LightningModule):
@@ -110,9 +106,7 @@ class DiffusionModule(pl.LightningModule):
         self.negative_prompt = negative_prompt
         self.sample_seed = sample_seed
         self._empty_context = empty_context
-        self.max_bad_steps = max_bad_steps
-        self.bad_steps = 0
-        self.skipped_steps = 0
+        self.guard = NonFiniteGuard(max_bad_steps)
         self._skipped = False
         # Taken once, as built from the config: before any device move or precision conversion
         # (``bf16-true`` converts after a resume is loaded, FSDP before), so saves and resumes
@@ -128,6 +122,10 @@ class DiffusionModule(pl.LightningModule):
             return context.to(self.device).reshape(1, *context.shape[-2:]), mask.to(
                 self.device).reshape(1, -1).bool()
         return self.model.text_encoder.empty_embedding()
+
+    def _unet_dtype(self) -> torch.dtype:
+        """The U-Net's weight dtype: float32, or bf16/fp16 under a "true" trainer precision."""
+        return next(self.model.unet.parameters()).dtype
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents of a batch (cached posterior or freshly encoded images)."""
@@ -152,34 +150,18 @@ class DiffusionModule(pl.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        z = self.latents(batch)
+        z = self.latents(batch).to(self._unet_dtype())  # bf16/16-true converted the U-Net
         context, mask = self.context(batch)
         cond = self.model.conditioning(context.to(z.dtype), mask)
         out = self.loss_fn(self.model.unet, z, self.model.schedule, cond)
         loss = out.loss.mean()
         batch_size = z.shape[0]
-        if not self._all_finite(loss):
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row)",
-                        self.global_step, self.bad_steps)
-            if self.bad_steps >= self.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} consecutive non-finite losses: lower optim.lr, use "
-                    "trainer.precision=bf16-mixed or 32 instead of 16-mixed, or enable "
-                    "trainer.gradient_clip_val"
-                )
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        if not self.guard.check(self.global_step, loss):
+            self.log("train/skipped_steps", float(self.guard.skipped_steps),
+                     batch_size=batch_size)
             self._skipped = True
             return None  # every rank skips together (the flag is all-reduced)
-        self.bad_steps = 0
         self._skipped = False
         logs = {"train/loss": loss.detach()}
         buckets = (out.t * NUM_T_BUCKETS // self.model.schedule.num_timesteps).clamp(
@@ -204,7 +186,7 @@ class DiffusionModule(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        z = self.latents(batch)
+        z = self.latents(batch).to(self._unet_dtype())
         context, mask = self.context(batch)
         cond = self.model.conditioning(context.to(z.dtype), mask)
         net = self.ema.model if self.ema is not None else self.model.unet

@@ -113,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.boundary import error_boundary
+
+    sys.exit(error_boundary(main)())

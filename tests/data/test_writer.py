@@ -121,10 +121,60 @@ def test_writes_are_atomic(tmp_path: Path) -> None:
 
 def test_cli(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    summary = ws.main(["--folder", str(folder), "--out", str(out), "--prefix", "p", "--quiet"])
-    assert summary.written == 4
-    assert "wrote 4 samples to 1 shards" in capsys.readouterr().out
+    assert ws.main(["--folder", str(folder), "--out", str(out), "--prefix", "p", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 4 samples to 1 shards" in printed
+    assert f"data.train_shards='{out}/p-000000.tar'" in printed
     assert os.listdir(out) == ["p-000000.tar"]
+
+
+def test_cli_default_names_and_brace_pattern(folder: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The default names match the README (train-000000.tar...); the printed pattern reads
+    back exactly the shards written."""
+    from ldm.data.shards import expand_shards
+
+    out = tmp_path / "data"
+    assert ws.main(["--folder", str(folder), "--out", str(out), "--max-samples", "1",
+                    "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f"train with: data.train_shards='{out}/train-{{000000..000003}}.tar'"
+    pattern = line.split("=", 1)[1].strip("'")
+    assert expand_shards(pattern) == sorted(str(p) for p in out.iterdir())
+
+
+def test_cli_every_option_has_help() -> None:
+    actions = [a for a in ws.build_parser()._actions if a.option_strings]
+    assert len(actions) >= 14
+    assert [a.option_strings for a in actions if not a.help] == []
+
+
+@pytest.mark.parametrize("flag", ["--folder", "--table"])
+def test_cli_missing_source_exits_2(flag: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert ws.main([flag, str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} ") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_nothing_written_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "src").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "a.png")  # no caption
+    assert ws.main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                    "--quiet"]) == 2
+    assert "no sample written" in capsys.readouterr().err
+
+
+def test_decompression_bomb_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, side in (("ok", 8), ("warn", 40), ("bomb", 48)):
+        Image.new("RGB", (side, side)).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text("caption")
+    summary = write_shards(iter_folder(str(src)), str(tmp_path / "o-%06d.tar"), progress=False)
+    assert summary.written == 1 and summary.skipped == {"too_large": 2}
 
 
 def test_encode_sample_types() -> None:

@@ -90,7 +90,7 @@ def test_non_finite_loss_is_skipped_then_stops(shapes_data: dict[str, str],
                                                tmp_path: Path) -> None:
     cfg = load([TINY_LDM], common(shapes_data, tmp_path))
     module = build.build_module(cfg)
-    module.max_bad_steps = 2
+    module.guard.max_bad_steps = 2
     module.log = module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
     batch = {"image": torch.full((2, 3, 32, 32), float("nan")), "caption": ["a", "b"]}
     assert module.training_step(batch, 0) is None
