@@ -31,7 +31,8 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 original = build.build_trainer
-build.build_trainer = lambda cfg, path, extra=None: original(cfg, path, [KillAt()])
+build.build_trainer = lambda cfg, path, extra_callbacks=None, **kw: original(
+    cfg, path, [*(extra_callbacks or []), KillAt()], **kw)
 sys.exit(train.main({args!r}))
 """
 
