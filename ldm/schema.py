@@ -140,14 +140,44 @@ class EMAConfig:
 
 
 @dataclass
+class InitFromConfig:
+    """Start a run's weights from a released or earlier model (fine-tuning, `ldm.pretrained`)."""
+
+    path: str | None = opt(
+        None, "Weights to start the U-Net from: an SD 1.x/2.x single file (.safetensors, or .ckpt "
+        "read with weights_only=True), a diffusers pipeline folder, or one of our ldm "
+        "checkpoints; loaded strictly into model.unet (which must match it). null: random."
+    )
+    weights: str = opt("ema", "Which U-Net copy of the source: its EMA (when it has one) or raw.",
+                       ["ema", "raw"])
+    text_encoder: bool = opt(
+        False, "Also load the text encoder from the source (SD file: CLIP-L / OpenCLIP "
+        "converted to HF CLIP; diffusers: text_encoder/); model.text_encoder (kind=clip) gives "
+        "the tokenizer and architecture."
+    )
+    fingerprint: str | None = opt(
+        None, "sha256 of the source, recorded by the run (null: take the file as it is); a rerun "
+        "of the saved config refuses a source that changed."
+    )
+
+
+@dataclass
 class ModelConfig:
     """All model sections; which are used depends on `task`."""
 
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "KL autoencoder.")
     loss: AutoencoderLossConfig = section(AutoencoderLossConfig, "Autoencoder training loss.")
     autoencoder_ckpt: str | None = opt(
-        None, "task=ldm: trained autoencoder checkpoint (.safetensors) to load and freeze."
+        None, "task=ldm: autoencoder to load and freeze: one of our checkpoints, an SD 1.x/2.x "
+        "single file, a diffusers vae/ folder or pipeline folder (its model.autoencoder section "
+        "and scale_factor are filled from the source)."
     )
+    autoencoder_scale_factor: float | None = opt(
+        None, "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
+        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files)."
+    )
+    init_from: InitFromConfig = section(InitFromConfig, "Start the U-Net (and optionally the text "
+                                        "encoder) from a checkpoint.")
     unet: UNetConfig = section(UNetConfig, "Denoising U-Net.")
     diffusion: DiffusionConfig = section(DiffusionConfig, "Diffusion process and loss.")
     text_encoder: TextEncoderConfig = section(TextEncoderConfig, "Frozen text encoder.")
