@@ -117,6 +117,13 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
     assert train.main(args) == 0
     run = tmp_path / "raw"
     assert_equal_states(unet_of(run), src["model"].unet.state_dict())
+    # the text encoder is frozen (not in our checkpoints): the run's config rebuilds it
+    from ldm import build
+
+    cfg = build.resolve(load([run / "config.yaml"]))
+    module = build.build_module(cfg)
+    assert_equal_states(module.model.text_encoder.model.state_dict(),
+                        perturbed_text.state_dict())
 
     # the saved config alone reruns the same start
     again = ["-c", str(run / "config.yaml"), "run.name=again"]
