@@ -328,6 +328,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         negative_prompt=cfg.sampling.negative_prompt,
         sample_seed=cfg.sampling.seed,
         empty_context=empty,
+        freeze=list(cfg.model.freeze),
     )
 
 

@@ -186,6 +186,11 @@ class ModelConfig:
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
+    freeze: list[str] = opt(
+        [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
+        "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "
+        "error."
+    )
 
 
 @dataclass

@@ -187,3 +187,26 @@ def test_bad_sources_fail_in_one_line(sources: dict[str, Any], shapes_data: dict
     assert len(errors) == 1, err
     err = errors[0]
     assert needle in err and (str(bad) in err), err
+
+
+def test_freeze_patterns_keep_those_weights(sources: dict[str, Any], shapes_data: dict,
+                                            tmp_path: Path, capsys: pytest.CaptureFixture
+                                            ) -> None:
+    import train
+
+    src = sources["sd1"]
+    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "frozen",
+                    f"model.init_from.path={src['file']}", "model.init_from.weights=raw",
+                    "optim.lr=1e-2", "trainer.max_steps=2", "model.freeze=[input_blocks.*]")
+    assert train.main(args) == 0
+    trained, start = unet_of(tmp_path / "frozen"), src["model"].unet.state_dict()
+    changed = {name for name, value in trained.items() if not torch.equal(value, start[name])}
+    assert changed and not any(name.startswith("input_blocks.") for name in changed)
+    assert any(name.startswith("output_blocks.") for name in changed)
+
+    capsys.readouterr()
+    bad = run_args(src["yaml"], shapes_data["train"], tmp_path, "badfreeze",
+                   "model.freeze=[encoder.*]")
+    assert train.main(bad) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "'encoder.*' matches no U-Net parameter" in errors[0]

@@ -14,8 +14,10 @@ built) is stored instead, and a resume whose frozen weights differ fails with a 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,6 +38,33 @@ NUM_T_BUCKETS = 4
 FROZEN_PREFIXES: tuple[str, ...] = ("model.autoencoder.", "model.text_encoder.")
 #: Relative tolerance of the frozen-weight fingerprint (sums in float64; device-independent).
 _FINGERPRINT_RTOL = 1e-6
+
+
+def freeze_parameters(module: torch.nn.Module, patterns: Sequence[str]) -> int:
+    """``requires_grad_(False)`` on the parameters whose names match an fnmatch pattern.
+
+    Returns:
+        How many parameters were frozen.
+
+    Raises:
+        ValueError: A pattern matches no parameter, or every parameter is frozen.
+    """
+    if not patterns:
+        return 0
+    names = [name for name, _ in module.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"model.freeze: pattern {pattern!r} matches no U-Net parameter "
+                             f"(names look like {names[0]!r})")
+    frozen = 0
+    for name, param in module.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == len(names):
+        raise ValueError("model.freeze freezes every U-Net parameter: nothing would train")
+    log.info("model.freeze: %d of %d U-Net parameters frozen", frozen, len(names))
+    return frozen
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,6 +96,11 @@ class DiffusionModule(pl.LightningModule):
         empty_context: Cached mode: the empty prompt's ``(context L×D, mask L)`` as stored with
             the shards (default: encode "" with the text encoder).
         max_bad_steps: Consecutive non-finite losses tolerated before stopping.
+        freeze: fnmatch patterns of U-Net parameter names kept fixed (``requires_grad=False``,
+            left out of the optimizer).
+
+    Raises:
+        ValueError: A ``freeze`` pattern that matches no parameter, or one that freezes all.
     """
 
     checkpoint_kind = "ldm"
@@ -93,8 +127,10 @@ class DiffusionModule(pl.LightningModule):
         sample_seed: int = 0,
         empty_context: tuple[torch.Tensor, torch.Tensor] | None = None,
         max_bad_steps: int = 20,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        freeze_parameters(model.unet, freeze)
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.model = model
@@ -302,7 +338,8 @@ class DiffusionModule(pl.LightningModule):
                 state.setdefault(prefix + name, tensor)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model.unet.parameters(), **self.optim_args)
+        trainable = [p for p in self.model.unet.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, **self.optim_args)
         scheduler = build_scheduler(optimizer, **self.sched_args)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
