@@ -161,8 +161,13 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
     if autoencoder is None:
         autoencoder = (load_autoencoder(m.autoencoder_ckpt, m.autoencoder) if m.autoencoder_ckpt
                        else build_autoencoder(m.autoencoder))
+    unet = build_unet(m.unet)
+    if m.lora.rank > 0:  # the base weights' names stay; adapters add <layer>.lora_{down,up}
+        from ldm.models.lora import add_lora
+
+        add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.targets))
     return LatentDiffusion(
-        unet=build_unet(m.unet),
+        unet=unet,
         autoencoder=autoencoder,
         text_encoder=build_text_encoder(m.text_encoder),
         schedule=build_schedule(m.diffusion),

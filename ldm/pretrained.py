@@ -80,8 +80,9 @@ def fingerprint(path: str | Path, components: tuple[str, ...] = ("unet",)) -> st
 
 def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: Path, what: str) -> None:
     """``load_state_dict(strict=True)``; missing, unexpected or mis-shaped keys become one line
-    naming the source file and the first offending key."""
-    own = module.state_dict()
+    naming the source file and the first offending key. LoRA adapters (``.lora_`` keys) are
+    not expected in the source: they start fresh."""
+    own = {k: v for k, v in module.state_dict().items() if ".lora_" not in k}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -96,7 +97,7 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: Path, w
             detail = f"key {unexpected[0]} is not in the configured {what} " \
                      f"({len(unexpected)} in all)"
         raise CheckpointError(f"{source}: {what} weights do not fit the config: {detail}")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=len(own) == len(module.state_dict()))
 
 
 # ---------------------------------------------------------------------------------------------

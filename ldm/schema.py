@@ -162,6 +162,20 @@ class InitFromConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the U-Net (`ldm.models.lora`, Hu et al. 2021); only they train."""
+
+    rank: int = opt(0, "Adapter rank r (0: no LoRA, the whole U-Net trains).")
+    alpha: float | None = opt(None, "Scale numerator: updates are scaled by alpha/r (null: r).")
+    dropout: float = opt(0.0, "Dropout on the adapters' input.")
+    targets: list[str] = opt(
+        ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"],
+        "fnmatch patterns of U-Net linear layers to adapt (attention projections; feed-forward: "
+        "'*.ff.net.0.proj', '*.ff.net.2'; SD2's linear proj_in/out are not supported).",
+    )
+
+
+@dataclass
 class ModelConfig:
     """All model sections; which are used depends on `task`."""
 
@@ -186,6 +200,7 @@ class ModelConfig:
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net.")
     freeze: list[str] = opt(
         [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
         "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "

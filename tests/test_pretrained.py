@@ -210,3 +210,35 @@ def test_freeze_patterns_keep_those_weights(sources: dict[str, Any], shapes_data
     assert train.main(bad) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "'encoder.*' matches no U-Net parameter" in errors[0]
+
+
+def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
+        sources: dict[str, Any], shapes_data: dict, tmp_path: Path) -> None:
+    import train
+    from ldm import build
+
+    src = sources["sd1"]
+    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "lora",
+                    f"model.init_from.path={src['file']}", "model.init_from.weights=raw",
+                    f"model.autoencoder_ckpt={src['file']}", "optim.lr=1e-2",
+                    "model.lora.rank=2", "model.lora.alpha=4", "trainer.max_steps=2")
+    assert train.main(args) == 0
+    trained, start = unet_of(tmp_path / "lora"), src["model"].unet.state_dict()
+    lora = {k for k in trained if ".lora_" in k}
+    assert lora and set(trained) - lora == set(start)
+    assert all(torch.equal(trained[k], start[k]) for k in start)  # the base stays
+    assert any(trained[k].abs().sum() > 0 for k in lora if ".lora_up." in k)  # adapters moved
+
+    # one step, then --resume to two: the same adapters as the straight run
+    assert train.main([*args[:-1], "trainer.max_steps=1", "run.name=half"]) == 0
+    assert train.main(["--resume", str(tmp_path / "half"), "trainer.max_steps=2"]) == 0
+    for key in ("unet", "unet_ema"):
+        resumed, straight = unet_of(tmp_path / "half", key), unet_of(tmp_path / "lora", key)
+        for k in lora:
+            torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
+
+    model, cfg = build.load_for_sampling(tmp_path / "lora" / "checkpoints" / "last.safetensors")
+    assert cfg.model.lora.rank == 2
+    assert_equal_states({k: v for k, v in model.unet.state_dict().items() if ".lora_" in k},
+                        {k: v for k, v in unet_of(tmp_path / "lora", "unet_ema").items()
+                         if ".lora_" in k})
