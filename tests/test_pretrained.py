@@ -242,3 +242,18 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     assert_equal_states({k: v for k, v in model.unet.state_dict().items() if ".lora_" in k},
                         {k: v for k, v in unet_of(tmp_path / "lora", "unet_ema").items()
                          if ".lora_" in k})
+
+    # merge on export: the diffusers folder's plain U-Net computes what the adapted one does
+    from ldm.checkpoint.diffusers_layout import main as export
+
+    out = tmp_path / "merged"
+    assert export(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
+                   "--out", str(out)]) == 0
+    plain, _ = build.load_for_sampling(out)
+    assert not any(".lora_" in k for k in plain.unet.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 16, 32, generator=g)
+    t = torch.tensor([10.0, 600.0])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.unet(x, t, context=ctx), model.unet(x, t, context=ctx),
+                                   rtol=1e-5, atol=1e-5)

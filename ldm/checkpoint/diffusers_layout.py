@@ -268,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              use_ema=not args.no_ema)
         if Path(args.ckpt).is_dir():
             cfg = folder_config(args.ckpt, cfg)
+        from ldm.models.lora import merge_lora
+
+        merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters
+        if merged:
+            print(f"merged {merged} LoRA adapters into the U-Net weights")
         export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
