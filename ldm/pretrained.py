@@ -328,5 +328,43 @@ def load_autoencoder(path: str | Path, section: Mapping[str, Any] | None = None)
     return model
 
 
-__all__ = ["SD_SCALE_FACTOR", "apply_init", "autoencoder_section", "fingerprint",
-           "load_autoencoder", "resolve_init", "source_kind", "text_state", "unet_state"]
+# ---------------------------------------------------------------------------------------------
+# LoRA files (sample.py --lora)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``path[:scale]`` → (path, scale); the scale defaults to 1."""
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def apply_lora_files(unet: nn.Module, specs: list[str]) -> None:
+    """Merge each ``path[:scale]`` LoRA file into ``unet``'s weights, in order (files add up).
+
+    Raises:
+        FileNotFoundError, CheckpointError: A missing or unreadable file, or adapters that do not
+            fit the U-Net (named with the file).
+    """
+    from ldm.checkpoint.lora_keys import read_lora_file
+    from ldm.models.lora import merge_adapters
+
+    for spec in specs:
+        path, scale = parse_lora_spec(spec)
+        try:
+            merge_adapters(unet, read_lora_file(path), scale)
+        except ValueError as e:
+            message = str(e)
+            raise CheckpointError(message if str(path) in message else f"{path}: {message}"
+                                  ) from None
+        log.warning("LoRA %s merged at scale %g", path, scale)
+
+
+__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "autoencoder_section",
+           "fingerprint", "load_autoencoder", "parse_lora_spec", "resolve_init", "source_kind",
+           "text_state", "unet_state"]

@@ -255,5 +255,25 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 16, 32, generator=g)
     t = torch.tensor([10.0, 600.0])
     with torch.no_grad():
-        torch.testing.assert_close(plain.unet(x, t, context=ctx), model.unet(x, t, context=ctx),
-                                   rtol=1e-5, atol=1e-5)
+        adapted = model.unet(x, t, context=ctx)
+        torch.testing.assert_close(plain.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
+
+    # the small LoRA file, merged into the base by sample.py --lora, gives the same U-Net
+    import sample
+    from ldm.checkpoint.lora_keys import main as extract
+    from ldm.pretrained import apply_lora_files
+
+    small = tmp_path / "adapters.safetensors"
+    assert extract(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
+                    "--out", str(small)]) == 0
+    assert small.stat().st_size < (tmp_path / "lora" / "checkpoints" / "last.safetensors"
+                                   ).stat().st_size / 10
+    base, _ = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
+    with torch.no_grad():
+        apply_lora_files(base.unet, [f"{small}:0.5", f"{small}:0.5"])  # two halves add up
+        torch.testing.assert_close(base.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
+    common = ["--ckpt", str(src["file"]), "-c", str(src["yaml"]), "--no-ema", "--prompt", "red",
+              "--steps", "2", "--outdir", str(tmp_path / "samples")]
+    assert sample.main([*common, "--lora", f"{small}:0.7"]) == 0
+    assert any((tmp_path / "samples").rglob("*.png"))
+    assert sample.main([*common, "--lora", str(tmp_path / "missing.safetensors")]) == 2

@@ -114,3 +114,26 @@ def merge_lora(module: nn.Module) -> int:
     for name in names:
         _set(module, name, module.get_submodule(name).merged())  # type: ignore[operator]
     return len(names)
+
+
+@torch.no_grad()
+def merge_adapters(module: nn.Module,
+                   adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                   scale: float = 1.0) -> None:
+    """``W ← W + scale · (alpha / r) · B A`` for each ``layer -> (A, B, alpha)`` (a LoRA file).
+
+    Raises:
+        ValueError: A layer that is not a linear layer of ``module``, or shapes that differ.
+    """
+    for layer, (down, up, alpha) in adapters.items():
+        try:
+            target = module.get_submodule(layer)
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Linear):
+            raise ValueError(f"LoRA layer {layer} is not a linear layer of the U-Net")
+        if tuple(down.shape[1:]) != (target.in_features,) or up.shape[0] != target.out_features:
+            raise ValueError(f"LoRA layer {layer}: adapter {tuple(up.shape)}x{tuple(down.shape)} "
+                             f"does not fit the layer's {tuple(target.weight.shape)}")
+        delta = (up.float() @ down.float()) * (scale * alpha / down.shape[0])
+        target.weight.add_(delta.to(target.weight))
