@@ -334,6 +334,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         sample_seed=cfg.sampling.seed,
         empty_context=empty,
         freeze=list(cfg.model.freeze),
+        omit_frozen_unet=bool(cfg.model.init_from.path),
     )
 
 

@@ -231,6 +231,10 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
 
     # one step, then --resume to two: the same adapters as the straight run
     assert train.main([*args[:-1], "trainer.max_steps=1", "run.name=half"]) == 0
+    resume_state = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt",
+                              weights_only=True)["state_dict"]
+    unet_keys = {k for k in resume_state if k.startswith(("model.unet.", "ema.model."))}
+    assert unet_keys and all(".lora_" in k for k in unet_keys)  # the frozen base is left out
     assert train.main(["--resume", str(tmp_path / "half"), "trainer.max_steps=2"]) == 0
     for key in ("unet", "unet_ema"):
         resumed, straight = unet_of(tmp_path / "half", key), unet_of(tmp_path / "lora", key)
