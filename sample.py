@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write the final latents (N, C, h, w; key 'latents', in prompt "
                         "order, with their 'seeds') to this safetensors file")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA file merged into the U-Net at SCALE (default 1); repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="U-Net dtype (the autoencoder stays float32)")
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
                                              use_ema=not args.no_ema)
+        if args.lora:
+            from ldm.pretrained import apply_lora_files
+
+            apply_lora_files(model.unet, args.lora)
         s = cfg.sampling
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)

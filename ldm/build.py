@@ -63,12 +63,14 @@ def build_autoencoder_loss(section: Any) -> torch.nn.Module:
     return AutoencoderLoss(**kwargs(section))
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """An autoencoder from one of our checkpoints (autoencoder or ldm kind), weights loaded."""
-    ckpt = load_checkpoint(path)
-    if ckpt.kind not in ("autoencoder", "ldm"):
-        raise CheckpointError(f"{path} holds no autoencoder")
-    return autoencoder_from_checkpoint(ckpt)
+def load_autoencoder(path: str | Path, section: Any | None = None) -> AutoencoderKL:
+    """An autoencoder with weights: from one of our checkpoints (autoencoder or ldm kind), a
+    diffusers ``vae/`` or pipeline folder, or an SD single file (which needs ``section``, the
+    resolved ``model.autoencoder``); see :func:`ldm.pretrained.load_autoencoder`."""
+    from ldm import pretrained
+
+    return pretrained.load_autoencoder(  # type: ignore[return-value]
+        path, None if section is None else kwargs(section))
 
 
 def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
@@ -149,14 +151,23 @@ def build_sampler(section: Any, disable_progress: bool = False, **override: Any)
 
 def resolve(cfg: DictConfig) -> DictConfig:
     """Fill what a config takes from elsewhere: an ldm run's autoencoder section comes from
-    ``model.autoencoder_ckpt`` (so the saved config rebuilds the same autoencoder)."""
+    ``model.autoencoder_ckpt`` (so the saved config rebuilds the same autoencoder), and
+    ``model.init_from.fingerprint`` from its source (checked when already set)."""
     if cfg.task == "ldm" and cfg.model.autoencoder_ckpt:
-        from ldm.checkpoint.format import read_metadata
+        from ldm import pretrained
         from ldm.config import load
 
-        meta = read_metadata(cfg.model.autoencoder_ckpt)
-        source = load(base={"model": {"autoencoder": _section_of(meta, "autoencoder")}})
+        section, where = pretrained.autoencoder_section(
+            cfg.model.autoencoder_ckpt, kwargs(cfg.model.autoencoder),
+            cfg.model.autoencoder_scale_factor)
+        source = load(base={"model": {"autoencoder": section}})
         cfg.model.autoencoder = source.model.autoencoder
+        log.warning("model.autoencoder_ckpt %s: scale_factor %.6g from %s",
+                    cfg.model.autoencoder_ckpt, cfg.model.autoencoder.scale_factor, where)
+    if cfg.task == "ldm" and cfg.model.init_from.path:
+        from ldm import pretrained
+
+        pretrained.resolve_init(cfg)
     check_buckets(cfg)
     return cfg
 
@@ -196,10 +207,15 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
 
     m = cfg.model
     if autoencoder is None:
-        autoencoder = (load_autoencoder(m.autoencoder_ckpt) if m.autoencoder_ckpt
+        autoencoder = (load_autoencoder(m.autoencoder_ckpt, m.autoencoder) if m.autoencoder_ckpt
                        else build_autoencoder(m.autoencoder))
+    unet = build_unet(m.unet)
+    if m.lora.rank > 0:  # the base weights' names stay; adapters add <layer>.lora_{down,up}
+        from ldm.models.lora import add_lora
+
+        add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.targets))
     return LatentDiffusion(
-        unet=build_unet(m.unet),
+        unet=unet,
         autoencoder=autoencoder,
         text_encoder=build_text_encoder(m.text_encoder),
         schedule=build_schedule(m.diffusion),
@@ -374,8 +390,13 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         prompt = datamodule.empty_prompt()
         empty = (prompt["context"], prompt["context_mask"])
     ema = cfg.model.ema
+    model = build_latent_diffusion(cfg)
+    if cfg.model.init_from.path:  # before the module copies the U-Net into its EMA
+        from ldm import pretrained
+
+        pretrained.apply_init(model, cfg.model.init_from, kwargs(cfg.model.unet))
     return DiffusionModule(
-        model=build_latent_diffusion(cfg),
+        model=model,
         loss=build_diffusion_loss(cfg.model.diffusion),
         p_uncond=cfg.model.p_uncond,
         lr=learning_rate(cfg),
@@ -394,6 +415,8 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         negative_prompt=cfg.sampling.negative_prompt,
         sample_seed=cfg.sampling.seed,
         empty_context=empty,
+        freeze=list(cfg.model.freeze),
+        omit_frozen_unet=bool(cfg.model.init_from.path),
     )
 
 

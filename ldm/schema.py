@@ -140,14 +140,58 @@ class EMAConfig:
 
 
 @dataclass
+class InitFromConfig:
+    """Start a run's weights from a released or earlier model (fine-tuning, `ldm.pretrained`)."""
+
+    path: str | None = opt(
+        None, "Weights to start the U-Net from: an SD 1.x/2.x single file (.safetensors, or .ckpt "
+        "read with weights_only=True), a diffusers pipeline folder, or one of our ldm "
+        "checkpoints; loaded strictly into model.unet (which must match it). null: random."
+    )
+    weights: str = opt("ema", "Which U-Net copy of the source: its EMA (when it has one) or raw.",
+                       ["ema", "raw"])
+    text_encoder: bool = opt(
+        False, "Also load the text encoder from the source (SD file: CLIP-L / OpenCLIP "
+        "converted to HF CLIP; diffusers: text_encoder/); model.text_encoder (kind=clip) gives "
+        "the tokenizer and architecture."
+    )
+    fingerprint: str | None = opt(
+        None, "sha256 of the source, recorded by the run (null: take the file as it is); a rerun "
+        "of the saved config refuses a source that changed."
+    )
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the U-Net (`ldm.models.lora`, Hu et al. 2021); only they train."""
+
+    rank: int = opt(0, "Adapter rank r (0: no LoRA, the whole U-Net trains).")
+    alpha: float | None = opt(None, "Scale numerator: updates are scaled by alpha/r (null: r).")
+    dropout: float = opt(0.0, "Dropout on the adapters' input.")
+    targets: list[str] = opt(
+        ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"],
+        "fnmatch patterns of U-Net linear layers to adapt (attention projections; feed-forward: "
+        "'*.ff.net.0.proj', '*.ff.net.2'; SD2's linear proj_in/out are not supported).",
+    )
+
+
+@dataclass
 class ModelConfig:
     """All model sections; which are used depends on `task`."""
 
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "KL autoencoder.")
     loss: AutoencoderLossConfig = section(AutoencoderLossConfig, "Autoencoder training loss.")
     autoencoder_ckpt: str | None = opt(
-        None, "task=ldm: trained autoencoder checkpoint (.safetensors) to load and freeze."
+        None, "task=ldm: autoencoder to load and freeze: one of our checkpoints, an SD 1.x/2.x "
+        "single file, a diffusers vae/ folder or pipeline folder (its model.autoencoder section "
+        "and scale_factor are filled from the source)."
     )
+    autoencoder_scale_factor: float | None = opt(
+        None, "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
+        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files)."
+    )
+    init_from: InitFromConfig = section(InitFromConfig, "Start the U-Net (and optionally the text "
+                                        "encoder) from a checkpoint.")
     unet: UNetConfig = section(UNetConfig, "Denoising U-Net.")
     diffusion: DiffusionConfig = section(DiffusionConfig, "Diffusion process and loss.")
     text_encoder: TextEncoderConfig = section(TextEncoderConfig, "Frozen text encoder.")
@@ -156,6 +200,12 @@ class ModelConfig:
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net.")
+    freeze: list[str] = opt(
+        [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
+        "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "
+        "error."
+    )
 
 
 @dataclass

@@ -6,16 +6,20 @@ replaced by the empty prompt with probability ``p_uncond`` (classifier-free guid
 Ho & Salimans 2022, §3.2), then the weighted denoising loss of the chosen parameterisation.
 A non-finite loss skips the step on every rank; ``max_bad_steps`` in a row stop training.
 
-``resume.ckpt`` leaves out the frozen autoencoder and text encoder (:data:`FROZEN_PREFIXES`):
-the run's config rebuilds them from their own files, and for a small U-Net they are most of the
-file. A fingerprint of each (parameter count, sum and sum of squares, taken when the module is
-built) is stored instead, and a resume whose frozen weights differ fails with a one-line error.
+``resume.ckpt`` leaves out the frozen autoencoder and text encoder (:data:`FROZEN_PREFIXES`),
+and the U-Net's frozen parameters (LoRA base, ``model.freeze``) when ``model.init_from`` restores
+them: the run's config rebuilds them from their own files, and for a small U-Net (or a LoRA run)
+they are most of the file. A fingerprint of each (parameter count, sum and sum of squares,
+taken when the module is built) is stored instead, and a resume whose frozen weights differ
+fails with a one-line error.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,6 +40,33 @@ NUM_T_BUCKETS = 4
 FROZEN_PREFIXES: tuple[str, ...] = ("model.autoencoder.", "model.text_encoder.")
 #: Relative tolerance of the frozen-weight fingerprint (sums in float64; device-independent).
 _FINGERPRINT_RTOL = 1e-6
+
+
+def freeze_parameters(module: torch.nn.Module, patterns: Sequence[str]) -> int:
+    """``requires_grad_(False)`` on the parameters whose names match an fnmatch pattern.
+
+    Returns:
+        How many parameters were frozen.
+
+    Raises:
+        ValueError: A pattern matches no parameter, or every parameter is frozen.
+    """
+    if not patterns:
+        return 0
+    names = [name for name, _ in module.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"model.freeze: pattern {pattern!r} matches no U-Net parameter "
+                             f"(names look like {names[0]!r})")
+    frozen = 0
+    for name, param in module.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == len(names):
+        raise ValueError("model.freeze freezes every U-Net parameter: nothing would train")
+    log.info("model.freeze: %d of %d U-Net parameters frozen", frozen, len(names))
+    return frozen
 
 
 class DiffusionModule(pl.LightningModule):
@@ -63,6 +94,14 @@ class DiffusionModule(pl.LightningModule):
         empty_context: Cached mode: the empty prompt's ``(context L×D, mask L)`` as stored with
             the shards (default: encode "" with the text encoder).
         max_bad_steps: Consecutive non-finite losses tolerated before stopping.
+        freeze: fnmatch patterns of U-Net parameter names kept fixed (``requires_grad=False``,
+            left out of the optimizer).
+        omit_frozen_unet: The config rebuilds the U-Net's frozen parameters (LoRA bases, frozen
+            patterns) from ``model.init_from``: leave them (and their EMA copies, which equal
+            them) out of ``resume.ckpt`` like the frozen encoders, behind a fingerprint.
+
+    Raises:
+        ValueError: A ``freeze`` pattern that matches no parameter, or one that freezes all.
     """
 
     checkpoint_kind = "ldm"
@@ -89,8 +128,13 @@ class DiffusionModule(pl.LightningModule):
         sample_seed: int = 0,
         empty_context: tuple[torch.Tensor, torch.Tensor] | None = None,
         max_bad_steps: int = 20,
+        freeze: Sequence[str] = (),
+        omit_frozen_unet: bool = False,
     ) -> None:
         super().__init__()
+        freeze_parameters(model.unet, freeze)
+        self._frozen_unet = [name for name, p in model.unet.named_parameters()
+                             if not p.requires_grad] if omit_frozen_unet else []
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.model = model
@@ -227,8 +271,12 @@ class DiffusionModule(pl.LightningModule):
         """Prefix -> state of each frozen part, read from the parts themselves: they are never
         sharded, so this is local (``self.state_dict()`` would gather the U-Net under FSDP)."""
         parts = (self.model.autoencoder, self.model.text_encoder)
-        return {prefix: part.state_dict()
-                for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
+        states = {prefix: part.state_dict()
+                  for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
+        if self._frozen_unet:
+            params = dict(self.model.unet.named_parameters())
+            states["model.unet."] = {name: params[name] for name in self._frozen_unet}
+        return states
 
     def _fingerprint_frozen(self) -> dict[str, list[float]]:
         """Per frozen prefix: ``[count, sum, sum of squares]`` of its float state (float64)."""
@@ -248,7 +296,10 @@ class DiffusionModule(pl.LightningModule):
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             return
-        omitted = [name for name in state if name.startswith(FROZEN_PREFIXES)]
+        frozen_unet = {f"{where}{name}" for name in self._frozen_unet
+                       for where in ("model.unet.", "ema.model.")}
+        omitted = [name for name in state if name.startswith(FROZEN_PREFIXES)
+                   or name in frozen_unet]
         if not omitted:  # e.g. non-zero ranks under FSDP, which save nothing
             return
         for name in omitted:
@@ -271,8 +322,10 @@ class DiffusionModule(pl.LightningModule):
                 for a, b in zip(current[1:], saved[1:], strict=True))
             if not same:
                 what = prefix.removeprefix("model.").rstrip(".")
-                key = ("model.autoencoder_ckpt (the run's step-*.safetensors hold it too)"
-                       if what == "autoencoder" else "model.text_encoder")
+                key = {"autoencoder": "model.autoencoder_ckpt (the run's step-*.safetensors "
+                                      "hold it too)",
+                       "unet": "model.init_from (the frozen U-Net weights)"}.get(
+                           what, "model.text_encoder")
                 how = ("same size, other values" if current[0] == saved[0] else
                        f"{int(current[0])} values, the run's had {int(saved[0])}")
                 raise ValueError(
@@ -283,9 +336,12 @@ class DiffusionModule(pl.LightningModule):
         for prefix, part_state in self._frozen_states().items():
             for name, tensor in part_state.items():
                 state.setdefault(prefix + name, tensor)
+                if prefix == "model.unet." and self.ema is not None:
+                    state.setdefault("ema.model." + name, tensor)  # the average of a constant
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model.unet.parameters(), **self.optim_args)
+        trainable = [p for p in self.model.unet.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, **self.optim_args)
         scheduler = build_scheduler(optimizer, **self.sched_args)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
