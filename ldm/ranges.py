@@ -97,7 +97,7 @@ RANGES: tuple[Range, ...] = (
     Range("data.epoch_samples", _int_at_least(1), COUNT + " or null"),
     Range("data.min_size", _int_at_least(0), "an integer >= 0"),
     Range("data.max_aspect", lambda v: _number_in(1.0, math.inf)(v), "a number >= 1 or null"),
-    Range("optim.lr", _positive, "a finite number > 0"),
+    Range("optim.lr", _non_negative, "a finite number >= 0"),
     Range("optim.disc_lr", _non_negative, "a finite number >= 0 or null"),
     Range("optim.betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
     Range("optim.weight_decay", _non_negative, "a finite number >= 0"),

@@ -364,8 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileExistsError(f"{out} is not empty (pass --overwrite)")
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
                                              use_ema=not args.no_ema)
-        if Path(args.ckpt).is_dir():
-            cfg = folder_config(args.ckpt, cfg)
         from ldm.models.lora import merge_lora
 
         merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters
