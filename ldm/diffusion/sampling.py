@@ -122,3 +122,27 @@ class Sampler:
             opts["eta"] = self.eta
         x = get_sampler(self.sampler)(denoiser, x, sigmas, **opts)
         return (x / prior_scale(sigmas[-1])).to(noise.dtype)
+
+    @torch.no_grad()
+    def sample_from(
+        self,
+        denoiser: DenoiserFn,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        extra_args: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """Run this sampler over a given σ grid (e.g. the tail of :meth:`sigmas` for img2img)
+        from σ-space ``x`` at ``sigmas[0]``; returns the σ-space result at ``sigmas[-1]``."""
+        opts: dict[str, Any] = {
+            "extra_args": extra_args,
+            "callback": callback,
+            "disable_progress": self.disable_progress,
+        }
+        if self.sampler in STOCHASTIC:
+            opts["generator"] = generator
+        if self.sampler == "ddim":
+            opts["eta"] = self.eta
+        return get_sampler(self.sampler)(denoiser, x.float(), sigmas, **opts)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion import CFGDenoiser, Denoiser, NoiseSchedule, Sampler
+from ldm.diffusion.timesteps import prior_scale
 
 
 class LatentDiffusion(nn.Module):
@@ -124,6 +125,8 @@ class LatentDiffusion(nn.Module):
         latents: Tensor | None = None,
         net: Callable[..., Tensor] | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        init_latents: Tensor | None = None,
+        strength: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """Sample images for prompts with classifier-free guidance.
 
@@ -141,6 +144,11 @@ class LatentDiffusion(nn.Module):
             latents: Initial DDPM-space noise (B, C, h, w) instead of drawing it.
             net: The network to use instead of ``self.unet`` (e.g. EMA weights).
             callback: Per-step callback passed to the sampler.
+            init_latents: img2img (SDEdit, Meng et al. 2022): scaled latents of the init images
+                (B, C, h, w); they are noised to the grid's σ at ``strength`` and denoised from
+                there, with ``latents`` as the noise (required then).
+            strength: Fraction of the sampler's steps that run, in (0, 1]; as diffusers'
+                ``StableDiffusionImg2ImgPipeline``, the last ``int(steps · strength)`` steps.
 
         Returns:
             (images in [-1, 1] of shape (B, 3, H, W), final scaled latents (B, C, h, w)).
@@ -157,18 +165,45 @@ class LatentDiffusion(nn.Module):
             height = height or int(getattr(self.autoencoder, "resolution", 256))
             width = width or height
             shape = self.latent_shape(batch, height, width)
+            if init_latents is not None:
+                shape = tuple(init_latents.shape)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         latents = latents.to(device)
 
         context, mask = self.encode_prompts(prompts)
         cond = self.conditioning(context.to(device, dtype), mask.to(device))
         denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
+        extra: dict[str, Any] | None = cond
         if guidance != 1.0:
             u_context, u_mask = self.encode_prompts(negative_prompts)
             uncond = self.conditioning(u_context.to(device, dtype), u_mask.to(device))
-            guided = CFGDenoiser(denoiser, cond, uncond, scale=guidance, rescale=guidance_rescale)
-            z = sampler(guided, latents, self.schedule, generator=generator, callback=callback)
-        else:
+            denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance,
+                                   rescale=guidance_rescale)
+            extra = None
+        if init_latents is None:
             z = sampler(denoiser, latents, self.schedule, generator=generator, callback=callback,
-                        extra_args=cond)
+                        extra_args=extra)
+        else:
+            sigmas = img2img_sigmas(sampler.sigmas(self.schedule), sampler.steps, strength)
+            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε
+            x = init_latents.to(device).float() + sigmas[0] * latents.float()
+            z = sampler.sample_from(denoiser, x, sigmas, generator=generator, callback=callback,
+                                    extra_args=extra)
+            z = z / prior_scale(sigmas[-1])  # σ space → DDPM space
         return self.decode_latents(z), z
+
+
+def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
+    """The tail of a (steps + 1,) σ grid that img2img at ``strength`` runs: the last
+    ``int(steps · strength)`` steps, as diffusers' img2img/inpaint pipelines' ``get_timesteps``.
+
+    Raises:
+        ValueError: ``strength`` outside (0, 1], or so small that no step runs.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no step; raise --strength "
+                         f"to at least {1 / steps:.3g} or --steps")
+    return sigmas[steps - run :]

@@ -1,0 +1,56 @@
+"""img2img (SDEdit) against diffusers' StableDiffusionImg2ImgPipeline on the same weights: same
+strength → same timesteps → same final latents (init latents given directly, DDIM as SD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.config import load
+from ldm.diffusion import Sampler
+from tests.checkpoint.test_stable_diffusion import tiny_clip_dir, tiny_config, tiny_model
+from tests.test_pipeline_parity import GUIDANCE, NEGATIVE, PROMPTS, SIZE, diffusers_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore:ClipTextEncoder. prompt of")
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.6), (7, 0.3), (5, 1.0)])
+def test_img2img_matches_diffusers(tmp_path: Path, steps: int, strength: float) -> None:
+    clip_dir = tiny_clip_dir(tmp_path / "clip")
+    config = tiny_config(clip_dir)
+    model = tiny_model(config, seed=5)
+    pipe = diffusers_pipeline(model, load(base=config), clip_dir)
+    pipe.unet.register_to_config(sample_size=SIZE // 2)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    shape = (len(PROMPTS), 4, SIZE // 2, SIZE // 2)
+    init = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = img2img(
+            prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), image=init.clone(),
+            strength=strength, num_inference_steps=steps, guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(9), output_type="latent",
+        ).images  # fmt: skip
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+        _, ours = model.generate(
+            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise, init_latents=init,
+            strength=strength,
+        )  # fmt: skip
+    scale = theirs.abs().max().item()
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * scale, f"final latents differ by {err:.2e} (scale {scale:.2f})"
+    assert (theirs - init).abs().max().item() > 1e-2  # the sampler changed the init
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.5, 1.5, 0.05])
+def test_bad_strength_is_refused(tmp_path: Path, strength: float) -> None:
+    config = tiny_config(tiny_clip_dir(tmp_path / "clip"))
+    model = tiny_model(config)
+    init = torch.zeros(1, 4, SIZE // 2, SIZE // 2)
+    with pytest.raises(ValueError, match="strength"):
+        model.generate(["x"], Sampler("ddim", 10, disable_progress=True), init_latents=init,
+                       strength=strength)
