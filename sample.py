@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward batch")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--init-image", default=None, metavar="PNG",
+                   help="img2img (SDEdit): start from this image noised to --strength; its size "
+                        "is the output size (a multiple of the autoencoder factor)")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="img2img: fraction of --steps that run, in (0, 1]; 1 ignores the image's "
+                        "content, small values keep it (default 0.6)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +77,22 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def read_init_image(path: str) -> torch.Tensor:
+    """``--init-image`` as (1, 3, H, W) in [-1, 1] (one-line errors for a missing or
+    non-image file)."""
+    from PIL import UnidentifiedImageError
+
+    from ldm.images import load_image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init image not found: {path}")
+    try:
+        return load_image(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--init-image {path} is not a readable image ({type(e).__name__}); "
+                         "pass a PNG or JPEG") from None
+
+
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
@@ -91,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                                       karras=args.karras, eta=args.eta, disable_progress=True)
         height = args.height or int(cfg.data.image_size)  # the training resolution
         width = args.width or height
+        init = None
+        if args.init_image is not None:
+            from ldm.models.latent_diffusion import img2img_sigmas
+
+            init = read_init_image(args.init_image)
+            height, width = init.shape[-2:]
+            img2img_sigmas(torch.zeros(sampler.steps + 1), sampler.steps, args.strength)
         model.latent_shape(1, height, width)  # validates the size before any work
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                         generator=torch.Generator().manual_seed(sd)) for _, sd in chunk
         ])
         generator = torch.Generator(device=args.device).manual_seed(chunk[0][1])
+        init_latents = None
+        if init is not None:  # one posterior sample per sample, from its own seed
+            init_latents = torch.cat([
+                model.encode_images(init.to(args.device),
+                                    torch.Generator(device=args.device).manual_seed(sd))
+                for _, sd in chunk])
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -131,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
         out, _ = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
                                 negative_prompts=negative, guidance_rescale=rescale,
-                                latents=noise, generator=generator, callback=tick)
+                                latents=noise, generator=generator, callback=tick,
+                                init_latents=init_latents, strength=args.strength)
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
+                    **({"init_image": args.init_image, "strength": args.strength}
+                       if init is not None else {}),
                     "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
                     "karras": sampler.karras, "checkpoint": str(args.ckpt)}
             name = f"{len(images):04d}-{slug(prompt)}-s{sd}.png"

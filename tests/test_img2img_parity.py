@@ -54,3 +54,57 @@ def test_bad_strength_is_refused(tmp_path: Path, strength: float) -> None:
     with pytest.raises(ValueError, match="strength"):
         model.generate(["x"], Sampler("ddim", 10, disable_progress=True), init_latents=init,
                        strength=strength)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    from ldm.checkpoint.diffusers_layout import export_diffusers_folder
+
+    config = tiny_config(tiny_clip_dir(tmp_path / "clip"))
+    return export_diffusers_folder(tiny_model(config, seed=2), load(base=config),
+                                   tmp_path / "pipe")
+
+
+def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import sample
+
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    out = tmp_path / "out"
+    assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--n", "2", "--steps", "5",
+                        "--init-image", str(tmp_path / "init.png"), "--strength", "0.6",
+                        "--outdir", str(out)]) == 0
+    first = Image.open(next(out.glob("0000-*.png")))
+    assert first.size == (20, 24)
+    assert first.text["strength"] == "0.6" and first.text["init_image"].endswith("init.png")
+
+
+@pytest.mark.parametrize(("make", "extra", "message"), [
+    (None, ["--strength", "1.5"], "strength must be in (0, 1]"),
+    (None, ["--strength", "0"], "strength must be in (0, 1]"),
+    ("missing", [], "init image not found"),
+    ("text", [], "is not a readable image"),
+    ("odd", [], "multiples of 2"),
+])  # fmt: skip
+def test_sample_cli_img2img_bad_input(folder: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str], make: str | None,
+                                      extra: list[str], message: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import sample
+
+    init = tmp_path / "init.png"
+    if make != "missing":
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(init)
+    if make == "text":
+        init.write_text("not an image")
+    if make == "odd":
+        Image.fromarray(np.zeros((15, 16, 3), np.uint8)).save(init)
+    assert sample.main(["--ckpt", str(folder), "--prompt", "x", "--init-image", str(init),
+                        *extra, "--outdir", str(tmp_path / "out")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
