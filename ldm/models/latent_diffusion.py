@@ -127,6 +127,7 @@ class LatentDiffusion(nn.Module):
         callback: Callable[[dict[str, Any]], None] | None = None,
         init_latents: Tensor | None = None,
         strength: float = 1.0,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample images for prompts with classifier-free guidance.
 
@@ -149,6 +150,11 @@ class LatentDiffusion(nn.Module):
                 there, with ``latents`` as the noise (required then).
             strength: Fraction of the sampler's steps that run, in (0, 1]; as diffusers'
                 ``StableDiffusionImg2ImgPipeline``, the last ``int(steps · strength)`` steps.
+            mask: Inpainting with this (4-channel) U-Net: (B, 1, h, w) latent-size mask, 1 where
+                to repaint (see :func:`latent_mask`); after every step the kept region is
+                replaced by ``init_latents`` noised to the step's σ (latent blending, as
+                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets). At
+                ``strength`` 1 sampling starts from pure noise, as there.
 
         Returns:
             (images in [-1, 1] of shape (B, 3, H, W), final scaled latents (B, C, h, w)).
@@ -170,8 +176,8 @@ class LatentDiffusion(nn.Module):
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         latents = latents.to(device)
 
-        context, mask = self.encode_prompts(prompts)
-        cond = self.conditioning(context.to(device, dtype), mask.to(device))
+        context, text_mask = self.encode_prompts(prompts)
+        cond = self.conditioning(context.to(device, dtype), text_mask.to(device))
         denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance != 1.0:
@@ -185,12 +191,44 @@ class LatentDiffusion(nn.Module):
                         extra_args=extra)
         else:
             sigmas = img2img_sigmas(sampler.sigmas(self.schedule), sampler.steps, strength)
-            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε
-            x = init_latents.to(device).float() + sigmas[0] * latents.float()
-            z = sampler.sample_from(denoiser, x, sigmas, generator=generator, callback=callback,
-                                    extra_args=extra)
+            z0, eps = init_latents.to(device).float(), latents.float()
+            if mask is None:
+                # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε
+                x = z0 + sigmas[0] * eps
+                z = sampler.sample_from(denoiser, x, sigmas, generator=generator,
+                                        callback=callback, extra_args=extra)
+            else:
+                if sampler.sampler == "dpmpp_2m":
+                    raise ValueError("inpainting with a 4-channel U-Net blends after every step, "
+                                     "which the multistep dpmpp_2m cannot; use another sampler")
+                m = mask.to(device).float()
+                x = eps * prior_scale(sigmas[0]) if strength == 1.0 else z0 + sigmas[0] * eps
+                for i in range(len(sigmas) - 1):
+                    step = None if callback is None else _offset(callback, i)
+                    x = sampler.sample_from(denoiser, x, sigmas[i : i + 2], generator=generator,
+                                            callback=step, extra_args=extra)
+                    if i < len(sigmas) - 2:
+                        x = (1 - m) * (z0 + sigmas[i + 1] * eps) + m * x
+                z = x
             z = z / prior_scale(sigmas[-1])  # σ space → DDPM space
+            if mask is not None:  # the last blend uses the clean latents, in DDPM space
+                z = (1 - m) * z0 + m * z
         return self.decode_latents(z), z
+
+
+def _offset(callback: Callable[[dict[str, Any]], None], i: int
+            ) -> Callable[[dict[str, Any]], None]:
+    """``callback`` with step indices of a one-step run shifted to the full run's ``i``."""
+    return lambda info: callback({**info, "i": i + int(info.get("i", 0))})
+
+
+def latent_mask(mask: Tensor, factor: int) -> Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) as the latent-size binary mask, as
+    diffusers' inpaint pipelines: binarised at 0.5, then nearest-neighbour to (H/f, W/f)."""
+    import torch.nn.functional as F
+
+    binary = (mask >= 0.5).float()
+    return F.interpolate(binary, size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:

@@ -1,0 +1,56 @@
+"""Inpainting with a 4-channel U-Net (latent blending) against diffusers'
+StableDiffusionInpaintPipeline on the same weights: same image, mask, strength and generator →
+same final latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.config import load
+from ldm.diffusion import Sampler
+from ldm.models.latent_diffusion import latent_mask
+from tests.checkpoint.test_stable_diffusion import tiny_clip_dir, tiny_config, tiny_model
+from tests.test_pipeline_parity import GUIDANCE, NEGATIVE, PROMPTS, SIZE, diffusers_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore:ClipTextEncoder. prompt of")
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.6), (6, 1.0)])
+def test_inpaint_matches_diffusers(tmp_path: Path, steps: int, strength: float) -> None:
+    clip_dir = tiny_clip_dir(tmp_path / "clip")
+    config = tiny_config(clip_dir)
+    model = tiny_model(config, seed=6)
+    pipe = diffusers_pipeline(model, load(base=config), clip_dir)
+    pipe.unet.register_to_config(sample_size=SIZE // 2)
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    batch = len(PROMPTS)
+    pixels = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    image = 2.0 * pixels - 1.0  # diffusers' normalisation of [0, 1] tensors
+    mask = torch.zeros(batch, 1, SIZE, SIZE)
+    mask[..., 4:12, 2:10] = 1.0  # repaint a window, keep the rest
+    with torch.no_grad():
+        theirs = inpaint(
+            prompt=PROMPTS, negative_prompt=[NEGATIVE] * batch, image=pixels, mask_image=mask,
+            strength=strength, num_inference_steps=steps, guidance_scale=GUIDANCE,
+            height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(9),
+            output_type="latent",
+        ).images  # fmt: skip
+        g = torch.Generator().manual_seed(9)  # diffusers' order: image posterior, then noise
+        z0 = model.encode_images(image, g)
+        noise = torch.randn(z0.shape, generator=g)
+        _, ours = model.generate(
+            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise, init_latents=z0,
+            strength=strength, mask=latent_mask(mask, model.downsample_factor),
+        )  # fmt: skip
+    scale = theirs.abs().max().item()
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * scale, f"final latents differ by {err:.2e} (scale {scale:.2f})"
+    keep = latent_mask(mask, 2) == 0
+    assert torch.allclose(ours, z0) is False
+    assert (ours - z0).abs()[keep.expand_as(ours)].max().item() <= 1e-5  # kept region = init
