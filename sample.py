@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.6,
                    help="img2img: fraction of --steps that run, in (0, 1]; 1 ignores the image's "
                         "content, small values keep it (default 0.6)")
+    p.add_argument("--mask", default=None, metavar="PNG",
+                   help="inpainting (with --init-image): white repaints, black keeps; same size "
+                        "as the init image (regular 4-channel U-Nets: latent blending)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,19 +80,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def read_init_image(path: str) -> torch.Tensor:
-    """``--init-image`` as (1, 3, H, W) in [-1, 1] (one-line errors for a missing or
-    non-image file)."""
+def read_init_image(path: str, flag: str = "--init-image") -> torch.Tensor:
+    """``--init-image`` (or ``--mask``) as (1, 3, H, W) in [-1, 1] (one-line errors for a
+    missing or non-image file)."""
     from PIL import UnidentifiedImageError
 
     from ldm.images import load_image
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"init image not found: {path}")
+        raise FileNotFoundError(f"{flag} not found: {path}")
     try:
         return load_image(path)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--init-image {path} is not a readable image ({type(e).__name__}); "
+        raise ValueError(f"{flag} {path} is not a readable image ({type(e).__name__}); "
                          "pass a PNG or JPEG") from None
 
 
@@ -120,6 +123,21 @@ def main(argv: list[str] | None = None) -> int:
             init = read_init_image(args.init_image)
             height, width = init.shape[-2:]
             img2img_sigmas(torch.zeros(sampler.steps + 1), sampler.steps, args.strength)
+        mask = None
+        if args.mask is not None:
+            if init is None:
+                raise ValueError("--mask needs --init-image (the image to inpaint)")
+            from ldm.models.latent_diffusion import latent_mask
+
+            pixels = read_init_image(args.mask, "--mask")[:, :1] * 0.5 + 0.5  # (1, 1, H, W)
+            if pixels.shape[-2:] != init.shape[-2:]:
+                raise ValueError(f"--mask is {pixels.shape[-1]}x{pixels.shape[-2]} but "
+                                 f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
+                                 "give a mask of the image's size")
+            mask = latent_mask(pixels, model.downsample_factor)
+            if sampler.sampler == "dpmpp_2m":
+                raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
+                                 "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
         model.latent_shape(1, height, width)  # validates the size before any work
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         out, _ = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
                                 negative_prompts=negative, guidance_rescale=rescale,
                                 latents=noise, generator=generator, callback=tick,
-                                init_latents=init_latents, strength=args.strength)
+                                init_latents=init_latents, strength=args.strength,
+                                mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1))
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
                     **({"init_image": args.init_image, "strength": args.strength}
                        if init is not None else {}),
+                    **({"mask": args.mask} if mask is not None else {}),
                     "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
                     "karras": sampler.karras, "checkpoint": str(args.ckpt)}
             name = f"{len(images):04d}-{slug(prompt)}-s{sd}.png"

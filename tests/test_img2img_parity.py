@@ -81,11 +81,23 @@ def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
     assert first.size == (20, 24)
     assert first.text["strength"] == "0.6" and first.text["init_image"].endswith("init.png")
 
+    mask = np.zeros((24, 20), np.uint8)
+    mask[4:12, 6:14] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "inpainted"
+    assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--steps", "4",
+                        "--init-image", str(tmp_path / "init.png"), "--mask",
+                        str(tmp_path / "mask.png"), "--strength", "1", "--outdir", str(out)]) == 0
+    assert Image.open(next(out.glob("0000-*.png"))).size == (20, 24)
+
 
 @pytest.mark.parametrize(("make", "extra", "message"), [
     (None, ["--strength", "1.5"], "strength must be in (0, 1]"),
     (None, ["--strength", "0"], "strength must be in (0, 1]"),
-    ("missing", [], "init image not found"),
+    ("missing", [], "--init-image not found"),
+    ("mask-size", [], "give a mask of the image's size"),
+    ("mask-only", [], "--mask needs --init-image"),
+    ("mask-dpm", ["--sampler", "dpmpp_2m"], "which the multistep dpmpp_2m cannot"),
     ("text", [], "is not a readable image"),
     ("odd", [], "multiples of 2"),
 ])  # fmt: skip
@@ -104,7 +116,12 @@ def test_sample_cli_img2img_bad_input(folder: Path, tmp_path: Path,
         init.write_text("not an image")
     if make == "odd":
         Image.fromarray(np.zeros((15, 16, 3), np.uint8)).save(init)
-    assert sample.main(["--ckpt", str(folder), "--prompt", "x", "--init-image", str(init),
+    flags = ["--init-image", str(init)]
+    if make and make.startswith("mask"):
+        mask = tmp_path / "mask.png"
+        Image.fromarray(np.zeros((8 if make == "mask-size" else 16,) * 2, np.uint8)).save(mask)
+        flags = ["--mask", str(mask)] + ([] if make == "mask-only" else flags)
+    assert sample.main(["--ckpt", str(folder), "--prompt", "x", *flags,
                         *extra, "--outdir", str(tmp_path / "out")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
