@@ -54,3 +54,39 @@ def test_inpaint_matches_diffusers(tmp_path: Path, steps: int, strength: float) 
     keep = latent_mask(mask, 2) == 0
     assert torch.allclose(ours, z0) is False
     assert (ours - z0).abs()[keep.expand_as(ours)].max().item() <= 1e-5  # kept region = init
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path: Path) -> None:
+    """An SD inpainting U-Net (in_channels = 4 + 1 + 4): every call sees the noisy latents, the
+    mask and the masked image's latents; strength 1 (diffusers' default for these)."""
+    clip_dir = tiny_clip_dir(tmp_path / "clip")
+    config = tiny_config(clip_dir)
+    config["model"]["unet"]["in_channels"] = 9
+    model = tiny_model(config, seed=8)
+    pipe = diffusers_pipeline(model, load(base=config), clip_dir)
+    pipe.unet.register_to_config(sample_size=SIZE // 2)
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    batch, steps = len(PROMPTS), 6
+    pixels = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(batch, 1, SIZE, SIZE)
+    mask[..., 2:10, 6:16] = 1.0
+    with torch.no_grad():
+        theirs = inpaint(
+            prompt=PROMPTS, negative_prompt=[NEGATIVE] * batch, image=pixels, mask_image=mask,
+            strength=1.0, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE,
+            width=SIZE, generator=torch.Generator().manual_seed(3), output_type="latent",
+        ).images  # fmt: skip
+        g = torch.Generator().manual_seed(3)  # diffusers' order at strength 1: noise, then
+        noise = torch.randn(batch, 4, SIZE // 2, SIZE // 2, generator=g)  # the masked image
+        image = 2.0 * pixels - 1.0
+        masked = model.encode_images(image * (mask < 0.5), g)
+        _, ours = model.generate(
+            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise,
+            init_latents=torch.zeros_like(noise), strength=1.0,
+            mask=latent_mask(mask, model.downsample_factor), masked_latents=masked,
+        )  # fmt: skip
+    scale = theirs.abs().max().item()
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * scale, f"final latents differ by {err:.2e} (scale {scale:.2f})"

@@ -128,6 +128,7 @@ class LatentDiffusion(nn.Module):
         init_latents: Tensor | None = None,
         strength: float = 1.0,
         mask: Tensor | None = None,
+        masked_latents: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample images for prompts with classifier-free guidance.
 
@@ -155,6 +156,10 @@ class LatentDiffusion(nn.Module):
                 replaced by ``init_latents`` noised to the step's σ (latent blending, as
                 diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets). At
                 ``strength`` 1 sampling starts from pure noise, as there.
+            masked_latents: With ``mask``, for SD inpainting U-Nets (``in_channels`` = latent
+                channels + 5): scaled latents of the image with the repainted region zeroed;
+                every U-Net call sees ``[x, mask, masked_latents]`` along channels (Rombach et
+                al. 2022's inpainting model) and no blending is done.
 
         Returns:
             (images in [-1, 1] of shape (B, 3, H, W), final scaled latents (B, C, h, w)).
@@ -178,7 +183,12 @@ class LatentDiffusion(nn.Module):
 
         context, text_mask = self.encode_prompts(prompts)
         cond = self.conditioning(context.to(device, dtype), text_mask.to(device))
-        denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
+        net = net or self.unet
+        if masked_latents is not None:
+            if mask is None:
+                raise ValueError("masked_latents need a mask")
+            net = _ConcatInputs(net, torch.cat([mask, masked_latents], 1).to(device, dtype))
+        denoiser = Denoiser(net, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance != 1.0:
             u_context, u_mask = self.encode_prompts(negative_prompts)
@@ -197,6 +207,11 @@ class LatentDiffusion(nn.Module):
                 x = z0 + sigmas[0] * eps
                 z = sampler.sample_from(denoiser, x, sigmas, generator=generator,
                                         callback=callback, extra_args=extra)
+            elif masked_latents is not None:  # an inpainting U-Net: no blending
+                x = eps * prior_scale(sigmas[0]) if strength == 1.0 else z0 + sigmas[0] * eps
+                z = sampler.sample_from(denoiser, x, sigmas, generator=generator,
+                                        callback=callback, extra_args=extra)
+                mask = None
             else:
                 if sampler.sampler == "dpmpp_2m":
                     raise ValueError("inpainting with a 4-channel U-Net blends after every step, "
@@ -214,6 +229,18 @@ class LatentDiffusion(nn.Module):
             if mask is not None:  # the last blend uses the clean latents, in DDPM space
                 z = (1 - m) * z0 + m * z
         return self.decode_latents(z), z
+
+
+class _ConcatInputs(nn.Module):
+    """``net`` seeing ``[x, extra]`` along channels (extra repeated over a CFG-doubled batch)."""
+
+    def __init__(self, net: Callable[..., Tensor], extra: Tensor) -> None:
+        super().__init__()
+        self.net, self.extra = net, extra
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)
+        return self.net(torch.cat([x, extra.to(x.dtype)], dim=1), *args, **kwargs)
 
 
 def _offset(callback: Callable[[dict[str, Any]], None], i: int
