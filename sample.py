@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                                  f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
                                  "give a mask of the image's size")
             mask = latent_mask(pixels, model.downsample_factor)
+        inpainting_unet = model.unet.input_blocks[0][0].in_channels == model.latent_channels + 5
+        if inpainting_unet and mask is None:
+            raise ValueError("this is an SD inpainting U-Net (9 input channels): pass "
+                             "--init-image and --mask")
+        if mask is not None and not inpainting_unet:
             if sampler.sampler == "dpmpp_2m":
                 raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
                                  "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
@@ -174,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                 model.encode_images(init.to(args.device),
                                     torch.Generator(device=args.device).manual_seed(sd))
                 for _, sd in chunk])
+        masked = None
+        if inpainting_unet:  # latents of the image with the repainted region zeroed
+            keep = (pixels < 0.5).to(args.device)
+            masked = torch.cat([
+                model.encode_images(init.to(args.device) * keep,
+                                    torch.Generator(device=args.device).manual_seed(sd + 1))
+                for _, sd in chunk])
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                 negative_prompts=negative, guidance_rescale=rescale,
                                 latents=noise, generator=generator, callback=tick,
                                 init_latents=init_latents, strength=args.strength,
-                                mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1))
+                                mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1),
+                                masked_latents=masked)
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
