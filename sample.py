@@ -7,7 +7,8 @@
 ``--ckpt`` takes our checkpoints, original Stable Diffusion 1.x/2.x single files
 (``.safetensors`` / ``.ckpt``; give their config with ``-c configs/ldm/sd1.yaml``) and
 diffusers-layout folders. One PNG per sample (prompt, seed, sampler, steps and guidance in its
-metadata) and a grid go to ``--outdir``. Runs without Lightning.
+metadata) and a grid go to ``--outdir``. ``--init-image x.png --strength 0.6`` samples img2img
+(SDEdit); add ``--mask m.png`` to inpaint (white repaints). Runs without Lightning.
 """
 
 from __future__ import annotations
