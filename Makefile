@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python bench/autoencoder.py
 	$(BIN)/python bench/unet.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/sample.py
 
 clean:
 	rm -rf $(VENV) runs demo_runs .pytest_cache

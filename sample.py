@@ -7,7 +7,8 @@
 ``--ckpt`` takes our checkpoints, original Stable Diffusion 1.x/2.x single files
 (``.safetensors`` / ``.ckpt``; give their config with ``-c configs/ldm/sd1.yaml``) and
 diffusers-layout folders. One PNG per sample (prompt, seed, sampler, steps and guidance in its
-metadata) and a grid go to ``--outdir``. Runs without Lightning.
+metadata) and a grid go to ``--outdir``. ``--init-image x.png --strength 0.6`` samples img2img
+(SDEdit); add ``--mask m.png`` to inpaint (white repaints). Runs without Lightning.
 
 Each sample has its own seed (``--seed`` + its index) and its own noise stream: its initial
 latent noise, then its sampler's noise, come from ``torch.Generator().manual_seed(seed)``, as
@@ -59,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aspect ratio such as 3:2 (width:height): with --height or --width the "
                         "other side follows, else about the training area; sides snap to the "
                         "model's size step")
+    p.add_argument("--init-image", default=None, metavar="PNG",
+                   help="img2img (SDEdit): start from this image noised to --strength; its size "
+                        "is the output size (a multiple of the autoencoder factor)")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="img2img: fraction of --steps that run, in (0, 1]; 1 ignores the image's "
+                        "content, small values keep it (default 0.6)")
+    p.add_argument("--mask", default=None, metavar="PNG",
+                   help="inpainting (with --init-image): white repaints, black keeps; same size "
+                        "as the init image (regular 4-channel U-Nets: latent blending)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--save-latents", metavar="FILE", default=None,
                    help="also write the final latents (N, C, h, w; key 'latents', in prompt "
@@ -138,6 +148,22 @@ def check_args(args: argparse.Namespace, prompts: list[str]) -> None:
         raise UsageError(f"--outdir {outdir} is a file, not a folder: name a folder")
 
 
+def read_init_image(path: str, flag: str = "--init-image") -> torch.Tensor:
+    """``--init-image`` (or ``--mask``) as (1, 3, H, W) in [-1, 1] (one-line errors for a
+    missing or non-image file)."""
+    from PIL import UnidentifiedImageError
+
+    from ldm.images import load_image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} not found: {path}")
+    try:
+        return load_image(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{flag} {path} is not a readable image ({type(e).__name__}); "
+                         "pass a PNG or JPEG") from None
+
+
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
@@ -180,6 +206,33 @@ def main(argv: list[str] | None = None) -> int:
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)
         height, width = image_size(args, cfg, model)
+        init = None
+        if args.init_image is not None:
+            from ldm.models.latent_diffusion import img2img_sigmas
+
+            init = read_init_image(args.init_image)
+            height, width = init.shape[-2:]
+            img2img_sigmas(torch.zeros(sampler.steps + 1), sampler.steps, args.strength)
+        mask = None
+        if args.mask is not None:
+            if init is None:
+                raise ValueError("--mask needs --init-image (the image to inpaint)")
+            from ldm.models.latent_diffusion import latent_mask
+
+            pixels = read_init_image(args.mask, "--mask")[:, :1] * 0.5 + 0.5  # (1, 1, H, W)
+            if pixels.shape[-2:] != init.shape[-2:]:
+                raise ValueError(f"--mask is {pixels.shape[-1]}x{pixels.shape[-2]} but "
+                                 f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
+                                 "give a mask of the image's size")
+            mask = latent_mask(pixels, model.downsample_factor)
+        inpainting_unet = model.unet.input_blocks[0][0].in_channels == model.latent_channels + 5
+        if inpainting_unet and mask is None:
+            raise ValueError("this is an SD inpainting U-Net (9 input channels): pass "
+                             "--init-image and --mask")
+        if mask is not None and not inpainting_unet:
+            if sampler.sampler == "dpmpp_2m":
+                raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
+                                 "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
         from ldm.config_sources import config_sources
@@ -212,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
         # One noise stream per sample (CPU, device independent): initial noise, then the
         # sampler's; a sample does not depend on its batch.
         generators = [torch.Generator().manual_seed(sd) for _, sd in chunk]
+        init_latents = None
+        if init is not None:  # one posterior sample per sample, from its own seed
+            init_latents = torch.cat([
+                model.encode_images(init.to(args.device),
+                                    torch.Generator(device=args.device).manual_seed(sd))
+                for _, sd in chunk])
+        masked = None
+        if inpainting_unet:  # latents of the image with the repainted region zeroed
+            keep = (pixels < 0.5).to(args.device)
+            masked = torch.cat([
+                model.encode_images(init.to(args.device) * keep,
+                                    torch.Generator(device=args.device).manual_seed(sd + 1))
+                for _, sd in chunk])
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -222,11 +288,17 @@ def main(argv: list[str] | None = None) -> int:
 
         out, z = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
                                 negative_prompts=negative, guidance_rescale=rescale,
-                                height=height, width=width, generator=generators, callback=tick)
+                                height=height, width=width, generator=generators, callback=tick,
+                                init_latents=init_latents, strength=args.strength,
+                                mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1),
+                                masked_latents=masked)
         latents.append(z.float().cpu())
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
             meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
+                    **({"init_image": args.init_image, "strength": args.strength}
+                       if init is not None else {}),
+                    **({"mask": args.mask} if mask is not None else {}),
                     "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
                     "karras": sampler.karras, "eta": sampler.eta,
                     "timestep_spacing": sampler.timestep_spacing, "grid": sampler.grid_kind,

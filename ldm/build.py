@@ -365,8 +365,32 @@ def learning_rate(cfg: DictConfig) -> float:
     return lr * global_batch
 
 
+def check_image_size(cfg: DictConfig) -> None:
+    """``data.image_size`` must be a multiple of the autoencoder's downsampling factor (any such
+    size trains: the U-Net's upsamplers take their skip connections' sizes).
+
+    Raises:
+        ConfigError: It is not.
+    """
+    from ldm.config import ConfigError
+
+    factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
+    size = int(cfg.data.image_size)
+    if size % factor:
+        low = max(size // factor * factor, factor)
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of {factor} (the autoencoder's "
+            f"downsampling factor); use e.g. {low} or {low + factor}"
+        )
+
+
 def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.LightningModule:
-    """The LightningModule for ``cfg.task``."""
+    """The LightningModule for ``cfg.task``.
+
+    Raises:
+        ConfigError: ``data.image_size`` is not a multiple of the autoencoder's factor.
+    """
+    check_image_size(cfg)
     if cfg.task == "autoencoder":
         from ldm.training.autoencoder_module import AutoencoderModule
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -106,26 +107,68 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
     return _versioned(cls, config)
 
 
-def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
-    """The text encoder's CLIPTextModel as diffusers' pipeline runs it (``last_hidden_state``).
+# Where transformers models keep their blocks (CLIP, BERT-likes, T5).
+_BLOCK_LISTS = ("text_model.encoder.layers", "encoder.layers", "encoder.layer", "encoder.block")
 
-    For ``layer="penultimate"`` that is a copy without the last layer: ``hidden_states[-2]``
-    then ``final_layer_norm`` of N layers is ``last_hidden_state`` of the first N − 1 (the
-    layout of diffusers' SD2 ``text_encoder``).
+
+def _block_list(model: nn.Module) -> tuple[nn.Module, str] | None:
+    for path in _BLOCK_LISTS:
+        *parents, leaf = path.split(".")
+        owner: Any = model
+        for name in parents:
+            owner = getattr(owner, name, None)
+        if isinstance(getattr(owner, leaf, None), nn.ModuleList):
+            return owner, leaf
+    return None
+
+
+def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
+    """The text encoder's transformers model as diffusers' pipeline runs it: the pipeline
+    conditions on ``text_encoder(ids, attention_mask)[0]`` (``last_hidden_state``), passing the
+    mask only when the model's config says ``use_attention_mask``.
+
+    A ``layer`` other than ``last`` exports as a copy holding only the blocks that layer runs
+    (``hidden_states[k]`` then the encoder's inner-layer norm is ``last_hidden_state`` of the
+    first k blocks for CLIP, BERT-likes and T5: the SD2 ``text_encoder`` layout); an encoder that
+    sees its padding mask (BERT-likes, T5) is written with ``use_attention_mask: true``. The
+    result is checked on a probe prompt against our encoder.
 
     Raises:
-        ValueError: Not a CLIP text encoder.
+        ValueError: One line saying why diffusers would condition differently (not a transformers
+            model, blocks that cannot be cut, or a probe that differs).
     """
     model = getattr(text_encoder, "model", None)
-    if model is None or type(model).__name__ != "CLIPTextModel":
-        raise ValueError("only CLIP text encoders (model.text_encoder.kind=clip) export to "
-                         "diffusers' StableDiffusionPipeline")
-    if getattr(text_encoder, "layer", "last") == "last":
-        return model
-    model = copy.deepcopy(model)
-    body = getattr(model, "text_model", model)  # transformers < 5 nests it under text_model
-    body.encoder.layers = body.encoder.layers[:-1]
-    model.config.num_hidden_layers -= 1
+    kind = type(text_encoder).__name__
+    if model is None or not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise ValueError(f"{kind} does not export: diffusers' pipeline loads a transformers "
+                         "text model; use model.text_encoder.kind clip, hf or t5")
+    num_blocks, blocks = int(text_encoder.num_blocks), int(text_encoder.blocks)
+    pass_mask = bool(getattr(text_encoder, "pass_attention_mask", False))
+    if blocks != num_blocks or pass_mask:
+        model = copy.deepcopy(model)
+    if blocks != num_blocks:
+        found = _block_list(model)
+        if found is None:
+            raise ValueError(f"{type(model).__name__} keeps its blocks where export cannot cut "
+                             f"them to layer={text_encoder.layer}; train with "
+                             "model.text_encoder.layer=last to export")
+        owner, leaf = found
+        setattr(owner, leaf, getattr(owner, leaf)[:blocks])
+        for name in ("num_hidden_layers", "num_layers"):
+            if hasattr(model.config, name):
+                setattr(model.config, name, blocks)
+    if pass_mask:
+        model.config.use_attention_mask = True  # diffusers' encode_prompt reads this flag
+    tokens = text_encoder.tokenize(["a probe prompt", ""])
+    with torch.no_grad():
+        ours = text_encoder.encode_tokens(tokens.ids, tokens.mask)
+        out = model(tokens.ids, attention_mask=tokens.mask.long() if pass_mask else None)[0]
+    err = (out.float() - ours.float()).abs().max().item()
+    if not err <= 1e-5 * max(1.0, ours.abs().max().item()):
+        raise ValueError(f"diffusers would condition on the last_hidden_state of the exported "
+                         f"{type(model).__name__}, which differs from layer="
+                         f"{text_encoder.layer} by {err:.2e} (a final norm ours does not apply); "
+                         "train with model.text_encoder.layer=last to export")
     return model
 
 
@@ -161,9 +204,12 @@ def export_diffusers_folder(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite)")
     m = _plain(cfg["model"])
-    if m["use_context_mask"] or getattr(model, "use_context_mask", False):
-        raise ValueError("diffusers' pipeline passes no context mask: export needs "
-                         "model.use_context_mask=false")
+    if getattr(model, "use_context_mask", False):
+        raise ValueError("this model was trained with model.use_context_mask=true (cross-"
+                         "attention ignores padding tokens) but diffusers' StableDiffusionPipeline "
+                         "passes no encoder_attention_mask, so it would sample differently; only "
+                         "models trained with model.use_context_mask=false export (sample this "
+                         "one with sample.py)")
     text_model = diffusers_text_model(model.text_encoder)
     unet_kwargs, ae_kwargs = m["unet"], m["autoencoder"]
     factor = int(model.autoencoder.downsample_factor)

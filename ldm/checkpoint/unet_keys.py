@@ -210,6 +210,64 @@ def unet_kwargs_to_diffusers_config(unet_kwargs: Mapping[str, Any]) -> dict[str,
     return config
 
 
+# Every UNet2DConditionModel (diffusers 0.42) config key that changes the function but that our
+# U-Net does not implement, with the one value we reproduce. Keys mapped below (block types,
+# widths, heads, depths, projections, class embeddings, upcast, scale-shift) are checked there;
+# ``sample_size`` and ``dropout`` do not change sampling; ``addition_time_embed_dim`` and
+# ``addition_embed_type_num_heads`` only act with an ``addition_embed_type``, which is refused.
+# Keys outside diffusers' signature are ignored, as diffusers itself ignores them.
+UNET_FIXED: dict[str, Any] = {
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embedding_type": "positional",
+    "addition_embed_type": None,
+}
+
+
+def check_diffusers_unet_config(config: Mapping[str, Any]) -> None:
+    """Refuse every diffusers U-Net option that would change the function (:data:`UNET_FIXED`).
+
+    Raises:
+        ValueError: One line naming the first such key and the value we reproduce.
+    """
+    for key, fixed in UNET_FIXED.items():
+        value = config.get(key, fixed)
+        same = value == fixed or (key == "mid_block_only_cross_attention" and value is False)
+        if not same:
+            raise ValueError(f"UNet2DConditionModel option {key}={value!r} is not implemented "
+                             f"(ldm reproduces only {key}={fixed!r})")
+    width = 4 * int(config["block_out_channels"][0])
+    if config.get("time_embedding_dim") not in (None, width):
+        raise ValueError(f"UNet2DConditionModel option time_embedding_dim="
+                         f"{config['time_embedding_dim']!r} is not implemented (ldm reproduces "
+                         f"only 4 x block_out_channels[0] = {width})")
+    if not isinstance(config.get("cross_attention_dim", 1280), int):
+        raise ValueError("UNet2DConditionModel option cross_attention_dim per block "
+                         f"({config['cross_attention_dim']!r}) is not implemented (one int)")
+
+
 def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Our ``UNetModel`` keyword arguments for a diffusers ``UNet2DConditionModel`` config.
 
@@ -220,9 +278,11 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
         Keyword arguments for :class:`~ldm.models.unet.UNetModel`.
 
     Raises:
-        ValueError: The config uses diffusers features outside the SD-style U-Net.
+        ValueError: The config uses diffusers features outside the SD-style U-Net, or an option
+            that changes the function and that we do not implement (:data:`UNET_FIXED`).
     """
     c = dict(config)
+    check_diffusers_unet_config(c)
     widths = list(c["block_out_channels"])
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     cross = [t == "CrossAttnDownBlock2D" for t in down]

@@ -144,7 +144,31 @@ class Sampler:
         grid = self.grid(schedule)
         # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ
         # units), or diffusers' init_noise_sigma for its σ-space schedulers
-        x = noise.float() * grid.init_scale
+        x = self.run(denoiser, noise.float() * grid.init_scale, grid, generator=generator,
+                     callback=callback, extra_args=extra_args)
+        return (x / grid.final_scale).to(noise.dtype)
+
+    @torch.no_grad()
+    def run(
+        self,
+        denoiser: DenoiserFn,
+        x: Tensor,
+        grid: Grid,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        generator: Generators | None = None,
+        callback: Callback | None = None,
+        extra_args: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """Steps ``start`` .. ``stop`` − 1 of ``grid`` (default: all) from σ-space ``x`` at
+        ``grid.sigmas[start]``; returns the σ-space sample at ``grid.sigmas[stop]``. A tail of
+        the grid is img2img (as diffusers' ``get_timesteps``); single steps let inpainting blend
+        between them. The grid's network timesteps and DDIM landing points stay aligned."""
+        n = len(grid.sigmas) - 1
+        stop = n if stop is None else stop
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"steps {start}..{stop} are outside the {n}-step grid")
         if grid.timesteps is not None and hasattr(denoiser, "with_timesteps"):
             denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
         opts: dict[str, Any] = {
@@ -156,10 +180,10 @@ class Sampler:
             opts["generator"] = generator
         if self.sampler == "ddim":
             opts["eta"] = self.eta
-            opts["sigmas_to"] = grid.sigmas_to
+            opts["sigmas_to"] = None if grid.sigmas_to is None else grid.sigmas_to[start:stop]
         if self.sampler in ("ddim", "ddpm"):
             opts["clip_sample"] = self.clip_sample
         if self.sampler == "dpmpp_2m":
             opts["lower_order_final"] = grid.lower_order_final
-        x = get_sampler(self.sampler)(denoiser, x, grid.sigmas, **opts)
-        return (x / grid.final_scale).to(noise.dtype)
+        return get_sampler(self.sampler)(denoiser, x.float(), grid.sigmas[start : stop + 1],
+                                         **opts)

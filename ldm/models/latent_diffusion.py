@@ -129,6 +129,10 @@ class LatentDiffusion(nn.Module):
         latents: Tensor | None = None,
         net: Callable[..., Tensor] | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        init_latents: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
+        masked_latents: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample images for prompts with classifier-free guidance.
 
@@ -148,6 +152,20 @@ class LatentDiffusion(nn.Module):
             latents: Initial DDPM-space noise (B, C, h, w) instead of drawing it.
             net: The network to use instead of ``self.unet`` (e.g. EMA weights).
             callback: Per-step callback passed to the sampler.
+            init_latents: img2img (SDEdit, Meng et al. 2022): scaled latents of the init images
+                (B, C, h, w); they are noised to the grid's σ at ``strength`` and denoised from
+                there, with ``latents`` as the noise (required then).
+            strength: Fraction of the sampler's steps that run, in (0, 1]; as diffusers'
+                ``StableDiffusionImg2ImgPipeline``, the last ``int(steps · strength)`` steps.
+            mask: Inpainting with this (4-channel) U-Net: (B, 1, h, w) latent-size mask, 1 where
+                to repaint (see :func:`latent_mask`); after every step the kept region is
+                replaced by ``init_latents`` noised to the step's σ (latent blending, as
+                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets). At
+                ``strength`` 1 sampling starts from pure noise, as there.
+            masked_latents: With ``mask``, for SD inpainting U-Nets (``in_channels`` = latent
+                channels + 5): scaled latents of the image with the repainted region zeroed;
+                every U-Net call sees ``[x, mask, masked_latents]`` along channels (Rombach et
+                al. 2022's inpainting model) and no blending is done.
 
         Returns:
             (images in [-1, 1] of shape (B, 3, H, W), final scaled latents (B, C, h, w)).
@@ -164,18 +182,104 @@ class LatentDiffusion(nn.Module):
             height = height or int(getattr(self.autoencoder, "resolution", 256))
             width = width or height
             shape = self.latent_shape(batch, height, width)
+            if init_latents is not None:
+                shape = tuple(init_latents.shape)
             latents = randn(shape, generator=generator, device="cpu")
         latents = latents.to(device)
 
-        context, mask = self.encode_prompts(prompts)
-        cond = self.conditioning(context.to(device, dtype), mask.to(device))
-        denoiser = Denoiser(net or self.unet, self.schedule, self.prediction)
+        context, text_mask = self.encode_prompts(prompts)
+        cond = self.conditioning(context.to(device, dtype), text_mask.to(device))
+        net = net or self.unet
+        if masked_latents is not None:
+            if mask is None:
+                raise ValueError("masked_latents need a mask")
+            net = _ConcatInputs(net, torch.cat([mask, masked_latents], 1).to(device, dtype))
+        denoiser = Denoiser(net, self.schedule, self.prediction)
+        extra: dict[str, Any] | None = cond
         if guidance > 1.0:
             u_context, u_mask = self.encode_prompts(negative_prompts)
             uncond = self.conditioning(u_context.to(device, dtype), u_mask.to(device))
-            guided = CFGDenoiser(denoiser, cond, uncond, scale=guidance, rescale=guidance_rescale)
-            z = sampler(guided, latents, self.schedule, generator=generator, callback=callback)
-        else:
+            denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance,
+                                   rescale=guidance_rescale)
+            extra = None
+        if init_latents is None:
             z = sampler(denoiser, latents, self.schedule, generator=generator, callback=callback,
-                        extra_args=cond)
+                        extra_args=extra)
+        else:
+            grid = sampler.grid(self.schedule)
+            start = img2img_start(sampler.steps, strength)
+            sigmas = grid.sigmas[start:]
+            z0, eps = init_latents.to(device).float(), latents.float()
+            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε; at
+            # strength 1 (inpainting) pure noise at the grid's start, as the full run.
+            x = eps * grid.init_scale if strength == 1.0 else z0 + sigmas[0] * eps
+            if mask is None or masked_latents is not None:  # img2img, or an inpainting U-Net
+                z = sampler.run(denoiser, x, grid, start, generator=generator,
+                                callback=callback, extra_args=extra)
+                mask = None
+            else:
+                if sampler.sampler == "dpmpp_2m":
+                    raise ValueError("inpainting with a 4-channel U-Net blends after every step, "
+                                     "which the multistep dpmpp_2m cannot; use another sampler")
+                m = mask.to(device).float()
+                n = len(grid.sigmas) - 1
+                for i in range(start, n):
+                    step = None if callback is None else _offset(callback, i - start)
+                    x = sampler.run(denoiser, x, grid, i, i + 1, generator=generator,
+                                    callback=step, extra_args=extra)
+                    if i < n - 1:
+                        x = (1 - m) * (z0 + grid.sigmas[i + 1] * eps) + m * x
+                z = x
+            z = z / grid.final_scale  # σ space → DDPM space
+            if mask is not None:  # the last blend uses the clean latents, in DDPM space
+                z = (1 - m) * z0 + m * z
         return self.decode_latents(z), z
+
+
+class _ConcatInputs(nn.Module):
+    """``net`` seeing ``[x, extra]`` along channels (extra repeated over a CFG-doubled batch)."""
+
+    def __init__(self, net: Callable[..., Tensor], extra: Tensor) -> None:
+        super().__init__()
+        self.net, self.extra = net, extra
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)
+        return self.net(torch.cat([x, extra.to(x.dtype)], dim=1), *args, **kwargs)
+
+
+def _offset(callback: Callable[[dict[str, Any]], None], i: int
+            ) -> Callable[[dict[str, Any]], None]:
+    """``callback`` with step indices of a one-step run shifted to the full run's ``i``."""
+    return lambda info: callback({**info, "i": i + int(info.get("i", 0))})
+
+
+def latent_mask(mask: Tensor, factor: int) -> Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) as the latent-size binary mask, as
+    diffusers' inpaint pipelines: binarised at 0.5, then nearest-neighbour to (H/f, W/f)."""
+    import torch.nn.functional as F
+
+    binary = (mask >= 0.5).float()
+    return F.interpolate(binary, size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The first step of a ``steps``-step grid that img2img at ``strength`` runs: it runs the
+    last ``int(steps · strength)`` steps, as diffusers' img2img/inpaint pipelines'
+    ``get_timesteps``.
+
+    Raises:
+        ValueError: ``strength`` outside (0, 1], or so small that no step runs.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no step; raise --strength "
+                         f"to at least {1 / steps:.3g} or --steps")
+    return steps - run
+
+
+def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
+    """The tail of a (steps + 1,) σ grid that img2img at ``strength`` runs (`img2img_start`)."""
+    return sigmas[img2img_start(steps, strength):]

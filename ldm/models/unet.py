@@ -30,14 +30,18 @@ class TimestepEmbedSequential(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Apply the layers in order to ``x`` (B, C, H, W)."""
+        """Apply the layers in order to ``x`` (B, C, H, W); an upsampler's output is ``size``
+        (H', W') when given."""
         for layer in self:
             kind = unwrap(layer)
             if isinstance(kind, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size) if kind.updown else layer(x, emb)
             elif isinstance(kind, SpatialTransformer):
                 x = layer(x, context, context_mask)
+            elif isinstance(kind, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -204,7 +208,9 @@ class UNetModel(nn.Module):
         """Predict from noisy latents.
 
         Args:
-            x: Noisy latents (B, in_channels, H, W); H and W divisible by 2^(levels-1).
+            x: Noisy latents (B, in_channels, H, W), any H and W: a side that is not divisible
+                by 2^(levels-1) is rounded up by each strided downsampling and each upsampler
+                returns its skip connection's size (diffusers' ``upsample_size``).
             timesteps: (B,) float or integer timesteps (fractional allowed), or a scalar.
             context: Text context (B, L, context_dim), or None.
             y: Class labels (B,) long with ``num_classes``, or vectors (B, adm_in_channels).
@@ -231,5 +237,6 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context, context_mask)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            h = block(h, emb, context, context_mask)
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # the next skip's (H, W)
+            h = block(h, emb, context, context_mask, size)
         return self.out(h)

@@ -77,9 +77,13 @@ class Upsample(nn.Module):
             raise ValueError("Upsample without a conv cannot change the channel count")
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Upsample (B, C, H, W) -> (B, C_out, 2H, 2W)."""
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Upsample (B, C, H, W) -> (B, C_out, 2H, 2W), or to ``size`` (the skip connection's
+        (H', W') when a side was odd before downsampling, as diffusers' ``upsample_size``)."""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -152,25 +156,31 @@ class ResBlock(nn.Module):
             kernel = 3 if use_conv else 1
             self.skip_connection = nn.Conv2d(channels, out_channels, kernel, padding=kernel // 2)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Apply the block.
 
         Args:
             x: Features (B, C, H, W).
             emb: Timestep embedding (B, emb_channels).
+            size: Output (H', W') of an upsampling block (default: twice the input's).
 
         Returns:
             Features (B, out_channels, H', W').
         """
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+            return checkpoint(self._forward, x, emb, size, use_reentrant=False)
+        return self._forward(x, emb, size)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         if self.updown:
             h = self.in_layers[:-1](x)
-            h = self.h_upd(h)
-            x = self.x_upd(x)
+            up = isinstance(self.h_upd, Upsample)
+            h = self.h_upd(h, size) if up else self.h_upd(h)
+            x = self.x_upd(x, size) if up else self.x_upd(x)
             h = self.in_layers[-1](h)
         else:
             h = self.in_layers(x)

@@ -154,8 +154,10 @@ def test_errors(sd1: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="model_index.json is missing"):
         load_diffusers_folder(tmp_path)
     masked = load(base=sd1["config"], overrides=["model.use_context_mask=true"])
+    masked_model = copy.copy(sd1["model"])  # the model decides: it is what gets exported
+    masked_model.use_context_mask = True
     with pytest.raises(ValueError, match="use_context_mask"):
-        export_diffusers_folder(sd1["model"], masked, tmp_path / "x")
+        export_diffusers_folder(masked_model, masked, tmp_path / "x")
     broken = tmp_path / "broken"
     export_diffusers_folder(sd1["model"], load(base=sd1["config"]), broken)
     config = json.loads((broken / "unet" / "config.json").read_text())
