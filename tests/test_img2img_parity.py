@@ -36,7 +36,7 @@ def test_img2img_matches_diffusers(tmp_path: Path, steps: int, strength: float) 
         ).images  # fmt: skip
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(9))
         _, ours = model.generate(
-            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            PROMPTS, Sampler("ddim", steps, set_alpha_to_one=False, disable_progress=True),
             guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise, init_latents=init,
             strength=strength,
         )  # fmt: skip

@@ -44,7 +44,7 @@ def test_inpaint_matches_diffusers(tmp_path: Path, steps: int, strength: float) 
         z0 = model.encode_images(image, g)
         noise = torch.randn(z0.shape, generator=g)
         _, ours = model.generate(
-            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            PROMPTS, Sampler("ddim", steps, set_alpha_to_one=False, disable_progress=True),
             guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise, init_latents=z0,
             strength=strength, mask=latent_mask(mask, model.downsample_factor),
         )  # fmt: skip
@@ -82,7 +82,7 @@ def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path: Path) -> None:
         image = 2.0 * pixels - 1.0
         masked = model.encode_images(image * (mask < 0.5), g)
         _, ours = model.generate(
-            PROMPTS, Sampler("ddim", steps, final_sigma="sigma_min", disable_progress=True),
+            PROMPTS, Sampler("ddim", steps, set_alpha_to_one=False, disable_progress=True),
             guidance=GUIDANCE, negative_prompts=NEGATIVE, latents=noise,
             init_latents=torch.zeros_like(noise), strength=1.0,
             mask=latent_mask(mask, model.downsample_factor), masked_latents=masked,

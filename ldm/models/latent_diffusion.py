@@ -210,9 +210,10 @@ class LatentDiffusion(nn.Module):
             start = img2img_start(sampler.steps, strength)
             sigmas = grid.sigmas[start:]
             z0, eps = init_latents.to(device).float(), latents.float()
-            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε; at
-            # strength 1 (inpainting) pure noise at the grid's start, as the full run.
-            x = eps * grid.init_scale if strength == 1.0 else z0 + sigmas[0] * eps
+            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε; for
+            # inpainting at strength 1, pure noise at the grid's start, as diffusers' pipeline.
+            pure = mask is not None and strength == 1.0
+            x = eps * grid.init_scale if pure else z0 + sigmas[0] * eps
             if mask is None or masked_latents is not None:  # img2img, or an inpainting U-Net
                 z = sampler.run(denoiser, x, grid, start, generator=generator,
                                 callback=callback, extra_args=extra)
