@@ -4,6 +4,7 @@ and parity with diffusers' FlowMatch{Euler,Heun}DiscreteScheduler stepping the s
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,21 @@ def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sam
     ours = Sampler(sampler, steps, disable_progress=True)(guided, latents, sched)
     rel = float((ours - x).norm() / x.norm())
     assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("cls, sampler", [("FlowMatchEulerDiscreteScheduler", "euler"),
+                                          ("FlowMatchHeunDiscreteScheduler", "heun")])
+def test_flow_scheduler_folder_reads_as_a_flow_model(tmp_path: Path, cls: str,
+                                                    sampler: str) -> None:
+    import json
+
+    from ldm.checkpoint.diffusers_layout import diffusion_section, sampling_section
+    from ldm.checkpoint.format import CheckpointError
+
+    getattr(diffusers, cls)(shift=3.0).save_config(tmp_path)
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert diffusion_section(config) == {"objective": "flow", "num_timesteps": 1000,
+                                         "flow_shift": 3.0}
+    assert sampling_section(config) == {"sampler": sampler}
+    with pytest.raises(CheckpointError, match="use_dynamic_shifting=True .* not reproduced"):
+        diffusion_section({**config, "use_dynamic_shifting": True})
