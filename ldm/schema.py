@@ -117,7 +117,8 @@ class DiffusionConfig:
     timestep_sampling: str = opt("uniform", "How t is drawn.", ["uniform", "stratified"])
     objective: str = opt(
         "ddpm", "Training objective: ddpm (the beta schedule above) or flow (rectified flow, "
-        "x_t = (1-t)*x0 + t*eps, velocity target; schedule/beta/prediction keys unused).",
+        "x_t = (1-t)*x0 + t*eps, velocity target; the keys above except num_timesteps and "
+        "offset_noise are unused, the flow_* keys below apply).",
         ["ddpm", "flow"])
     flow_timestep_sampling: str = opt(
         "logit_normal", "flow: density of t (Esser et al. 2024, Sec. 3.1).",
