@@ -8,6 +8,7 @@ Euler in σ-space is Euler in t exactly: both land on x_t' = (1 − t')·x̂0 + 
 update), so `ldm.diffusion.samplers.sample_euler` would agree but for the σ = ∞ start. Heun does
 not: the trapezoid in σ averages ε̂ (dx/dσ), the one in t averages v̂ (dx_t/dt), and σ(t) is not
 affine, so the flow Heun below is the one diffusers' `FlowMatchHeunDiscreteScheduler` runs.
+DPM-Solver++(2M) is the σ-space `ldm.diffusion.samplers.sample_dpmpp_2m` on `flow_dpm_grid`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from torch import Tensor
 
 from ldm.diffusion.flow import FlowSchedule, shift_t
 from ldm.diffusion.grids import Grid
-from ldm.diffusion.samplers import Callback, DenoiserFn, _report, _steps
+from ldm.diffusion.samplers import Callback, DenoiserFn, _report, _steps, sample_dpmpp_2m
 
 FLOW_SCHEDULER_CLASSES = {"euler": "FlowMatchEulerDiscreteScheduler",
                           "heun": "FlowMatchHeunDiscreteScheduler"}
+# DPM-Solver++(2M) runs in σ-space as for DDPM models (its update x' = (σ'/σ)·x − (e^{−h} − 1)·D,
+# λ = −log σ, is the same for any process written as x = x0 + σ·ε; Lu et al. 2022, Alg. 2) on the
+# grid of diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=α).
+FLOW_DPM = "dpmpp_2m"
 
 
 def flow_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None) -> Grid:
@@ -48,6 +53,25 @@ def flow_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None =
     t = shift_t(ts / T, alpha).float()
     sigmas = FlowSchedule.flow_t_to_sigma(torch.cat([t, t.new_zeros(1)]).double()).float()
     return Grid(sigmas, (t * T).float(), 1.0, 1.0)
+
+
+def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None
+                  ) -> Grid:
+    """The grid of diffusers' ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``.
+
+    t = shift(1 − linspace(1, 1/T, N + 1)) reversed without its last point (so it starts just
+    below 1, at finite σ), then 0; network timesteps ⌊T·t⌋ (diffusers casts them to int64); the
+    prior noise is read as x_{t_0} (``init_noise_sigma`` = 1), i.e. σ-space scale 1/(1 − t_0).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    T = schedule.num_timesteps
+    ramp = torch.linspace(1, 1 / T, steps + 1, dtype=torch.float64)
+    t = shift_t(1 - ramp, schedule.shift_for(size)).flip(0)[:-1]
+    timesteps = (t * T).long().float()
+    t32 = torch.cat([t, t.new_zeros(1)]).float()
+    sigmas = FlowSchedule.flow_t_to_sigma(t32.double()).float()
+    return Grid(sigmas, timesteps, 1 / (1 - float(t32[0])), 1.0, lower_order_final=steps < 15)
 
 
 def _velocity(denoiser: DenoiserFn, x_t: Tensor, sigma: Tensor, t: Tensor,
@@ -120,11 +144,14 @@ def get_flow_sampler(name: str, eta: float = 0.0) -> Any:
     """
     if name == "ddim" and eta == 0:
         return sample_flow_euler
+    if name == FLOW_DPM:
+        return sample_dpmpp_2m
     try:
         return FLOW_SAMPLERS[name]
     except KeyError:
         raise ValueError(f"sampler {name!r}{' with eta > 0' if name == 'ddim' else ''} does not "
-                         "run flow-matching models; use sampling.sampler=euler or heun") from None
+                         "run flow-matching models; use sampling.sampler=euler, heun or dpmpp_2m"
+                         ) from None
 
 
 def sample_flow(sampler: str, steps: int, denoiser: DenoiserFn, noise: Tensor,
@@ -136,7 +163,17 @@ def sample_flow(sampler: str, steps: int, denoiser: DenoiserFn, noise: Tensor,
     The grid's shift is resolved for the latent size of ``noise``; the network gets diffusers'
     timesteps T·t at the grid's points.
     """
-    grid = flow_grid(schedule, steps, tuple(noise.shape[-2:]))
+    size = tuple(noise.shape[-2:])
+    if sampler == "dpmpp_2m":  # σ-space DPM-Solver++(2M) on diffusers' flow-sigma grid
+        grid = flow_dpm_grid(schedule, steps, size)
+        if hasattr(denoiser, "with_timesteps"):
+            denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
+        x = sample_dpmpp_2m(denoiser, noise.float() * grid.init_scale, grid.sigmas,
+                            extra_args=extra_args, callback=callback,
+                            disable_progress=disable_progress,
+                            lower_order_final=grid.lower_order_final)
+        return x.to(noise.dtype)
+    grid = flow_grid(schedule, steps, size)
     if hasattr(denoiser, "with_timesteps"):
         denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
     fn = get_flow_sampler(sampler, eta)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.flow import is_flow
-from ldm.diffusion.flow_sampling import flow_grid, get_flow_sampler, sample_flow
+from ldm.diffusion.flow_sampling import flow_dpm_grid, flow_grid, get_flow_sampler, sample_flow
 from ldm.diffusion.grids import (
     GRIDS,
     KARRAS_SAMPLERS,
@@ -109,6 +109,8 @@ class Sampler:
         """The `Grid` this sampler walks for ``schedule`` (static shift for a flow model)."""
         if is_flow(schedule):
             get_flow_sampler(self.sampler, self.eta)
+            if self.sampler == "dpmpp_2m":
+                return flow_dpm_grid(schedule, self.steps)
             return flow_grid(schedule, self.steps)
         if self.grid_kind == "exact":
             return exact_grid(schedule, self.steps, self.timestep_spacing, self.steps_offset,

@@ -12,7 +12,12 @@ import torch
 from ldm.diffusion import CFGDenoiser, Denoiser, Sampler
 from ldm.diffusion.flow import FlowSchedule, resolution_shift, sample_flow_t, shift_t
 from ldm.diffusion.flow_loss import FlowLoss
-from ldm.diffusion.flow_sampling import flow_grid, sample_flow_euler, sample_flow_heun
+from ldm.diffusion.flow_sampling import (
+    flow_dpm_grid,
+    flow_grid,
+    sample_flow_euler,
+    sample_flow_heun,
+)
 from ldm.diffusion.samplers import sample_euler, sample_heun
 
 SIGMA_D = 0.5
@@ -59,19 +64,31 @@ def test_denoiser_is_the_gaussian_posterior_mean_in_sigma_space() -> None:
     torch.testing.assert_close(d(x, math.inf), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("sampler, order", [("euler", 1), ("heun", 2), ("ddim", 1)])
-def test_samplers_reach_the_data_distribution_at_their_order(sampler: str, order: int) -> None:
-    """x_1 ~ N(0, 1) is mapped linearly to x_0 = σ_d·x_1; the error shrinks 2^order per doubling."""
+@pytest.mark.parametrize("sampler, order, slack", [("euler", 1, 0.35), ("heun", 2, 0.35),
+                                                   ("ddim", 1, 0.35), ("dpmpp_2m", 1, 0.5)])
+def test_samplers_reach_the_data_distribution_at_their_order(sampler: str, order: int,
+                                                             slack: float) -> None:
+    """x_1 ~ N(0, 1) is mapped linearly to x_0 = σ_d·x_1; the error shrinks 2^order per doubling.
+
+    diffusers' flow grid for DPM-Solver++(2M) reads the prior noise as x at t_0 = 1 − 1/(N + 1),
+    not t = 1, so its exact target is the ODE solution from there: x_0 = σ_d/sqrt((1 − t_0)²σ_d²
+    + t_0²)·x_{t_0}. It converges at first order there: the grid is uniform in t, so its first
+    λ-steps do not shrink with N (λ_1 − λ_0 = log 2), and DPM-Solver++'s second order is in h_λ.
+    """
     sched = FlowSchedule()
     noise = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     errs = []
-    for n in (8, 16, 32, 64):
+    for n in (16, 32, 64, 128) if sampler == "dpmpp_2m" else (8, 16, 32, 64):
         out = Sampler(sampler, n, disable_progress=True)(Denoiser(optimal_velocity, sched),
                                                          noise, sched)
-        errs.append(float((out.std() / noise.std() - SIGMA_D).abs()))
+        exact = SIGMA_D
+        if sampler == "dpmpp_2m":
+            t0 = float(FlowSchedule.sigma_to_flow_t(flow_dpm_grid(sched, n).sigmas[:1].double()))
+            exact = SIGMA_D / ((1 - t0) ** 2 * SIGMA_D**2 + t0**2) ** 0.5
+        errs.append(float((out.std() / noise.std() - exact).abs()))
     ratios = [a / b for a, b in zip(errs, errs[1:], strict=False)]
     assert errs[-1] < (3e-2 if order == 1 else 1e-3), errs
-    assert all(abs(math.log2(r) - order) < 0.35 for r in ratios), (errs, ratios)
+    assert all(abs(math.log2(r) - order) < slack for r in ratios), (errs, ratios)
 
 
 def test_heun_in_sigma_space_is_not_the_flow_heun() -> None:
@@ -111,7 +128,7 @@ def test_time_densities_and_shift() -> None:
 def test_other_samplers_refuse_flow_models_in_one_line() -> None:
     sched = FlowSchedule()
     with pytest.raises(ValueError, match="does not run flow-matching models; use sampling"):
-        Sampler("dpmpp_2m", 4).grid(sched)
+        Sampler("euler_a", 4).grid(sched)
     with pytest.raises(ValueError, match="'ddim' with eta > 0"):
         Sampler("ddim", 4, eta=1.0).grid(sched)
 
@@ -152,7 +169,8 @@ def unet() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("sampler, cls", [("euler", "FlowMatchEulerDiscreteScheduler"),
-                                          ("heun", "FlowMatchHeunDiscreteScheduler")])
+                                          ("heun", "FlowMatchHeunDiscreteScheduler"),
+                                          ("dpmpp_2m", "DPMSolverMultistepScheduler")])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sampler: str,
                                                       cls: str, shift: float) -> None:
@@ -162,9 +180,12 @@ def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sam
     latents = torch.randn(2, 4, 8, 8, generator=g)
     cond, uncond = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
     config = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift).config
+    if sampler == "dpmpp_2m":  # diffusers' flow DPM-Solver++ (as Wan and SANA configure it)
+        config = diffusers.DPMSolverMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift).config
     sch = getattr(diffusers, cls).from_config(config)
     sch.set_timesteps(steps)
-    x = latents.clone()
+    x = latents * getattr(sch, "init_noise_sigma", 1.0)
     with torch.no_grad():
         for t in sch.timesteps:
             out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
