@@ -121,6 +121,11 @@ def build_schedule(section: Any) -> NoiseSchedule:
     from ldm.diffusion import NoiseSchedule
 
     d = kwargs(section)
+    if d.get("objective", "ddpm") == "flow":
+        from ldm.diffusion.flow import FlowSchedule
+
+        return FlowSchedule(num_timesteps=d["num_timesteps"], shift=d["flow_shift"],
+                            shift_base_size=d["flow_shift_base_size"])
     return NoiseSchedule(schedule=d["schedule"], num_timesteps=d["num_timesteps"],
                          beta_start=d["beta_start"], beta_end=d["beta_end"],
                          zero_terminal_snr=d["zero_terminal_snr"])
@@ -131,6 +136,12 @@ def build_diffusion_loss(section: Any) -> DiffusionLoss:
     from ldm.diffusion import DiffusionLoss
 
     d = kwargs(section)
+    if d.get("objective", "ddpm") == "flow":
+        from ldm.diffusion.flow_loss import FlowLoss
+
+        return FlowLoss(timestep_sampling=d["flow_timestep_sampling"],
+                        logit_mean=d["flow_logit_mean"], logit_std=d["flow_logit_std"],
+                        mode_scale=d["flow_mode_scale"], offset_noise=d["offset_noise"])
     return DiffusionLoss(prediction=d["prediction"], loss_weighting=d["loss_weighting"],
                          min_snr_gamma=d["min_snr_gamma"], offset_noise=d["offset_noise"],
                          timestep_sampling=d["timestep_sampling"])

@@ -115,6 +115,21 @@ class DiffusionConfig:
     min_snr_gamma: float = opt(5.0, "gamma of min-SNR weighting (Hang et al. 2023).")
     offset_noise: float = opt(0.0, "Offset-noise strength (0 disables).")
     timestep_sampling: str = opt("uniform", "How t is drawn.", ["uniform", "stratified"])
+    objective: str = opt(
+        "ddpm", "Training objective: ddpm (the beta schedule above) or flow (rectified flow, "
+        "x_t = (1-t)*x0 + t*eps, velocity target; the keys above except num_timesteps and "
+        "offset_noise are unused, the flow_* keys below apply).",
+        ["ddpm", "flow"])
+    flow_timestep_sampling: str = opt(
+        "logit_normal", "flow: density of t (Esser et al. 2024, Sec. 3.1).",
+        ["uniform", "logit_normal", "mode", "cosmap"])
+    flow_logit_mean: float = opt(0.0, "flow: logit-normal location m.")
+    flow_logit_std: float = opt(1.0, "flow: logit-normal scale s.")
+    flow_mode_scale: float = opt(1.29, "flow: scale s of mode sampling.")
+    flow_shift: float = opt(1.0, "flow: timestep shift alpha (SD3 eq. 23; 3.0 for SD3 at 1024 px).")
+    flow_shift_base_size: int = opt(
+        0, "flow: >0 scales the shift with the latent size: alpha = flow_shift*sqrt(h*w)/base "
+        "(0: static shift).")
 
 
 @dataclass

@@ -70,6 +70,10 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
     s = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "karras": False,
          "final_sigma": "zero", "set_alpha_to_one": True, "clip_sample": False,
          "clip_sample_range": 1.0, **(sampling or {})}
+    if diffusion.get("objective", "ddpm") == "flow":
+        raise ValueError("diffusers has no pipeline for a flow-matching U-Net (StableDiffusion"
+                         "Pipeline needs a DDPM-family scheduler, SD3/Flux take transformers): "
+                         "export needs model.diffusion.objective=ddpm")
     cls = SCHEDULER_CLASSES[s["sampler"]]
     if int(s["steps_offset"]) != 1 or s["clip_sample"]:
         raise ValueError("diffusers' StableDiffusionPipeline resets steps_offset to 1 and "
@@ -204,6 +208,7 @@ def export_diffusers_folder(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite)")
     m = _plain(cfg["model"])
+    scheduler = scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {})))  # refuse early
     if getattr(model, "use_context_mask", False):
         raise ValueError("this model was trained with model.use_context_mask=true (cross-"
                          "attention ignores padding tokens) but diffusers' StableDiffusionPipeline "
@@ -234,7 +239,6 @@ def export_diffusers_folder(
     tokenizer.model_max_length = int(model.text_encoder.max_length)  # what diffusers pads to
     tokenizer.save_pretrained(out / "tokenizer")
 
-    scheduler = scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {})))
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(scheduler, indent=2) + "\n")

@@ -47,6 +47,7 @@ from ldm.checkpoint.diffusers_export import (
 from ldm.checkpoint.format import CheckpointError
 from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
 from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
+from ldm.diffusion.flow_sampling import FLOW_SCHEDULER_CLASSES
 from ldm.diffusion.grids import SCHEDULER_CLASSES
 
 if TYPE_CHECKING:
@@ -118,6 +119,24 @@ UNREPRODUCED = [
 SAMPLERS_OF_CLASSES = {v: k for k, v in SCHEDULER_CLASSES.items()}
 
 
+FLOW_CLASSES = {v: k for k, v in FLOW_SCHEDULER_CLASSES.items()}
+
+
+def flow_diffusion_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.diffusion`` for a diffusers flow-matching scheduler (static shift only)."""
+    for key, default in (("use_dynamic_shifting", False), ("invert_sigmas", False),
+                         ("shift_terminal", None), ("use_karras_sigmas", False),
+                         ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+                         ("stochastic_sampling", False)):
+        if scheduler.get(key, default) != default:
+            raise CheckpointError(
+                f"scheduler {key}={scheduler.get(key)!r} ({scheduler.get('_class_name')}) is not "
+                f"reproduced by our flow samplers; set \"{key}\": {json.dumps(default)} in "
+                "scheduler_config.json")
+    return {"objective": "flow", "num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+            "flow_shift": float(scheduler.get("shift", 1.0))}
+
+
 def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
     """``sampling`` keys a diffusers scheduler config fixes (missing keys: the class defaults).
 
@@ -132,6 +151,8 @@ def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
         CheckpointError: A field set to a value whose sampling we do not reproduce.
     """
     cls = scheduler.get("_class_name")
+    if cls in FLOW_CLASSES:  # flow grids have no spacing/offset options
+        return {"sampler": FLOW_CLASSES[cls]}
     for owner, key, default, ours in UNREPRODUCED:
         if owner in (None, cls) and scheduler.get(key, default) != ours:
             raise CheckpointError(
@@ -159,7 +180,13 @@ def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def diffusion_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
-    """``model.diffusion`` keys from a diffusers scheduler config (defaults as DDIMScheduler)."""
+    """``model.diffusion`` keys from a diffusers scheduler config (defaults as DDIMScheduler).
+
+    A ``FlowMatchEulerDiscreteScheduler`` / ``FlowMatchHeunDiscreteScheduler`` gives
+    ``objective: flow`` with its static ``shift`` (`ldm.diffusion.flow`).
+    """
+    if str(scheduler.get("_class_name", "")) in FLOW_CLASSES:
+        return flow_diffusion_section(scheduler)
     if scheduler.get("trained_betas") is not None:
         raise CheckpointError("scheduler trained_betas (explicit betas) are not supported")
     beta_schedule = scheduler.get("beta_schedule", "linear")

@@ -20,6 +20,11 @@ Design: one DDPM process, two coordinate systems.
 * **Guidance wraps the denoiser**: `CFGDenoiser` runs one batched [uncond, cond] forward and
   guides the whole x̂0 (optionally rescaled, Lin et al. 2024).
 
+Flow matching (`ldm.diffusion.flow`, `flow_loss`, `flow_sampling`): x_t = (1 − t)·x0 + t·ε with
+a velocity target. `FlowSchedule` stands where `NoiseSchedule` does (σ = t/(1 − t), network
+timestep 1000·t), `Denoiser` turns the velocity into x̂0, and `Sampler` runs Euler/Heun on the
+flow ODE over diffusers' FlowMatch grid, so guidance and the U-Net need no special case.
+
 Zero terminal SNR: training uses the exact ᾱ_T = 0. Sampling from t = T − 1 with DDIM/DDPM
 keeps it (σ = ∞, where the state is x_T itself, as in diffusers' DDIM/DDPM); the σ-space
 samplers take ᾱ_T = 2^-24 (diffusers' Euler/DPM convention), so they start at σ ≈ 4096.
@@ -33,6 +38,8 @@ from ldm.diffusion.denoiser import (
     output_to_x0_eps,
     prediction_target,
 )
+from ldm.diffusion.flow import FlowSchedule, is_flow
+from ldm.diffusion.flow_loss import FlowLoss
 from ldm.diffusion.grids import GRIDS, Grid, diffusers_grid, exact_grid
 from ldm.diffusion.guidance import CFGDenoiser, rescale_guidance
 from ldm.diffusion.losses import DiffusionLoss, LossOutput, diffusion_loss, min_snr_weight
@@ -64,6 +71,9 @@ from ldm.diffusion.timesteps import (
 )
 
 __all__ = [
+    "FlowLoss",
+    "FlowSchedule",
+    "is_flow",
     "GRIDS",
     "PREDICTIONS",
     "SAMPLERS",

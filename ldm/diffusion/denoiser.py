@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.diffusion.flow import flow_predict, is_flow
 from ldm.diffusion.schedules import NoiseSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -103,7 +104,9 @@ class Denoiser:
             ``ts[i]`` instead of t(σ) (the grid's own timesteps, as diffusers' schedulers feed
             them; see `with_timesteps`).
 
-    At σ = ∞ (zero terminal SNR, ᾱ_T = 0) ``x`` is taken to be x_T itself.
+    At σ = ∞ (zero terminal SNR, ᾱ_T = 0) ``x`` is taken to be x_T itself. With a
+    `ldm.diffusion.flow.FlowSchedule` the network predicts the flow velocity and ``prediction``
+    is not used (`ldm.diffusion.flow.flow_predict`).
     """
 
     def __init__(
@@ -147,6 +150,8 @@ class Denoiser:
         """
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()  # (B,)
+        if is_flow(self.schedule):  # a velocity network (ldm.diffusion.flow)
+            return flow_predict(self.net, x, sigma, self.timestep(sigma), **cond)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
         # Karras et al. 2022, Table 1 (VP): c_in = 1/sqrt(σ² + 1) maps σ-space to DDPM space,
         # where α_t = 1/sqrt(1 + σ²) and σ_t^VP = σ/sqrt(1 + σ²).

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.diffusion.flow import is_flow
+from ldm.diffusion.flow_sampling import flow_dpm_grid, flow_grid, get_flow_sampler, sample_flow
 from ldm.diffusion.grids import (
     GRIDS,
     KARRAS_SAMPLERS,
@@ -104,7 +106,12 @@ class Sampler:
         )
 
     def grid(self, schedule: NoiseSchedule) -> Grid:
-        """The `Grid` this sampler walks for ``schedule``."""
+        """The `Grid` this sampler walks for ``schedule`` (static shift for a flow model)."""
+        if is_flow(schedule):
+            get_flow_sampler(self.sampler, self.eta)
+            if self.sampler == "dpmpp_2m":
+                return flow_dpm_grid(schedule, self.steps)
+            return flow_grid(schedule, self.steps)
         if self.grid_kind == "exact":
             return exact_grid(schedule, self.steps, self.timestep_spacing, self.steps_offset,
                               self.karras, self.final_sigma)
@@ -141,6 +148,10 @@ class Sampler:
         Returns:
             (B, ...) DDPM-space sample at the final σ (the clean latent for ``final_sigma="zero"``).
         """
+        if is_flow(schedule):  # Euler/Heun on the flow ODE (ldm.diffusion.flow_sampling)
+            return sample_flow(self.sampler, self.steps, denoiser, noise, schedule,
+                               callback=callback, extra_args=extra_args,
+                               disable_progress=self.disable_progress, eta=self.eta)
         grid = self.grid(schedule)
         # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ
         # units), or diffusers' init_noise_sigma for its σ-space schedulers
