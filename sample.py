@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aspect ratio such as 3:2 (width:height): with --height or --width the "
                         "other side follows, else about the training area; sides snap to the "
                         "model's size step")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning: original image size (default: the image size)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                   help="SDXL micro-conditioning: crop top-left (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning: target size (default: the image size)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +102,24 @@ def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[in
     return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
 
 
+def set_micro_conditioning(args: argparse.Namespace, model: object) -> None:
+    """Applies ``--original-size``/``--crop``/``--target-size`` to an SDXL model.
+
+    Raises:
+        ValueError: The flags are given for a model without micro-conditioning.
+    """
+    flags = {"original_size": args.original_size, "crop_top_left": args.crop,
+             "target_size": args.target_size}
+    given = {k: tuple(v) for k, v in flags.items() if v is not None}
+    if not given:
+        return
+    if not hasattr(model, "crop_top_left"):
+        raise ValueError("--original-size, --crop and --target-size need an SDXL model "
+                         "(this checkpoint has no size/crop micro-conditioning)")
+    for key, value in given.items():
+        setattr(model, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -111,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)
         height, width = image_size(args, cfg, model)
+        set_micro_conditioning(args, model)
         model.latent_shape(1, height, width)  # validates the size before any work
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -226,7 +226,14 @@ def load_for_sampling(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    from ldm.checkpoint.sdxl_layout import is_sdxl_folder
+
+    if path.is_dir() and is_sdxl_folder(path):
+        from ldm.checkpoint.sdxl_layout import load_sdxl_folder, sdxl_folder_config
+
+        cfg = sdxl_folder_config(path, load(config_files, overrides))
+        model = load_sdxl_folder(path)
+    elif path.is_dir():
         from ldm.checkpoint.diffusers_layout import folder_config, load_diffusers_folder
 
         cfg = folder_config(path, load(config_files, overrides))

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint.diffusers_layout import (
     _load_component,
@@ -29,6 +33,45 @@ def is_sdxl_folder(path: str | Path) -> bool:
     """Whether ``path`` is a diffusers folder whose U-Net is SDXL-style."""
     config = Path(path) / "unet" / "config.json"
     return config.is_file() and is_sdxl_unet_config(read_json(config))
+
+
+def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
+                       ) -> DictConfig:
+    """``cfg`` with an SDXL folder's sections merged over it: ``model.unet`` (SDXL layout),
+    ``model.autoencoder`` (scale factor = the VAE's ``scaling_factor``), ``model.diffusion``,
+    ``data.image_size`` and the scheduler's ``sampling.timestep_spacing``. The text encoders
+    come from the folder itself (:meth:`SDXLConditioner.from_diffusers_folder`), so
+    ``model.text_encoder`` is not used.
+
+    Raises:
+        CheckpointError: Not an SDXL folder, or a U-Net/VAE config outside what we implement.
+    """
+    from ldm.config import load
+
+    root = Path(path)
+    if not is_sdxl_folder(root):
+        raise CheckpointError(f"{root} is not a diffusers SDXL folder")
+    unet_cfg = read_json(root / "unet" / "config.json")
+    vae_cfg = read_json(root / "vae" / "config.json")
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+    try:
+        unet = sdxl_unet_kwargs_from_diffusers_config(unet_cfg)
+        autoencoder = vae_config_diffusers_to_ldm(vae_cfg)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    unet.update(resblock_updown=False, conv_resample=True)
+    autoencoder["scale_factor"] = float(vae_cfg.get("scaling_factor", 0.13025))
+    folder: dict[str, Any] = {"task": "ldm", "model": {
+        "unet": unet, "autoencoder": autoencoder, "autoencoder_ckpt": None,
+        "diffusion": diffusion_section(scheduler), "use_context_mask": False}}  # fmt: skip
+    if unet_cfg.get("sample_size"):
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        folder["data"] = {"image_size": int(unet_cfg["sample_size"]) * factor}
+    if scheduler.get("timestep_spacing"):
+        folder["sampling"] = {"timestep_spacing": scheduler["timestep_spacing"]}
+    base = OmegaConf.create({} if cfg is None else cfg)
+    merged = OmegaConf.merge(base, OmegaConf.create(folder))
+    return load(base=OmegaConf.to_container(merged, resolve=True))
 
 
 def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
