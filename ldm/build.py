@@ -248,15 +248,21 @@ def load_for_sampling(
         cfg = load(config_files, overrides, base=ckpt.config)
         model = load_latent_diffusion(ckpt, use_ema=use_ema)
     else:
+        from ldm.checkpoint.sdxl_single_file import is_sdxl_file, load_sdxl_single_file
         from ldm.checkpoint.stable_diffusion import load_sd_single_file
 
         if not config_files:
             raise CheckpointError(
                 f"{path} is an original Stable Diffusion file, which carries no config: pass "
-                "-c configs/ldm/sd1.yaml (SD 1.x) or -c configs/ldm/sd2.yaml (SD 2.x)"
+                "-c configs/ldm/sd1.yaml (SD 1.x), -c configs/ldm/sd2.yaml (SD 2.x) or "
+                "-c configs/ldm/sdxl.yaml (SDXL)"
             )
         cfg = load(config_files, overrides)
-        model = load_sd_single_file(path, cfg, use_ema=use_ema)
+        if is_sdxl_file(path):
+            model = load_sdxl_single_file(path, cfg, cfg.model.text_encoder.name_or_path,
+                                          use_ema=use_ema)
+        else:
+            model = load_sd_single_file(path, cfg, use_ema=use_ema)
     return model.eval(), cfg
 
 

@@ -46,6 +46,20 @@ def is_sdxl_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     )
 
 
+def is_sdxl_file(path: str | Path) -> bool:
+    """Whether a single file is SDXL's (keys only for ``.safetensors``; others are read)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return is_sdxl_state_dict(dict.fromkeys(f.keys()))
+        except Exception:  # unreadable: let the regular reader name the problem
+            return False
+    return path.is_file() and is_sdxl_state_dict(read_state_dict(path))
+
+
 def _encoders(folder: Path) -> tuple[Any, Any, Any, Any]:
     from transformers import (
         CLIPTextConfig,
@@ -58,7 +72,8 @@ def _encoders(folder: Path) -> tuple[Any, Any, Any, Any]:
         if not (folder / part).is_dir():
             raise FileNotFoundError(
                 f"{folder} has no {part}/: the SDXL encoders' configs and tokenizers come from a "
-                "diffusers SDXL folder (text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)"
+                "local diffusers SDXL folder (text_encoder/, tokenizer/, text_encoder_2/, "
+                "tokenizer_2/): set model.text_encoder.name_or_path to one"
             )
     first = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
     second = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
