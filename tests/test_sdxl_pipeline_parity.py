@@ -66,3 +66,21 @@ def test_final_latents_match_stable_diffusion_xl_pipeline(
     assert theirs.abs().max() > 0.5
     rel = ((ours - theirs).norm() / theirs.norm()).item()
     assert rel <= 1e-4, f"final latents differ by {rel:.2e} relative"
+
+
+def test_default_negative_is_zeros_as_diffusers(folder: Path) -> None:
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.force_zeros_for_empty_prompt
+    model = load_sdxl_folder(folder)
+    noise = torch.randn(2, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(9))
+    sampler = Sampler("euler", STEPS, disable_progress=True)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                      guidance_scale=GUIDANCE, latents=noise.clone(), output_type="latent").images
+        _, ours = model.generate(PROMPTS, sampler, guidance=GUIDANCE, latents=noise.clone())
+        model.zero_empty_prompts = False
+        _, encoded = model.generate(PROMPTS, sampler, guidance=GUIDANCE, latents=noise.clone())
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel <= 1e-4, f"final latents differ by {rel:.2e} relative"
+    assert ((encoded - theirs).norm() / theirs.norm()).item() > 1e-3  # "" encoded differs

@@ -20,7 +20,10 @@ class SDXLLatentDiffusion(LatentDiffusion):
 
     Sampling conditions on ``original_size``, ``crop_top_left`` and ``target_size`` (pixel
     ``(height, width)`` / ``(top, left)``); ``None`` sizes mean the generated image's size and
-    the crop defaults to ``(0, 0)``, as diffusers' ``StableDiffusionXLPipeline``.
+    the crop defaults to ``(0, 0)``, as diffusers' ``StableDiffusionXLPipeline``. A batch of
+    empty prompts (the default negative prompt) is conditioned on zeros, context and pooled
+    alike, as SDXL dropped captions in training and as diffusers does for a missing negative
+    prompt (``force_zeros_for_empty_prompt``); set ``zero_empty_prompts = False`` to encode "".
 
     Args:
         unet: An SDXL-layout ``UNetModel`` (``adm_in_channels`` = pooled width + 6 × 256).
@@ -36,11 +39,15 @@ class SDXLLatentDiffusion(LatentDiffusion):
         self.original_size: tuple[int, int] | None = None
         self.crop_top_left: tuple[int, int] = (0, 0)
         self.target_size: tuple[int, int] | None = None
+        self.zero_empty_prompts = True
 
     def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
                             dtype: torch.dtype, size: tuple[int, int]) -> dict[str, Tensor | None]:
         """``context`` (both encoders' states), ``y`` (pooled text + embedded sizes)."""
-        context, pooled = self.text_encoder.encode(list(prompts))
+        prompts = list(prompts)
+        context, pooled = self.text_encoder.encode(prompts)
+        if self.zero_empty_prompts and all(p == "" for p in prompts):
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         numbers = size_numbers(self.original_size or size, self.crop_top_left,
                                self.target_size or size, batch=len(prompts))  # fmt: skip
         y = sdxl_vector(pooled.to(device), numbers)
