@@ -102,15 +102,29 @@ def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[in
     return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
 
 
-def set_micro_conditioning(args: argparse.Namespace, model: object) -> None:
-    """Applies ``--original-size``/``--crop``/``--target-size`` to an SDXL model.
+def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """The ``--original-size``/``--crop``/``--target-size`` values that were given.
 
     Raises:
-        ValueError: The flags are given for a model without micro-conditioning.
+        ValueError: A size that is not positive or a negative crop offset.
     """
     flags = {"original_size": args.original_size, "crop_top_left": args.crop,
              "target_size": args.target_size}
-    given = {k: tuple(v) for k, v in flags.items() if v is not None}
+    given = {k: (int(v[0]), int(v[1])) for k, v in flags.items() if v is not None}
+    for key, value in given.items():
+        if min(value) < 0 or (key != "crop_top_left" and min(value) == 0):
+            flag = "--crop" if key == "crop_top_left" else "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {value[0]} {value[1]}: sizes must be positive and crop "
+                             "offsets non-negative (pixels)")
+    return given
+
+
+def set_micro_conditioning(given: dict[str, tuple[int, int]], model: object) -> None:
+    """Applies SDXL micro-conditioning values (:func:`micro_conditioning_flags`) to the model.
+
+    Raises:
+        ValueError: Values are given for a model without micro-conditioning.
+    """
     if not given:
         return
     if not hasattr(model, "crop_top_left"):
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown sampler '{args.sampler}'; choose one of "
                              f"{', '.join(SAMPLERS)}")
         prompts = read_prompts(args)
+        micro = micro_conditioning_flags(args)
         from ldm import build
 
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)
         height, width = image_size(args, cfg, model)
-        set_micro_conditioning(args, model)
+        set_micro_conditioning(micro, model)
         model.latent_shape(1, height, width)  # validates the size before any work
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

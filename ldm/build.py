@@ -248,7 +248,11 @@ def load_for_sampling(
         cfg = load(config_files, overrides, base=ckpt.config)
         model = load_latent_diffusion(ckpt, use_ema=use_ema)
     else:
-        from ldm.checkpoint.sdxl_single_file import is_sdxl_file, load_sdxl_single_file
+        from ldm.checkpoint.sdxl_single_file import (
+            check_not_sd_file_for_sdxl_config,
+            is_sdxl_file,
+            load_sdxl_single_file,
+        )
         from ldm.checkpoint.stable_diffusion import load_sd_single_file
 
         if not config_files:
@@ -262,6 +266,7 @@ def load_for_sampling(
             model = load_sdxl_single_file(path, cfg, cfg.model.text_encoder.name_or_path,
                                           use_ema=use_ema)
         else:
+            check_not_sd_file_for_sdxl_config(path, cfg)
             model = load_sd_single_file(path, cfg, use_ema=use_ema)
     return model.eval(), cfg
 

@@ -66,7 +66,7 @@ def test_micro_conditioning_flags_need_an_sdxl_model(capsys: pytest.CaptureFixtu
 
     args = sample.parse_args(["--ckpt", "x", "--crop", "0", "8"])
     with pytest.raises(ValueError, match="need an SDXL model"):
-        sample.set_micro_conditioning(args, NotSDXL())
+        sample.set_micro_conditioning(sample.micro_conditioning_flags(args), NotSDXL())
 
 
 def test_sample_py_on_an_sdxl_single_file(folder: Path, tmp_path: Path,
@@ -101,4 +101,9 @@ def test_sample_py_on_an_sdxl_single_file(folder: Path, tmp_path: Path,
     assert sample.main(["--ckpt", str(sd1), "-c", str(config), *common,
                         f"model.text_encoder.name_or_path={folder}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "is an SD 1.x/2.x file" in err
+    assert len(err.splitlines()) == 1
+
+    assert sample.main(["--ckpt", str(folder), *common, "--original-size", "0", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --original-size 0 64: sizes must be positive")

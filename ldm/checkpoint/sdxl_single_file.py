@@ -46,18 +46,44 @@ def is_sdxl_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     )
 
 
-def is_sdxl_file(path: str | Path) -> bool:
-    """Whether a single file is SDXL's (keys only for ``.safetensors``; others are read)."""
-    path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
+def _keys(path: Path) -> dict[str, None]:
+    """A single file's keys (only the header of a ``.safetensors``); {} when unreadable, so
+    that the regular reader names the problem."""
+    if not path.is_file():
+        return {}
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return is_sdxl_state_dict(dict.fromkeys(f.keys()))
-        except Exception:  # unreadable: let the regular reader name the problem
-            return False
-    return path.is_file() and is_sdxl_state_dict(read_state_dict(path))
+                return dict.fromkeys(f.keys())
+        except Exception:  # noqa: BLE001 - any unreadable file
+            return {}
+    try:
+        return dict.fromkeys(read_state_dict(path))
+    except CheckpointError:
+        return {}
+
+
+def is_sdxl_file(path: str | Path) -> bool:
+    """Whether a single file is SDXL's (its two embedders' keys)."""
+    return is_sdxl_state_dict(_keys(Path(path)))
+
+
+def check_not_sd_file_for_sdxl_config(path: str | Path, cfg: Any) -> None:
+    """Refuses an SD 1.x/2.x single file (``cond_stage_model.*``) given an SDXL config (one
+    whose U-Net takes a vector ``y``: SD 1.x/2.x U-Nets have no ``adm_in_channels``).
+
+    Raises:
+        CheckpointError: One line naming both and the fix.
+    """
+    if cfg.model.unet.adm_in_channels is None:
+        return
+    if any(k.startswith("cond_stage_model.") for k in _keys(Path(path))):
+        raise CheckpointError(
+            f"{path} is an SD 1.x/2.x file (cond_stage_model.*) but the config is SDXL's; "
+            "use -c configs/ldm/sd1.yaml or sd2.yaml for it"
+        )
 
 
 def _encoders(folder: Path) -> tuple[Any, Any, Any, Any]:
