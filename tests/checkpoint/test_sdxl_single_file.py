@@ -60,3 +60,20 @@ def test_sd1_file_and_missing_encoder_folder_are_refused(folder: Path, tmp_path:
     path = save_sdxl_single_file(load_sdxl_folder(folder), tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError, match="has no text_encoder/"):
         load_sdxl_single_file(path, cfg, encoders=tmp_path)
+
+
+def test_ema_weights_are_used_when_present(folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from ldm.checkpoint.stable_diffusion import ema_key
+
+    path = save_sdxl_single_file(load_sdxl_folder(folder), tmp_path / "ema.safetensors")
+    state = load_file(str(path))
+    names = [k[len("model.diffusion_model."):] for k in state
+             if k.startswith("model.diffusion_model.")]  # fmt: skip
+    state.update({ema_key(n): state["model.diffusion_model." + n] + 1 for n in names})
+    save_file(state, str(path))
+    cfg = sdxl_folder_config(folder)
+    ema = load_sdxl_single_file(path, cfg, encoders=folder).unet.state_dict()
+    raw = load_sdxl_single_file(path, cfg, encoders=folder, use_ema=False).unet.state_dict()
+    assert all(torch.equal(ema[n], raw[n] + 1) for n in names)
