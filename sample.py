@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask", default=None, metavar="PNG",
                    help="inpainting (with --init-image): white repaints, black keeps; same size "
                         "as the init image (regular 4-channel U-Nets: latent blending)")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning: original image size (default: the image size)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                   help="SDXL micro-conditioning: crop top-left (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning: target size (default: the image size)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--save-latents", metavar="FILE", default=None,
                    help="also write the final latents (N, C, h, w; key 'latents', in prompt "
@@ -185,6 +191,38 @@ def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[in
     return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
 
 
+def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """The ``--original-size``/``--crop``/``--target-size`` values that were given.
+
+    Raises:
+        ValueError: A size that is not positive or a negative crop offset.
+    """
+    flags = {"original_size": args.original_size, "crop_top_left": args.crop,
+             "target_size": args.target_size}
+    given = {k: (int(v[0]), int(v[1])) for k, v in flags.items() if v is not None}
+    for key, value in given.items():
+        if min(value) < 0 or (key != "crop_top_left" and min(value) == 0):
+            flag = "--crop" if key == "crop_top_left" else "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {value[0]} {value[1]}: sizes must be positive and crop "
+                             "offsets non-negative (pixels)")
+    return given
+
+
+def set_micro_conditioning(given: dict[str, tuple[int, int]], model: object) -> None:
+    """Applies SDXL micro-conditioning values (:func:`micro_conditioning_flags`) to the model.
+
+    Raises:
+        ValueError: Values are given for a model without micro-conditioning.
+    """
+    if not given:
+        return
+    if not hasattr(model, "crop_top_left"):
+        raise ValueError("--original-size, --crop and --target-size need an SDXL model "
+                         "(this checkpoint has no size/crop micro-conditioning)")
+    for key, value in given.items():
+        setattr(model, key, value)
+
+
 @error_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -194,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(SAMPLERS)}")
         prompts = read_prompts(args)
         check_args(args, prompts)
+        micro = micro_conditioning_flags(args)
         from ldm import build
 
         model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
@@ -233,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             if sampler.sampler == "dpmpp_2m":
                 raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
                                  "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
+        set_micro_conditioning(micro, model)
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
         from ldm.config_sources import config_sources

@@ -274,7 +274,14 @@ def load_for_sampling(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    from ldm.checkpoint.sdxl_layout import is_sdxl_folder
+
+    if path.is_dir() and is_sdxl_folder(path):
+        from ldm.checkpoint.sdxl_layout import load_sdxl_folder, sdxl_folder_config
+
+        cfg = sdxl_folder_config(path, load(config_files, overrides))
+        model = load_sdxl_folder(path)
+    elif path.is_dir():
         from ldm.checkpoint.diffusers_layout import folder_config, load_diffusers_folder
 
         cfg = folder_config(path, config_files, overrides)  # the caller wins over the folder
@@ -289,15 +296,26 @@ def load_for_sampling(
         cfg = load(config_files, overrides, base=ckpt.config)
         model = load_latent_diffusion(ckpt, use_ema=use_ema)
     else:
+        from ldm.checkpoint.sdxl_single_file import (
+            check_not_sd_file_for_sdxl_config,
+            is_sdxl_file,
+            load_sdxl_single_file,
+        )
         from ldm.checkpoint.stable_diffusion import load_sd_single_file
 
         if not config_files:
             raise CheckpointError(
                 f"{path} is an original Stable Diffusion file, which carries no config: pass "
-                "-c configs/ldm/sd1.yaml (SD 1.x) or -c configs/ldm/sd2.yaml (SD 2.x)"
+                "-c configs/ldm/sd1.yaml (SD 1.x), -c configs/ldm/sd2.yaml (SD 2.x) or "
+                "-c configs/ldm/sdxl.yaml (SDXL)"
             )
         cfg = load(config_files, overrides)
-        model = load_sd_single_file(path, cfg, use_ema=use_ema)
+        if is_sdxl_file(path):
+            model = load_sdxl_single_file(path, cfg, cfg.model.text_encoder.name_or_path,
+                                          use_ema=use_ema)
+        else:
+            check_not_sd_file_for_sdxl_config(path, cfg)
+            model = load_sd_single_file(path, cfg, use_ema=use_ema)
     return model.eval(), cfg
 
 

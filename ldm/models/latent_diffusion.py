@@ -71,6 +71,13 @@ class LatentDiffusion(nn.Module):
         """The U-Net's conditioning keyword arguments for a text encoding."""
         return {"context": context, "context_mask": mask if self.use_context_mask else None}
 
+    def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
+                            dtype: torch.dtype, size: tuple[int, int]) -> dict[str, Tensor | None]:
+        """The U-Net's conditioning keyword arguments for prompts and an image ``size``
+        (height, width in pixels; unused here, SDXL's micro-conditioning reads it)."""
+        context, mask = self.encode_prompts(prompts)
+        return self.conditioning(context.to(device, dtype), mask.to(device))
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(B, L, D) context and (B, L) mask; empty prompts reuse the cached empty encoding."""
@@ -187,8 +194,9 @@ class LatentDiffusion(nn.Module):
             latents = randn(shape, generator=generator, device="cpu")
         latents = latents.to(device)
 
-        context, text_mask = self.encode_prompts(prompts)
-        cond = self.conditioning(context.to(device, dtype), text_mask.to(device))
+        f = self.downsample_factor
+        size = (latents.shape[-2] * f, latents.shape[-1] * f)  # pixels (height, width)
+        cond = self.prompt_conditioning(prompts, device, dtype, size)
         net = net or self.unet
         if masked_latents is not None:
             if mask is None:
@@ -197,8 +205,7 @@ class LatentDiffusion(nn.Module):
         denoiser = Denoiser(net, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance > 1.0:
-            u_context, u_mask = self.encode_prompts(negative_prompts)
-            uncond = self.conditioning(u_context.to(device, dtype), u_mask.to(device))
+            uncond = self.prompt_conditioning(negative_prompts, device, dtype, size)
             denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance,
                                    rescale=guidance_rescale)
             extra = None

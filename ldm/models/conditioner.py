@@ -1,0 +1,113 @@
+"""SDXL's two frozen text encoders (Podell et al. 2023, sec. 2.1).
+
+The context is CLIP ViT-L's and OpenCLIP ViT-bigG's penultimate hidden states (no final layer
+norm), concatenated on the feature axis (768 + 1280 = 2048 for SDXL base); the pooled vector is
+ViT-bigG's projected end-of-text embedding (1280). Both encoders are transformers' CLIP classes
+(``CLIPTextModel`` and ``CLIPTextModelWithProjection``), as in diffusers' SDXL folders
+(``text_encoder``/``tokenizer``, ``text_encoder_2``/``tokenizer_2``), so open_clip is not
+needed. Each prompt is tokenised by each encoder's own tokenizer, padded to ``max_length``
+(SDXL's second tokenizer pads with ``!``, the first with ``<|endoftext|>``), as diffusers'
+``StableDiffusionXLPipeline.encode_prompt`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class SDXLConditioner(nn.Module):
+    """Frozen CLIP ViT-L + OpenCLIP ViT-bigG text encoders: prompts → (context, pooled).
+
+    Args:
+        text_encoder: The first encoder (``CLIPTextModel``, ViT-L in SDXL).
+        tokenizer: Its tokenizer.
+        text_encoder_2: The second encoder (``CLIPTextModelWithProjection``, ViT-bigG).
+        tokenizer_2: Its tokenizer.
+        max_length: Token length L; None uses the first tokenizer's ``model_max_length``.
+    """
+
+    def __init__(
+        self, text_encoder: nn.Module, tokenizer: Any, text_encoder_2: nn.Module,
+        tokenizer_2: Any, max_length: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if not hasattr(text_encoder_2, "text_projection"):
+            raise ValueError(
+                "the second SDXL text encoder must have a text projection "
+                "(CLIPTextModelWithProjection) for the pooled embedding"
+            )
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.max_length = int(max_length or tokenizer.model_max_length)
+        self.requires_grad_(False)
+        super().train(False)
+
+    @classmethod
+    def from_diffusers_folder(cls, root: str | Path, max_length: int | None = None
+                              ) -> SDXLConditioner:
+        """Both encoders and tokenizers from a diffusers SDXL folder.
+
+        Raises:
+            FileNotFoundError: ``text_encoder``, ``tokenizer``, ``text_encoder_2`` or
+                ``tokenizer_2`` is missing (one line naming it).
+        """
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = Path(root)
+        for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+            if not (root / part).is_dir():
+                raise FileNotFoundError(
+                    f"{root} has no {part}/: an SDXL folder needs text_encoder/, tokenizer/, "
+                    "text_encoder_2/ and tokenizer_2/"
+                )
+        return cls(
+            CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
+            CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
+                                                        local_files_only=True),
+            CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
+            max_length,
+        )  # fmt: skip
+
+    def train(self, mode: bool = True) -> SDXLConditioner:
+        """Stays in eval mode (frozen)."""
+        return super().train(False)
+
+    @property
+    def dim(self) -> int:
+        """Context width: the two encoders' hidden sizes added."""
+        return int(self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled embedding (the second encoder's projection)."""
+        return int(self.text_encoder_2.config.projection_dim)
+
+    def _ids(self, tokenizer: Any, prompts: list[str]) -> Tensor:
+        out = tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                        truncation=True, return_tensors="pt")  # fmt: skip
+        return out.input_ids.to(next(self.parameters()).device)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Encodes B prompts.
+
+        Returns:
+            context: (B, L, D1 + D2) float32, both encoders' penultimate hidden states.
+            pooled: (B, P) float32, the second encoder's projected pooled output.
+        """
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt")
+        first = self.text_encoder(self._ids(self.tokenizer, prompts), output_hidden_states=True)
+        second = self.text_encoder_2(self._ids(self.tokenizer_2, prompts),
+                                     output_hidden_states=True)  # fmt: skip
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return context.float(), second.text_embeds.float()
