@@ -47,6 +47,10 @@ def config_sources(
     layers: list[tuple[str, dict[str, Any]]] = []
     ignored: list[str] = []
     if path.is_dir():
+        from ldm.checkpoint.sdxl_layout import is_sdxl_folder
+
+        if is_sdxl_folder(path):  # its sections come from sdxl_folder_config, which the loader
+            return "settings: SDXL folder: its own unet/vae/text encoders and scheduler"  # used
         from ldm.checkpoint.diffusers_layout import diffusers_folder_config, pin_weight_keys
 
         sections = diffusers_folder_config(path)

@@ -142,6 +142,11 @@ def _check_text_width(cfg: DictConfig) -> None:
     context_dim = cfg.model.unet.context_dim
     if context_dim is None:
         return
+    if cfg.model.unet.adm_in_channels:
+        # A vector-conditioned (SDXL-layout) U-Net is conditioned by the SDXL conditioner, whose
+        # context is both encoders' states side by side: model.text_encoder names where they
+        # are found, not one encoder of context_dim width.
+        return
     name = cfg.model.text_encoder.name_or_path
     width = text_encoder_width(name)
     if width is not None and width != context_dim:

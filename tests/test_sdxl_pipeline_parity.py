@@ -44,7 +44,7 @@ def test_final_latents_match_stable_diffusion_xl_pipeline(
     if sampler == "ddim":
         pipe.scheduler = diffusers.DDIMScheduler.from_config(
             pipe.scheduler.config, set_alpha_to_one=False, clip_sample=False)  # fmt: skip
-        ours_sampler = Sampler("ddim", STEPS, final_sigma="sigma_min", disable_progress=True)
+        ours_sampler = Sampler("ddim", STEPS, set_alpha_to_one=False, disable_progress=True)
     else:
         ours_sampler = Sampler("euler", STEPS, disable_progress=True)
     model = load_sdxl_folder(folder)

@@ -71,7 +71,9 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
         folder["sampling"] = {"timestep_spacing": scheduler["timestep_spacing"]}
     base = OmegaConf.create({} if cfg is None else cfg)
     merged = OmegaConf.merge(base, OmegaConf.create(folder))
-    return load(base=OmegaConf.to_container(merged, resolve=True))
+    # The folder's own two encoders condition the model; model.text_encoder is unused, so the
+    # context-width check against it does not apply.
+    return load(base=OmegaConf.to_container(merged, resolve=True), consistency=False)
 
 
 def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
