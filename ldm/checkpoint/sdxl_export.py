@@ -66,10 +66,9 @@ def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_d
         tokenizer.save_pretrained(out / f"tokenizer{name}")
         index[f"text_encoder{name}"] = ["transformers", type(encoder).__name__]
         index[f"tokenizer{name}"] = ["transformers", type(tokenizer).__name__]
-    spacing = _plain(cfg.get("sampling", {})).get("timestep_spacing", "leading")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config(m["diffusion"], spacing), indent=2) + "\n")
+        json.dumps(scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {}))), indent=2) + "\n")
     index = _versioned("StableDiffusionXLPipeline", {
         "vae": ["diffusers", "AutoencoderKL"], **index,
         "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
