@@ -67,8 +67,8 @@ def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_d
         index[f"text_encoder{name}"] = ["transformers", type(encoder).__name__]
         index[f"tokenizer{name}"] = ["transformers", type(tokenizer).__name__]
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {}))), indent=2) + "\n")
+    scheduler = scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {})))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     index = _versioned("StableDiffusionXLPipeline", {
         "vae": ["diffusers", "AutoencoderKL"], **index,
         "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
