@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.checkpoint.format import Checkpoint, CheckpointError, load_checkpoint
-from ldm.config import to_container, to_yaml
+from ldm.config import to_container
+from ldm.run_dir import RunDirError, prepare_run_dir, run_dir  # noqa: F401 (build's API)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -179,35 +180,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         from ldm import pretrained
 
         pretrained.resolve_init(cfg)
-    check_buckets(cfg)
     return cfg
-
-
-def model_size_step(cfg: DictConfig) -> tuple[int, str]:
-    """The pixel step every image side must be a multiple of for ``cfg.task``'s models, and
-    what needs it: the autoencoder factor ``2**(levels-1)``, times the U-Net's
-    ``2**(levels-1)`` for an ldm (its skip connections need even feature maps at each level)."""
-    factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
-    if cfg.task != "ldm":
-        return factor, f"the autoencoder (factor {factor})"
-    unet = 2 ** (len(cfg.model.unet.channel_mult) - 1)
-    return factor * unet, f"the autoencoder (factor {factor}) x U-Net ({unet} levels down)"
-
-
-def check_buckets(cfg: DictConfig) -> None:
-    """Refuse, before anything is built, ``data.buckets`` the models cannot take (one line)."""
-    from ldm.data.buckets import bucket_set, check_model_step
-
-    buckets = bucket_set(kwargs(cfg.data.buckets))
-    if buckets is not None:
-        check_model_step(buckets, *model_size_step(cfg))
-
-
-def _section_of(meta: dict[str, str], name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.create(meta.get("config", "{}")), resolve=True)
-    return config.get("model", {}).get(name, {})  # type: ignore[union-attr]
 
 
 def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None
@@ -331,52 +304,6 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return ShardDataModule(**kwargs(cfg.data), seed=cfg.run.seed)
 
 
-def run_dir(cfg: DictConfig) -> Path:
-    """``<run.root>/<run.name>``."""
-    return Path(cfg.run.root) / cfg.run.name
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used for this run (one-line message with the fix)."""
-
-
-def prepare_run_dir(cfg: DictConfig, resuming: bool = False) -> Path:
-    """Create the run directory and write the resolved config into it (atomically).
-
-    A directory that holds checkpoints, or the config of a different run, belongs to that run:
-    only ``train.py --resume`` of it may write there, so a new run never overwrites another
-    run's config or resume state, and pruning never deletes another run's checkpoints. A
-    directory holding nothing but this very config (a run stopped before its first checkpoint)
-    is started again.
-
-    Raises:
-        RunDirError: The directory holds another run and this is not a resume of it, or it
-            cannot be created or written.
-    """
-    from ldm.checkpoint.format import atomic_write
-
-    path = run_dir(cfg)
-    text = to_yaml(cfg)
-    config = path / "config.yaml"
-    checkpoints = path / "checkpoints"
-    saved = any(checkpoints.glob("*.safetensors")) or any(checkpoints.glob("*.ckpt"))
-    other = config.is_file() and config.read_text() != text
-    if (saved or other) and not resuming:
-        raise RunDirError(
-            f"run directory {path} already holds a run: continue it with --resume {path}, or "
-            "start this one elsewhere (run.name=<new name> or run.root=<other folder>)"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    except OSError as e:
-        raise RunDirError(
-            f"cannot write the run directory {path} ({e.strerror or e}): set run.root to a "
-            "writable folder with free space"
-        ) from None
-    return path
-
-
 def learning_rate(cfg: DictConfig) -> float:
     """``optim.lr``, times the global batch size only when ``optim.scale_lr`` is on (logged)."""
     lr = float(cfg.optim.lr)
@@ -394,32 +321,12 @@ def learning_rate(cfg: DictConfig) -> float:
     return lr * global_batch
 
 
-def check_image_size(cfg: DictConfig) -> None:
-    """``data.image_size`` must be a multiple of the autoencoder's downsampling factor (any such
-    size trains: the U-Net's upsamplers take their skip connections' sizes).
-
-    Raises:
-        ConfigError: It is not.
-    """
-    from ldm.config import ConfigError
-
-    factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
-    size = int(cfg.data.image_size)
-    if size % factor:
-        low = max(size // factor * factor, factor)
-        raise ConfigError(
-            f"data.image_size={size} is not a multiple of {factor} (the autoencoder's "
-            f"downsampling factor); use e.g. {low} or {low + factor}"
-        )
-
-
 def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.LightningModule:
     """The LightningModule for ``cfg.task``.
 
     Raises:
         ConfigError: ``data.image_size`` is not a multiple of the autoencoder's factor.
     """
-    check_image_size(cfg)
     if cfg.task == "autoencoder":
         from ldm.training.autoencoder_module import AutoencoderModule
 
@@ -473,107 +380,10 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     )
 
 
-#: Smallest positive normal float16: a smaller AdamW epsilon rounds to 0 in fp16 state.
-_FP16_TINY = 6.2e-5
-
-
-def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None:
-    """Refuse precisions that cannot work: fp16 mixed precision on CPU (which Lightning would
-    silently turn into bf16), and ``16-true`` with an AdamW epsilon that rounds to zero in fp16
-    (the first step then divides by zero and every weight becomes NaN).
-
-    Raises:
-        ConfigError: Naming the setting and what to use instead.
-    """
-    from ldm.config import ConfigError
-
-    if str(precision) == "16-true" and eps < _FP16_TINY:
-        raise ConfigError(
-            f"trainer.precision=16-true keeps AdamW's state in fp16, where optim.eps={eps:g} "
-            "rounds to 0 and the first step writes NaN weights: set optim.eps=1e-4, or use "
-            "trainer.precision=bf16-true or 16-mixed"
-        )
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and str(precision) in ("16-mixed", "16", "fp16-mixed"):
-        raise ConfigError(
-            f"trainer.precision={precision} needs a GPU (fp16 autocast does not run on the CPU, "
-            "and Lightning would train in bf16 instead): use trainer.precision=bf16-mixed or 32"
-        )
-
-
-def build_quality_monitor(cfg: DictConfig) -> Any:
-    """``quality`` → the training-time metrics callback, or None when disabled. Checks its
-    settings (prompts, files), so call it before anything is written."""
-    if not cfg.quality.every_n_steps:
-        return None
-    from ldm.training.quality import build_quality_monitor as build_monitor
-
-    sampler = build_sampler(cfg.sampling, steps=cfg.quality.steps, disable_progress=True)
-    return build_monitor(cfg, sampler)
-
-
-def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None,
-                  resuming: bool = False) -> pl.Trainer:
-    """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks.
-
-    ``resuming``: the run continues from its resume checkpoint (wandb continues the same run).
-    """
-    import pytorch_lightning as pl
-
-    from ldm.training.callbacks import (
-        DataSkipLogger,
-        ImageLogger,
-        RNGState,
-        SafetensorsCheckpoint,
-        ThroughputMonitor,
-    )
-    from ldm.training.loggers import build_logger, define_step_metrics
-    from ldm.training.progress import progress_callbacks
-    from ldm.training.quiet import quiet_expected_warnings
-    from ldm.training.strategy import ExecutionOptions, build_strategy
-
-    quiet_expected_warnings()
-    t = cfg.trainer
-    check_precision(t.precision, t.accelerator, cfg.optim.eps)
-    config = to_container(cfg)
-    strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
-                              fsdp_sharding=t.fsdp_sharding)
-    logger = build_logger(cfg.logging.logger, path, cfg.run.name, cfg.logging.project,
-                          cfg.logging.wandb_mode, config, resume=resuming)
-    define_step_metrics(logger)
-    callbacks: list[Any] = [
-        SafetensorsCheckpoint(path / "checkpoints", config, t.ckpt_every_n_steps, t.keep_last_k),
-        ImageLogger(path / "images", cfg.logging.image_every_n_steps, cfg.logging.num_images),
-        RNGState(),
-        DataSkipLogger(t.log_every_n_steps),
-        ThroughputMonitor(batch_key="image" if not cfg.data.cached else "latent_mean"),
-        ExecutionOptions(t.compile, t.gradient_checkpointing, t.vae_precision),
-        *(extra_callbacks or []),
-    ]
-    progress, bar = progress_callbacks(t.enable_progress_bar, t.log_every_n_steps)
-    callbacks.extend(progress)
-    manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=strategy,
-        precision=t.precision,
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=None if manual else t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_val_batches=t.limit_val_batches,
-        limit_train_batches=t.limit_train_batches,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        fast_dev_run=t.fast_dev_run,
-        deterministic=t.deterministic,
-        enable_progress_bar=bar,
-        enable_checkpointing=False,
-        default_root_dir=str(path),
-        logger=logger,
-        callbacks=callbacks,
-    )
+# The Lightning side (trainer, callbacks, precision checks) lives in ldm/trainer.py; it is part
+# of this module's API, so callers (and tests that substitute it) use build.build_trainer.
+from ldm.trainer import (  # noqa: E402, F401
+    build_quality_monitor,
+    build_trainer,
+    check_precision,
+)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigError
 
@@ -238,6 +238,27 @@ def _check_cached_width(cfg: DictConfig, empty_prompt: str) -> None:
         )
 
 
+def model_size_step(cfg: DictConfig) -> tuple[int, str]:
+    """The pixel step every image side must be a multiple of for ``cfg.task``'s models, and
+    what needs it: the autoencoder factor ``2**(levels-1)``, times the U-Net's
+    ``2**(levels-1)`` for an ldm (its skip connections need even feature maps at each level)."""
+    section = _autoencoder_section(cfg)[0] if cfg.task == "ldm" else dict(cfg.model.autoencoder)
+    factor = 2 ** (len(section.get("ch_mult") or [1]) - 1)
+    if cfg.task != "ldm":
+        return factor, f"the autoencoder (factor {factor})"
+    unet = 2 ** (len(cfg.model.unet.channel_mult) - 1)
+    return factor * unet, f"the autoencoder (factor {factor}) x U-Net ({unet} levels down)"
+
+
+def check_buckets(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, ``data.buckets`` the models cannot take (one line)."""
+    from ldm.data.buckets import bucket_set, check_model_step
+
+    buckets = bucket_set(OmegaConf.to_container(cfg.data.buckets, resolve=True))
+    if buckets is not None:
+        check_model_step(buckets, *model_size_step(cfg))
+
+
 def check_consistency(cfg: DictConfig) -> None:
     """Raise :class:`ConsistencyError` (one line) if the config's sections contradict each other.
 
@@ -248,6 +269,7 @@ def check_consistency(cfg: DictConfig) -> None:
         _check_text_width(cfg)
         _check_latent_channels(cfg)
     _check_image_size(cfg)
+    check_buckets(cfg)
     _check_cached(cfg)
 
 
