@@ -37,8 +37,8 @@ from PIL import Image
 from ldm.data.buckets import bucket_set
 from ldm.data.cached import encode_cached_sample
 from ldm.data.reader import ShardDataset
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.transforms import ImageSpec, resize_crop, to_tensor
-from ldm.data.write_shards import ShardWriter
 
 GPU_IMAGES_PER_S = 140.0  # SD1 U-Net training @256 px per A100 (MosaicML)
 

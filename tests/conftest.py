@@ -55,7 +55,7 @@ def mixed_aspect_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     import numpy as np
     from PIL import Image
 
-    from ldm.data.write_shards import ShardWriter
+    from ldm.data.shard_writer import ShardWriter
 
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)

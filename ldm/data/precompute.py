@@ -27,6 +27,7 @@ from ldm.data.buckets import BucketSet, collate_bucketed
 from ldm.data.cached import SIZE_KEYS, encode_cached_sample, parse_dtype, save_empty_prompt
 from ldm.data.counters import SkipCounter, SkipSample
 from ldm.data.reader import collate_images, decode_image_sample
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.shards import (
     ShardSpec,
     assign_shards,
@@ -37,7 +38,6 @@ from ldm.data.shards import (
 )
 from ldm.data.tarstream import iter_tar_samples
 from ldm.data.transforms import ImageSpec
-from ldm.data.write_shards import ShardWriter
 
 ImageEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]

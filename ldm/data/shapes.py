@@ -48,8 +48,8 @@ from ldm.data.shapes_vocab import (
     render_partial_caption,
     sample_split_attributes,
 )
+from ldm.data.shard_writer import write_shard
 from ldm.data.shards import make_rng
-from ldm.data.write_shards import write_shard
 
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}

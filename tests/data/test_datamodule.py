@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from ldm.data import ShardDataModule
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.shards import MissingShardError
-from ldm.data.write_shards import ShardWriter
 
 
 @pytest.fixture(scope="module")

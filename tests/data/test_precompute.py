@@ -16,7 +16,7 @@ from PIL import Image
 from ldm.data.cached import load_empty_prompt, sample_latents
 from ldm.data.precompute import CaptionMemo, output_name, precompute
 from ldm.data.reader import ShardDataset
-from ldm.data.write_shards import ShardWriter
+from ldm.data.shard_writer import ShardWriter
 
 L, D = 6, 8
 

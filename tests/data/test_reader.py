@@ -17,9 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ldm.data.reader import ShardDataset, extract_caption, parse_caption_key
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.tarstream import iter_tar_samples
 from ldm.data.transforms import ImageSpec, crop_box, image_to_tensor
-from ldm.data.write_shards import ShardWriter
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ldm.data.reader import ShardDataset
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.shards import (
     MissingShardError,
     assign_shards,
@@ -19,7 +20,6 @@ from ldm.data.shards import (
     local_path,
     make_seed,
 )
-from ldm.data.write_shards import ShardWriter
 
 NUM_SHARDS = 7
 PER_SHARD = 5

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ldm.data import write_shards as ws
 from ldm.data.reader import ShardDataset
-from ldm.data.write_shards import ShardWriter, iter_folder, iter_table, write_shards
+from ldm.data.shard_writer import ShardWriter, encode_sample
+from ldm.data.write_shards import iter_folder, iter_table, write_shards
 
 
 def save_image(path: Path, seed: int, fmt: str) -> None:
@@ -178,6 +179,6 @@ def test_decompression_bomb_is_counted(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_encode_sample_types() -> None:
-    encoded = ws.encode_sample({"__key__": "k", "txt": "é", "json": {"a": 1}, "bin": b"\x00"})
+    encoded = encode_sample({"__key__": "k", "txt": "é", "json": {"a": 1}, "bin": b"\x00"})
     assert encoded == {"__key__": "k", "txt": "é".encode(), "json": b'{"a": 1}', "bin": b"\x00"}
     assert io.BytesIO(encoded["bin"]).read() == b"\x00"
