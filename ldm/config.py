@@ -7,7 +7,7 @@ the expected type or the valid choices).
 
 The schemas themselves are in :mod:`ldm.schema`; every field carries a ``help`` text, and
 ``python -m ldm.config --markdown`` renders the reference table that the README embeds (a test
-checks the README is current).
+checks the README is current; ``--update-readme`` rewrites it in place).
 """
 
 from __future__ import annotations
@@ -244,12 +244,32 @@ def markdown_reference() -> str:
         if info.choices:
             meaning += f" One of: {', '.join(f'`{c}`' for c in info.choices)}."
         meaning = meaning.replace("|", "\\|")
-        lines.append(f"| `{info.key}` | {info.type} | `{default}` | {meaning} |")
+        kind = info.type.replace(" | ", " or ")  # a bare | would split the table's columns
+        default = default.replace("|", "\\|")
+        lines.append(f"| `{info.key}` | {kind} | `{default}` | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
+README_MARKERS = ("<!-- config-reference:begin -->", "<!-- config-reference:end -->")
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Replace the README's config reference (between :data:`README_MARKERS`) with the current."""
+    begin, end = README_MARKERS
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} lacks the config reference markers {begin} / {end}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{begin}\n{markdown_reference()}{end}{tail}")
+
+
 if __name__ == "__main__":
-    if "--markdown" in sys.argv[1:]:
+    if "--update-readme" in sys.argv[1:]:
+        update_readme()
+    elif "--markdown" in sys.argv[1:]:
         sys.stdout.write(markdown_reference())
     else:
         sys.stdout.write(to_yaml(load()))

@@ -112,8 +112,18 @@ def test_readme_config_reference_is_current() -> None:
     assert begin in readme and end in readme, "README lacks the config reference markers"
     current = readme.split(begin)[1].split(end)[0].strip()
     assert current == markdown_reference().strip(), (
-        "README config reference is stale: run `python -m ldm.config --markdown` and paste it"
+        "README config reference is stale: run `python -m ldm.config --update-readme`"
     )
+
+
+def test_config_reference_rows_have_four_columns() -> None:
+    """A bare ``|`` in a type (``str | None``), default or help text would split a row."""
+    import re
+
+    rows = markdown_reference().strip().splitlines()
+    bad = [r for r in rows if len(re.findall(r"(?<!\\)\|", r)) != 5]
+    assert not bad, f"rows with a stray column separator: {bad[:3]}"
+    assert any(" or None |" in r for r in rows)
 
 
 def test_every_run_config_builds_its_models() -> None:
