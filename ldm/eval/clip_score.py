@@ -21,6 +21,8 @@ class CLIPScorer:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         import transformers
 
+        from ldm.models.text_encoders import load_pretrained
+
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -28,7 +30,7 @@ class CLIPScorer:
                 "CLIPModel.save_pretrained (config.json, weights, tokenizer, "
                 "preprocessor_config.json)")
         self.device = torch.device(device)
-        self.model = transformers.CLIPModel.from_pretrained(path, use_safetensors=True)
+        self.model = load_pretrained(transformers.CLIPModel, path)
         self.model.eval().requires_grad_(False).to(self.device)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         # The PIL implementation (the default one needs torchvision); same maths.

@@ -60,6 +60,8 @@ class SDXLConditioner(nn.Module):
         """
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        from ldm.models.text_encoders import load_pretrained
+
         root = Path(root)
         for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if not (root / part).is_dir():
@@ -68,10 +70,9 @@ class SDXLConditioner(nn.Module):
                     "text_encoder_2/ and tokenizer_2/"
                 )
         return cls(
-            CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
+            load_pretrained(CLIPTextModel, root / "text_encoder"),
             CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
-                                                        local_files_only=True),
+            load_pretrained(CLIPTextModelWithProjection, root / "text_encoder_2"),
             CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
             max_length,
         )  # fmt: skip

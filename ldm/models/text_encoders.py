@@ -49,6 +49,7 @@ __all__ = [
     "T5TextEncoder",
     "TextEncoder",
     "build_text_encoder",
+    "load_pretrained",
     "text_encoder_class",
 ]
 
@@ -61,10 +62,31 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """`from_pretrained` keywords: the dtype, and safetensors weights only (a pickled
-    ``pytorch_model.bin`` is never unpickled)."""
-    return {**_dtype_kwargs(dtype), "use_safetensors": True}
+def load_pretrained(
+    cls: Any, path: str | os.PathLike[str], *, local: bool = True, dtype: torch.dtype | None = None
+) -> Any:
+    """``cls.from_pretrained(path)`` reading safetensors weights only (a pickled
+    ``pytorch_model.bin`` is never unpickled) and without transformers' per-load
+    "Loading weights" bar, which a run would print for every encoder it builds.
+
+    Args:
+        cls: A transformers model class (``CLIPTextModel``, ``AutoModel``, ...).
+        path: A local folder (or a hub id when ``local`` is False).
+        local: Never reach the network (``local_files_only``).
+        dtype: Weight dtype (None: the class default, float32).
+    """
+    from transformers.utils import logging as hf_logging
+
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": local}
+    if dtype is not None:
+        kwargs.update(_dtype_kwargs(dtype))
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 class HFTextEncoder(TextEncoder):
@@ -136,9 +158,7 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(
                 f"{source.model} is an encoder-decoder model; use kind 't5' for T5-style models"
             )
-        return AutoModel.from_pretrained(
-            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
-        )
+        return load_pretrained(AutoModel, source.model, local=source.local, dtype=self.weight_dtype)
 
     def penultimate_norm(self) -> nn.Module:
         """Normalisation applied to an inner block's output (none for BERT-likes)."""
@@ -204,8 +224,8 @@ class ClipTextEncoder(HFTextEncoder):
     def _load_model(self, source: PretrainedSource) -> PreTrainedModel:
         from transformers import CLIPTextModel
 
-        return CLIPTextModel.from_pretrained(
-            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
+        return load_pretrained(
+            CLIPTextModel, source.model, local=source.local, dtype=self.weight_dtype
         )
 
     def penultimate_norm(self) -> nn.Module:
@@ -228,8 +248,8 @@ class T5TextEncoder(HFTextEncoder):
     def _load_model(self, source: PretrainedSource) -> PreTrainedModel:
         from transformers import T5EncoderModel
 
-        return T5EncoderModel.from_pretrained(
-            source.model, local_files_only=source.local, **_load_kwargs(self.weight_dtype)
+        return load_pretrained(
+            T5EncoderModel, source.model, local=source.local, dtype=self.weight_dtype
         )
 
     def penultimate_norm(self) -> nn.Module:

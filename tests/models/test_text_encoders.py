@@ -349,3 +349,17 @@ def test_real_minilm_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     similar, unrelated = float(pooled[0] @ pooled[1]), float(pooled[0] @ pooled[2])
     assert similar > unrelated + 0.2, (similar, unrelated)
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5", "hf"])
+def test_loading_prints_no_bar_and_restores_it(
+    model_dirs: dict[str, Path], kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' "Loading weights" bar would print once per encoder in every run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    _build(model_dirs, kind)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is put back
+
