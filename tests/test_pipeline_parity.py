@@ -10,7 +10,6 @@ guidance 5 with a negative prompt, the same initial noise. diffusers' DDIM has
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:ClipTextEncoder. prompt of")
 PROMPTS = ["the red", "a b c"]
 NEGATIVE = "x y z"
 STEPS, GUIDANCE, SIZE = 10, 5.0, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def diffusers_pipeline(model: Any, cfg: Any, clip_dir: Path) -> Any:

@@ -5,7 +5,6 @@ Final latents agree to 1e-4 relative (float32, CPU) for DDIM and Euler."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ diffusers = pytest.importorskip("diffusers")
 
 PROMPTS, NEGATIVES = ["the red", "a b c"], ["x y z", "th"]
 STEPS, GUIDANCE, HEIGHT, WIDTH = 8, 5.0, 16, 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

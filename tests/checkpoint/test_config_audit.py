@@ -5,7 +5,6 @@ the key; sample.py turns the refusal into exit code 2."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,6 @@ VAE_REFUSED = [("act_fn", "gelu"), ("norm_num_groups", 16), ("use_quant_conv", F
                ("latents_mean", [0.0] * 4), ("latents_std", [1.0] * 4),
                ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"])]
 VAE_REPRODUCED = [("force_upcast", False), ("sample_size", 64)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

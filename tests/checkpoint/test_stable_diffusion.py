@@ -11,7 +11,6 @@ import copy
 import json
 import string
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,6 @@ SD2_UNET = dict(
     upcast_attention=True,
 )  # fmt: skip
 AUTOENCODER = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32, scale_factor=0.18215)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops run fastest on one thread when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

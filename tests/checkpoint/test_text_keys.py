@@ -8,7 +8,6 @@ checked for meaning (same outputs), not only for being a bijection of names.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,15 +28,6 @@ from ldm.models.openclip_encoder import open_clip_text_forward
 transformers = pytest.importorskip("transformers")
 
 WIDTH, HEADS, LAYERS, CONTEXT, VOCAB, PROJ = 32, 4, 3, 12, 50, 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops are ~50x slower with 2 threads when other processes load the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(hidden_act: str, layers: int = LAYERS) -> transformers.CLIPTextConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,16 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion import Denoiser, NoiseSchedule, Sampler, get_sampler, karras_sigmas
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SIGMA_D = 0.5
 SIGMA_MAX = 80.0  # start far above σ_d from the exact marginal N(0, σ_max² + σ_d²)

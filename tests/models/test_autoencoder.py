@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,6 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         mid_attention=False,
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these small models gain nothing from more, and on a shared 2-core
-    machine OpenMP threads waiting for each other slow the tests down tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_kwargs(name: str) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from ldm.models.lpips import LPIPS
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32)
 SMALL_DISC = dict(disc_num_layers=2, disc_ndf=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread (see tests/models/test_autoencoder.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

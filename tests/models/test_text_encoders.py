@@ -8,7 +8,6 @@ import json
 import re
 import string
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ transformers = pytest.importorskip("transformers")
 WIDTH, LAYERS, MAX_LEN = 32, 2, 16
 LETTERS = list(string.ascii_lowercase)
 LONG_PROMPT = " ".join(["the red"] * 20)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops are ~50x slower with 2 threads when other processes load the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_clip(root: Path, layers: int = LAYERS) -> Path:

@@ -35,15 +35,6 @@ VECTOR_COND = {**SD2_TINY, "use_scale_shift_norm": True, "adm_in_channels": 12}
 CLASS_COND = {**SD1_TINY, "attention_resolutions": [1], "num_classes": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; avoids OpenMP oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_unet_yaml(name: str) -> dict:
     """The ``model.unet`` section of ``configs/ldm/unet-<name>.yaml``."""
     return OmegaConf.to_container(OmegaConf.load(CONFIGS / f"unet-{name}.yaml"))["model"]["unet"]
