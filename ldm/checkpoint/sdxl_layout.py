@@ -40,8 +40,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
     """``cfg`` with an SDXL folder's sections merged over it: ``model.unet`` (SDXL layout),
     ``model.autoencoder`` (scale factor = the VAE's ``scaling_factor``), ``model.diffusion``,
     ``data.image_size`` and the scheduler's ``sampling.timestep_spacing``. The text encoders
-    come from the folder itself (:meth:`SDXLConditioner.from_diffusers_folder`), so
-    ``model.text_encoder`` is not used.
+    come from the folder itself (:meth:`SDXLConditioner.from_diffusers_folder`): the config says
+    ``model.text_encoder.kind: sdxl`` (training from it needs ``name_or_path`` = the folder).
 
     Raises:
         CheckpointError: Not an SDXL folder, or a U-Net/VAE config outside what we implement.
@@ -63,7 +63,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
     autoencoder["scale_factor"] = float(vae_cfg.get("scaling_factor", 0.13025))
     folder: dict[str, Any] = {"task": "ldm", "model": {
         "unet": unet, "autoencoder": autoencoder, "autoencoder_ckpt": None,
-        "diffusion": diffusion_section(scheduler), "use_context_mask": False}}  # fmt: skip
+        "diffusion": diffusion_section(scheduler), "use_context_mask": False,
+        "text_encoder": {"kind": "sdxl"}}}  # fmt: skip
     if unet_cfg.get("sample_size"):
         factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         folder["data"] = {"image_size": int(unet_cfg["sample_size"]) * factor}

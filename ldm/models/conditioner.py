@@ -50,31 +50,54 @@ class SDXLConditioner(nn.Module):
         super().train(False)
 
     @classmethod
-    def from_diffusers_folder(cls, root: str | Path, max_length: int | None = None
-                              ) -> SDXLConditioner:
+    def from_diffusers_folder(cls, root: str | Path, max_length: int | None = None,
+                              weights: bool = True) -> SDXLConditioner:
         """Both encoders and tokenizers from a diffusers SDXL folder.
+
+        Args:
+            root: The folder (``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``,
+                ``tokenizer_2/``).
+            max_length: Token length (None: the first tokenizer's).
+            weights: Load the encoders' weights; False builds them from their ``config.json``
+                alone (random weights, for a caller that loads them from elsewhere, e.g. an
+                SDXL single file).
 
         Raises:
             FileNotFoundError: ``text_encoder``, ``tokenizer``, ``text_encoder_2`` or
                 ``tokenizer_2`` is missing (one line naming it).
         """
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModel,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+        )
 
         root = Path(root)
         for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if not (root / part).is_dir():
                 raise FileNotFoundError(
                     f"{root} has no {part}/: an SDXL folder needs text_encoder/, tokenizer/, "
-                    "text_encoder_2/ and tokenizer_2/"
+                    "text_encoder_2/ and tokenizer_2/ (model.text_encoder.name_or_path)"
                 )
+        if weights:
+            first = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+            second = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
+                                                                 local_files_only=True)
+        else:
+            first = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+            second = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
         return cls(
-            CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
-            CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
-                                                        local_files_only=True),
-            CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
+            first, CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+            second, CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
             max_length,
         )  # fmt: skip
+
+    @property
+    def split(self) -> int:
+        """Where the second encoder's channels start in the context (the first's width)."""
+        return int(self.text_encoder.config.hidden_size)
 
     def train(self, mode: bool = True) -> SDXLConditioner:
         """Stays in eval mode (frozen)."""
