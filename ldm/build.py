@@ -117,7 +117,6 @@ def build_text_encoder(section: Any) -> torch.nn.Module:
     args = kwargs(section)
     if args["kind"] == "sdxl":
         from ldm.build_sdxl import build_conditioner
-
         return build_conditioner(args)
     return build(args.pop("kind"), **args)
 
@@ -181,6 +180,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.model.autoencoder = source.model.autoencoder
         log.warning("model.autoencoder_ckpt %s: scale_factor %.6g from %s",
                     cfg.model.autoencoder_ckpt, cfg.model.autoencoder.scale_factor, where)
+    if cfg.task == "ldm" and cfg.model.text_encoder.kind == "sdxl":
+        from ldm.build_sdxl import check_encoder_folder
+        check_encoder_folder(cfg.model.text_encoder.name_or_path)
     if cfg.task == "ldm" and cfg.model.init_from.path:
         from ldm import pretrained
 
@@ -203,10 +205,9 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
         from ldm.models.lora import add_lora
 
         add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.targets))
-    if m.text_encoder.kind == "sdxl":
-        from ldm.build_sdxl import sdxl_latent_diffusion
-
-        return sdxl_latent_diffusion(cfg, unet, autoencoder, build_schedule(m.diffusion))
+    if m.text_encoder.kind == "sdxl":  # two encoders, vector conditioning: ldm/build_sdxl.py
+        from ldm import build_sdxl
+        return build_sdxl.sdxl_latent_diffusion(cfg, unet, autoencoder, build_schedule(m.diffusion))
     return LatentDiffusion(
         unet=unet,
         autoencoder=autoencoder,

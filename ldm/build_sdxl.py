@@ -39,17 +39,26 @@ def build_conditioner(section: Mapping[str, Any], weights: bool = True) -> SDXLC
 
     from ldm.models.text_encoder_base import parse_dtype
 
-    root = Path(str(section["name_or_path"])).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.text_encoder.kind=sdxl reads both encoders from a local diffusers SDXL "
-            f"folder, and {section['name_or_path']} is not one: set "
-            "model.text_encoder.name_or_path to it (text_encoder/, tokenizer/, text_encoder_2/, "
-            "tokenizer_2/)"
-        )
+    root = check_encoder_folder(section["name_or_path"])
     conditioner = SDXLConditioner.from_diffusers_folder(root, section.get("max_length"), weights)
     dtype = parse_dtype(str(section.get("dtype", "float32")))
     return conditioner.to(dtype) if dtype != torch.float32 else conditioner
+
+
+def check_encoder_folder(name_or_path: str) -> Path:
+    """``model.text_encoder.name_or_path`` of ``kind: sdxl`` as an existing folder.
+
+    Raises:
+        FileNotFoundError: One line naming the path and what it must hold.
+    """
+    root = Path(str(name_or_path)).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model.text_encoder.kind=sdxl reads both encoders from a local diffusers SDXL "
+            f"folder, and {name_or_path} is not one: set model.text_encoder.name_or_path to it "
+            "(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)"
+        )
+    return root
 
 
 def sdxl_latent_diffusion(cfg: Any, unet: nn.Module, autoencoder: nn.Module,

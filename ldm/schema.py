@@ -232,7 +232,8 @@ class ModelConfig:
     )
     autoencoder_scale_factor: float | None = opt(
         None, "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
-        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files)."
+        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files, 0.13025 "
+        "for SDXL ones)."
     )
     init_from: InitFromConfig = section(InitFromConfig, "Start the U-Net (and optionally the text "
                                         "encoder) from a checkpoint.")
