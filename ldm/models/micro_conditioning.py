@@ -107,7 +107,8 @@ def check_size_numbers(numbers: Tensor) -> Tensor:
         bad = ~torch.isfinite(values) | (values < 0 if name == "crop_top_left" else values <= 0)
         if bad.any():
             row = int(bad.nonzero()[0, 0])
-            pair = numbers[row, col - col % 2 : col - col % 2 + 2].tolist()
+            pair = [int(v) if float(v).is_integer() else v
+                    for v in numbers[row, col - col % 2 : col - col % 2 + 2].tolist()]
             raise ValueError(f"micro-conditioning {name} {pair} of sample {row}: sizes must be "
                              "positive and crop offsets non-negative (pixels)")
     return numbers
