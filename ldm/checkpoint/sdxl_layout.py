@@ -80,6 +80,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
 def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
     """An :class:`SDXLLatentDiffusion` (eval mode) from a diffusers SDXL folder; U-Net and VAE
     load with ``strict=True``, the VAE keeps the folder's ``scaling_factor`` (SDXL: 0.13025).
+    A refiner folder (``text_encoder`` null in ``model_index.json``) has the second encoder only;
+    ``force_zeros_for_empty_prompt`` there says whether empty prompts condition on zeros.
 
     Raises:
         CheckpointError: Not an SDXL folder, or weights that do not match their configs.
@@ -106,5 +108,8 @@ def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
                              zero_terminal_snr=d["zero_terminal_snr"])  # fmt: skip
     model = SDXLLatentDiffusion(unet, autoencoder, SDXLConditioner.from_diffusers_folder(root),
                                 schedule, d["prediction"])  # fmt: skip
+    index = root / "model_index.json"  # the refiner's pipeline encodes "" (false there)
+    if index.is_file():
+        model.zero_empty_prompts = bool(read_json(index).get("force_zeros_for_empty_prompt", True))
     return model.eval()
 

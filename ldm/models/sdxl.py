@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ldm.diffusion import NoiseSchedule
 from ldm.models.conditioner import SDXLConditioner
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.models.micro_conditioning import sdxl_vector, size_numbers
+from ldm.models.micro_conditioning import SIZE_EMBED_DIM, sdxl_vector, size_numbers
 
 
 class SDXLLatentDiffusion(LatentDiffusion):
@@ -24,6 +24,9 @@ class SDXLLatentDiffusion(LatentDiffusion):
     empty prompts (the default negative prompt) is conditioned on zeros, context and pooled
     alike, as SDXL dropped captions in training and as diffusers does for a missing negative
     prompt (``force_zeros_for_empty_prompt``); set ``zero_empty_prompts = False`` to encode "".
+    The refiner (Podell et al. 2023, sec. 2.5; a U-Net taking five numbers) conditions on
+    ``aesthetic_score`` (default 6.0) and its negative prompts on ``negative_aesthetic_score``
+    (2.5) in place of the target size.
 
     Args:
         unet: An SDXL-layout ``UNetModel`` (``adm_in_channels`` = pooled width + 6 × 256).
@@ -40,16 +43,31 @@ class SDXLLatentDiffusion(LatentDiffusion):
         self.crop_top_left: tuple[int, int] = (0, 0)
         self.target_size: tuple[int, int] | None = None
         self.zero_empty_prompts = True
+        self.aesthetic_score = 6.0  # the refiner's (diffusers' defaults)
+        self.negative_aesthetic_score = 2.5
+
+    @property
+    def is_refiner(self) -> bool:
+        """Whether the U-Net takes the refiner's five numbers (aesthetic score for the target
+        size): ``adm_in_channels`` = pooled width + 5 × 256."""
+        adm = getattr(self.unet, "adm_in_channels", None)
+        return adm == self.text_encoder.pooled_dim + 5 * SIZE_EMBED_DIM
 
     def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
-                            dtype: torch.dtype, size: tuple[int, int]) -> dict[str, Tensor | None]:
-        """``context`` (both encoders' states), ``y`` (pooled text + embedded sizes)."""
+                            dtype: torch.dtype, size: tuple[int, int], negative: bool = False
+                            ) -> dict[str, Tensor | None]:
+        """``context`` (both encoders' states), ``y`` (pooled text + embedded sizes; the
+        refiner: original size, crop and the aesthetic score, ``negative_aesthetic_score`` for
+        the ``negative`` prompts, as diffusers' ``StableDiffusionXLImg2ImgPipeline``)."""
         prompts = list(prompts)
         context, pooled = self.text_encoder.encode(prompts)
         if self.zero_empty_prompts and all(p == "" for p in prompts):
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         numbers = size_numbers(self.original_size or size, self.crop_top_left,
                                self.target_size or size, batch=len(prompts))  # fmt: skip
+        if self.is_refiner:
+            score = self.negative_aesthetic_score if negative else self.aesthetic_score
+            numbers = torch.cat([numbers[:, :4], torch.full_like(numbers[:, :1], score)], 1)
         return self.vector_conditioning(context.to(device, dtype), pooled.to(device), numbers)
 
     def vector_conditioning(self, context: Tensor, pooled: Tensor, numbers: Tensor
