@@ -61,6 +61,10 @@ def test_readme_sdxl_fine_tune_recipe_runs(shapes_data: dict[str, str], tmp_path
     assert (work / "runs" / "ft" / "wandb").is_dir()
     assert (work / "samples" / "0000-a-photo-of-a-cat-s0.png").is_file()
     assert re.search(r"train: \d+ samples cached", output), output[-2000:]
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(work / "ft-diffusers")
+    assert pipe.unet.config.addition_embed_type == "text_time"
 
 
 def test_readme_sdxl_memory_table_follows_the_parameter_counts() -> None:
