@@ -161,6 +161,9 @@ def _check_sdxl(cfg: DictConfig) -> None:
     if m.use_context_mask:
         raise ConsistencyError("model.use_context_mask=true: SDXL's CLIP encoders attend to "
                                "their padding and give no mask; set model.use_context_mask=false")
+    if str(m.text_encoder.layer) not in ("last", "penultimate"):
+        raise ConsistencyError(f"model.text_encoder.layer={m.text_encoder.layer}: SDXL takes "
+                               "both encoders' penultimate states; leave layer unset")
     root = Path(os.path.expanduser(str(m.text_encoder.name_or_path)))
     if not root.is_dir():
         return  # reported in one line when built
@@ -279,8 +282,13 @@ def _check_cached_width(cfg: DictConfig, empty_prompt: str) -> None:
 
         with safe_open(empty_prompt, framework="pt") as f:
             width = int(f.get_slice("context").get_shape()[-1])
+            pooled = "pooled" in f.keys()
     except Exception:  # noqa: BLE001 - an unreadable cache is reported when it is read
         return
+    if cfg.model.text_encoder.kind == "sdxl" and not pooled:
+        raise ConsistencyError(
+            f"the cache in {os.path.dirname(empty_prompt)} holds no pooled text embedding, "
+            "which SDXL's vector input needs: re-run python -m ldm.cache with this SDXL config")
     if width != context_dim:
         raise ConsistencyError(
             f"the cached text embeddings in {os.path.dirname(empty_prompt)} are {width} wide but "

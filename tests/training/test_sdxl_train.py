@@ -115,6 +115,12 @@ def test_bad_sdxl_inputs_are_one_line_exit_2(folder: Path, shapes_data: dict[str
     no_second = tmp_path / "no_second"
     for part in ("text_encoder", "tokenizer", "tokenizer_2"):
         shutil.copytree(folder / part, no_second / part)
+    from ldm.data.cached import save_empty_prompt
+
+    sd_cache = tmp_path / "sd_cache"  # a cache written without the pooled embedding
+    sd_cache.mkdir()
+    save_empty_prompt(str(sd_cache), torch.zeros(16, 80), torch.ones(16, dtype=torch.bool))
+    (sd_cache / "train-000000.tar").write_bytes(b"")
     base = _args(folder, shapes_data["train"], tmp_path, "run.name=bad")
     cases = {
         "is an SD 1.x/2.x file": [*base, f"model.init_from.path={sd1}"],
@@ -123,6 +129,9 @@ def test_bad_sdxl_inputs_are_one_line_exit_2(folder: Path, shapes_data: dict[str
         "model.text_encoder.kind is hf": [*base, "model.text_encoder.kind=hf"],
         "set model.unet.adm_in_channels=1560": [*base, "model.unet.adm_in_channels=1800"],
         "set model.unet.context_dim=80": [*base, "model.unet.context_dim=64"],
+        "holds no pooled text embedding": [*base, "data.cached=true",
+                                           f"data.train_shards={sd_cache}/train-000000.tar"],
+        "SDXL takes both encoders' penultimate states": [*base, "model.text_encoder.layer=2"],
         "is not one: set model.text_encoder.name_or_path": [
             *base, f"model.text_encoder.name_or_path={tmp_path / 'nowhere'}"],
     }
