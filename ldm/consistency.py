@@ -183,6 +183,12 @@ def _check_sdxl(cfg: DictConfig) -> None:
             f"model.unet.context_dim is {unet.context_dim} but the SDXL encoders of {root} give "
             f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}")
     numbers, rest = divmod(unet.adm_in_channels - pooled, SIZE_EMBED_DIM)
+    if numbers == 5 and not rest:
+        raise ConsistencyError(
+            f"model.unet.adm_in_channels {unet.adm_in_channels} is the SDXL refiner's (pooled "
+            f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
+            "--aesthetic-score) but does not train here; train the base layout "
+            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)")
     if numbers != 6 or rest:
         raise ConsistencyError(
             f"model.unet.adm_in_channels is {unet.adm_in_channels} but SDXL's vector input is "

@@ -128,6 +128,7 @@ def test_bad_sdxl_inputs_are_one_line_exit_2(folder: Path, shapes_data: dict[str
                                               f"model.text_encoder.name_or_path={no_second}"],
         "model.text_encoder.kind is hf": [*base, "model.text_encoder.kind=hf"],
         "set model.unet.adm_in_channels=1560": [*base, "model.unet.adm_in_channels=1800"],
+        "the SDXL refiner's": [*base, "model.unet.adm_in_channels=1304"],
         "set model.unet.context_dim=80": [*base, "model.unet.context_dim=64"],
         "holds no pooled text embedding": [*base, "data.cached=true",
                                            f"data.train_shards={sd_cache}/train-000000.tar"],
