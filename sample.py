@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SDXL micro-conditioning: crop top-left (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="SDXL micro-conditioning: target size (default: the image size)")
+    p.add_argument("--aesthetic-score", type=float, default=None, metavar="S",
+                   help="SDXL refiner: aesthetic score of the prompts (default 6.0, as diffusers)")
+    p.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="S",
+                   help="SDXL refiner: aesthetic score of the negative prompts (default 2.5)")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--save-latents", metavar="FILE", default=None,
                    help="also write the final latents (N, C, h, w; key 'latents', in prompt "
@@ -191,12 +195,20 @@ def image_size(args: argparse.Namespace, cfg: object, model: object) -> tuple[in
     return size_for_aspect(parse_aspect(args.aspect), side * side, step, args.height, args.width)
 
 
-def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    """The ``--original-size``/``--crop``/``--target-size`` values that were given.
+def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, int] | float]:
+    """The ``--original-size``/``--crop``/``--target-size`` (and the refiner's
+    ``--aesthetic-score``/``--negative-aesthetic-score``) values that were given.
 
     Raises:
-        ValueError: A size that is not positive or a negative crop offset.
+        ValueError: A size that is not positive, a negative crop offset, a non-finite score.
     """
+    import math
+
+    scores = {"aesthetic_score": args.aesthetic_score,
+              "negative_aesthetic_score": args.negative_aesthetic_score}
+    for key, score in scores.items():
+        if score is not None and not math.isfinite(score):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {score}")
     flags = {"original_size": args.original_size, "crop_top_left": args.crop,
              "target_size": args.target_size}
     given = {k: (int(v[0]), int(v[1])) for k, v in flags.items() if v is not None}
@@ -205,10 +217,10 @@ def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, i
             flag = "--crop" if key == "crop_top_left" else "--" + key.replace("_", "-")
             raise ValueError(f"{flag} {value[0]} {value[1]}: sizes must be positive and crop "
                              "offsets non-negative (pixels)")
-    return given
+    return {**given, **{k: float(v) for k, v in scores.items() if v is not None}}
 
 
-def set_micro_conditioning(given: dict[str, tuple[int, int]], model: object) -> None:
+def set_micro_conditioning(given: dict[str, tuple[int, int] | float], model: object) -> None:
     """Applies SDXL micro-conditioning values (:func:`micro_conditioning_flags`) to the model.
 
     Raises:
@@ -217,8 +229,15 @@ def set_micro_conditioning(given: dict[str, tuple[int, int]], model: object) -> 
     if not given:
         return
     if not hasattr(model, "crop_top_left"):
-        raise ValueError("--original-size, --crop and --target-size need an SDXL model "
+        raise ValueError("--original-size, --crop, --target-size and --aesthetic-score need an "
+                         "SDXL model "
                          "(this checkpoint has no size/crop micro-conditioning)")
+    if "target_size" in given and getattr(model, "is_refiner", False):
+        raise ValueError("--target-size: the SDXL refiner conditions on --aesthetic-score "
+                         "instead of a target size")
+    if any("aesthetic" in k for k in given) and not getattr(model, "is_refiner", False):
+        raise ValueError("--aesthetic-score and --negative-aesthetic-score need an SDXL refiner "
+                         "(a U-Net taking five numbers: original size, crop, score)")
     for key, value in given.items():
         setattr(model, key, value)
 

@@ -110,10 +110,14 @@ def build_unet(section: Any) -> torch.nn.Module:
 
 
 def build_text_encoder(section: Any) -> torch.nn.Module:
-    """``model.text_encoder`` → a frozen ``TextEncoder`` of the configured kind."""
+    """``model.text_encoder`` → a frozen ``TextEncoder`` of the configured kind (``sdxl``: the
+    two-encoder ``SDXLConditioner``, :mod:`ldm.build_sdxl`)."""
     from ldm.models.text_encoders import build_text_encoder as build
 
     args = kwargs(section)
+    if args["kind"] == "sdxl":
+        from ldm.build_sdxl import build_conditioner
+        return build_conditioner(args)
     return build(args.pop("kind"), **args)
 
 
@@ -176,6 +180,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.model.autoencoder = source.model.autoencoder
         log.warning("model.autoencoder_ckpt %s: scale_factor %.6g from %s",
                     cfg.model.autoencoder_ckpt, cfg.model.autoencoder.scale_factor, where)
+    if cfg.task == "ldm" and cfg.model.text_encoder.kind == "sdxl":
+        from ldm.build_sdxl import check_encoder_folder
+        check_encoder_folder(cfg.model.text_encoder.name_or_path)
     if cfg.task == "ldm" and cfg.model.init_from.path:
         from ldm import pretrained
 
@@ -198,6 +205,9 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
         from ldm.models.lora import add_lora
 
         add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.targets))
+    if m.text_encoder.kind == "sdxl":  # two encoders, vector conditioning: ldm/build_sdxl.py
+        from ldm import build_sdxl
+        return build_sdxl.sdxl_latent_diffusion(cfg, unet, autoencoder, build_schedule(m.diffusion))
     return LatentDiffusion(
         unet=unet,
         autoencoder=autoencoder,
@@ -345,10 +355,8 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         )
     from ldm.training.diffusion_module import DiffusionModule
 
-    empty = None
-    if cfg.data.cached and datamodule is not None:
-        prompt = datamodule.empty_prompt()
-        empty = (prompt["context"], prompt["context_mask"])
+    prompt = datamodule.empty_prompt() if cfg.data.cached and datamodule is not None else {}
+    empty = (prompt["context"], prompt["context_mask"]) if prompt else None
     ema = cfg.model.ema
     model = build_latent_diffusion(cfg)
     if cfg.model.init_from.path:  # before the module copies the U-Net into its EMA
@@ -375,6 +383,8 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         negative_prompt=cfg.sampling.negative_prompt,
         sample_seed=cfg.sampling.seed,
         empty_context=empty,
+        empty_pooled=prompt.get("pooled"),
+        sdxl_uncond=cfg.model.sdxl.uncond,
         freeze=list(cfg.model.freeze),
         omit_frozen_unet=bool(cfg.model.init_from.path),
     )

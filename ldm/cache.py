@@ -7,7 +7,8 @@ Takes the config one trains with (its autoencoder, text encoder, image size and 
 The image shards come from ``--train-shards``/``--val-shards``, or, for a config that still
 reads images (``data.cached: false``), from its ``data.train_shards``/``data.val_shards``. It
 encodes them with the frozen autoencoder of ``model.autoencoder_ckpt`` (posterior mean and std,
-in float32) and the configured text encoder, writes cached shards to ``<out>/train`` and
+in float32) and the configured text encoder (SDXL: both encoders' states and the pooled
+embedding), writes cached shards to ``<out>/train`` and
 ``<out>/val`` with the same names and sample keys, plus the empty-prompt embedding, and prints
 the ``data.train_shards=...`` patterns to train on them with ``data.cached=true``. Under
 ``torchrun`` every rank caches its share of shards.
@@ -45,7 +46,12 @@ def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_siz
         posterior = autoencoder.encode(images.to(device).float())  # the VAE stays in float32
         return posterior.mean.cpu(), posterior.std.cpu()
 
-    def encode_texts(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_texts(captions: list[str]) -> tuple[torch.Tensor, ...]:
+        if cfg.model.text_encoder.kind == "sdxl":  # type: ignore[attr-defined]
+            # SDXL: both encoders' states side by side, no padding mask (all attended), pooled
+            context, pooled = text_encoder.encode(captions)
+            mask = torch.ones(context.shape[:2], dtype=torch.bool)
+            return context.cpu(), mask, pooled.cpu()
         context, mask = text_encoder.encode(captions)
         return context.cpu(), mask.cpu()
 

@@ -138,7 +138,67 @@ def _local_files(patterns: list[str]) -> list[str]:
     return [p for p in paths if p is not None and os.path.isfile(p)]
 
 
+def _check_sdxl(cfg: DictConfig) -> None:
+    """``kind: sdxl`` and a vector-conditioned U-Net go together; the folder's two encoders
+    (read from their ``config.json``) give ``context_dim`` and the pooled part of
+    ``adm_in_channels``, the rest is six 256-wide size/crop numbers."""
+    from ldm.models.micro_conditioning import SIZE_EMBED_DIM
+
+    m = cfg.model
+    unet, kind = m.unet, m.text_encoder.kind
+    if kind != "sdxl":
+        if unet.adm_in_channels is not None and unet.context_dim is not None:
+            raise ConsistencyError(
+                f"model.unet.adm_in_channels is {unet.adm_in_channels} (an SDXL U-Net, "
+                f"conditioned on pooled text and sizes) but model.text_encoder.kind is {kind}: "
+                "set model.text_encoder.kind=sdxl and name_or_path to a diffusers SDXL folder"
+            )
+        return
+    if unet.adm_in_channels is None:
+        raise ConsistencyError(
+            "model.text_encoder.kind=sdxl conditions the U-Net's vector input, but "
+            "model.unet.adm_in_channels is null: use an SDXL U-Net (configs/ldm/sdxl.yaml)")
+    if m.use_context_mask:
+        raise ConsistencyError("model.use_context_mask=true: SDXL's CLIP encoders attend to "
+                               "their padding and give no mask; set model.use_context_mask=false")
+    if str(m.text_encoder.layer) not in ("last", "penultimate"):
+        raise ConsistencyError(f"model.text_encoder.layer={m.text_encoder.layer}: SDXL takes "
+                               "both encoders' penultimate states; leave layer unset")
+    root = Path(os.path.expanduser(str(m.text_encoder.name_or_path)))
+    if not root.is_dir():
+        return  # reported in one line when built
+    widths = []
+    for part in ("text_encoder", "text_encoder_2"):
+        config = root / part / "config.json"
+        if not config.is_file():
+            raise ConsistencyError(
+                f"model.text_encoder.name_or_path {root} has no {part}/config.json: SDXL needs "
+                "both encoders (text_encoder/ CLIP ViT-L, text_encoder_2/ OpenCLIP ViT-bigG "
+                "with projection); point it at a complete diffusers SDXL folder")
+        widths.append(json.loads(config.read_text()))
+    context = sum(int(w.get("hidden_size", 0)) for w in widths)
+    pooled = int(widths[1].get("projection_dim", 0))
+    if unet.context_dim != context:
+        raise ConsistencyError(
+            f"model.unet.context_dim is {unet.context_dim} but the SDXL encoders of {root} give "
+            f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}")
+    numbers, rest = divmod(unet.adm_in_channels - pooled, SIZE_EMBED_DIM)
+    if numbers == 5 and not rest:
+        raise ConsistencyError(
+            f"model.unet.adm_in_channels {unet.adm_in_channels} is the SDXL refiner's (pooled "
+            f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
+            "--aesthetic-score) but does not train here; train the base layout "
+            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)")
+    if numbers != 6 or rest:
+        raise ConsistencyError(
+            f"model.unet.adm_in_channels is {unet.adm_in_channels} but SDXL's vector input is "
+            f"the pooled text ({pooled}) + 6 size/crop numbers x {SIZE_EMBED_DIM} = "
+            f"{pooled + 6 * SIZE_EMBED_DIM}: set model.unet.adm_in_channels="
+            f"{pooled + 6 * SIZE_EMBED_DIM}")
+
+
 def _check_text_width(cfg: DictConfig) -> None:
+    _check_sdxl(cfg)
     context_dim = cfg.model.unet.context_dim
     if context_dim is None:
         return
@@ -228,8 +288,13 @@ def _check_cached_width(cfg: DictConfig, empty_prompt: str) -> None:
 
         with safe_open(empty_prompt, framework="pt") as f:
             width = int(f.get_slice("context").get_shape()[-1])
+            pooled = "pooled" in f.keys()
     except Exception:  # noqa: BLE001 - an unreadable cache is reported when it is read
         return
+    if cfg.model.text_encoder.kind == "sdxl" and not pooled:
+        raise ConsistencyError(
+            f"the cache in {os.path.dirname(empty_prompt)} holds no pooled text embedding, "
+            "which SDXL's vector input needs: re-run python -m ldm.cache with this SDXL config")
     if width != context_dim:
         raise ConsistencyError(
             f"the cached text embeddings in {os.path.dirname(empty_prompt)} are {width} wide but "

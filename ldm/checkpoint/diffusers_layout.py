@@ -396,7 +396,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters
         if merged:
             print(f"merged {merged} LoRA adapters into the U-Net weights")
-        export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
+        from ldm.models.sdxl import SDXLLatentDiffusion
+
+        if isinstance(model, SDXLLatentDiffusion):  # StableDiffusionXLPipeline's layout
+            from ldm.checkpoint.sdxl_export import export_sdxl_folder
+
+            export_sdxl_folder(model, cfg, out, overwrite=args.overwrite)
+        else:
+            export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,7 @@ def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_d
         "vae": ["diffusers", "AutoencoderKL"], **index,
         "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
         "image_encoder": [None, None], "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
+        "force_zeros_for_empty_prompt": bool(model.zero_empty_prompts),
     })  # fmt: skip
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out

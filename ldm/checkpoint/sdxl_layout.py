@@ -40,8 +40,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
     """``cfg`` with an SDXL folder's sections merged over it: ``model.unet`` (SDXL layout),
     ``model.autoencoder`` (scale factor = the VAE's ``scaling_factor``), ``model.diffusion``,
     ``data.image_size`` and the scheduler's ``sampling.timestep_spacing``. The text encoders
-    come from the folder itself (:meth:`SDXLConditioner.from_diffusers_folder`), so
-    ``model.text_encoder`` is not used.
+    come from the folder itself (:meth:`SDXLConditioner.from_diffusers_folder`): the config says
+    ``model.text_encoder.kind: sdxl`` (training from it needs ``name_or_path`` = the folder).
 
     Raises:
         CheckpointError: Not an SDXL folder, or a U-Net/VAE config outside what we implement.
@@ -63,7 +63,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
     autoencoder["scale_factor"] = float(vae_cfg.get("scaling_factor", 0.13025))
     folder: dict[str, Any] = {"task": "ldm", "model": {
         "unet": unet, "autoencoder": autoencoder, "autoencoder_ckpt": None,
-        "diffusion": diffusion_section(scheduler), "use_context_mask": False}}  # fmt: skip
+        "diffusion": diffusion_section(scheduler), "use_context_mask": False,
+        "text_encoder": {"kind": "sdxl"}}}  # fmt: skip
     if unet_cfg.get("sample_size"):
         factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         folder["data"] = {"image_size": int(unet_cfg["sample_size"]) * factor}
@@ -79,6 +80,8 @@ def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | N
 def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
     """An :class:`SDXLLatentDiffusion` (eval mode) from a diffusers SDXL folder; U-Net and VAE
     load with ``strict=True``, the VAE keeps the folder's ``scaling_factor`` (SDXL: 0.13025).
+    A refiner folder (``text_encoder`` null in ``model_index.json``) has the second encoder only;
+    ``force_zeros_for_empty_prompt`` there says whether empty prompts condition on zeros.
 
     Raises:
         CheckpointError: Not an SDXL folder, or weights that do not match their configs.
@@ -105,5 +108,8 @@ def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
                              zero_terminal_snr=d["zero_terminal_snr"])  # fmt: skip
     model = SDXLLatentDiffusion(unet, autoencoder, SDXLConditioner.from_diffusers_folder(root),
                                 schedule, d["prediction"])  # fmt: skip
+    index = root / "model_index.json"  # the refiner's pipeline encodes "" (false there)
+    if index.is_file():
+        model.zero_empty_prompts = bool(read_json(index).get("force_zeros_for_empty_prompt", True))
     return model.eval()
 

@@ -86,25 +86,16 @@ def check_not_sd_file_for_sdxl_config(path: str | Path, cfg: Any) -> None:
         )
 
 
-def _encoders(folder: Path) -> tuple[Any, Any, Any, Any]:
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        if not (folder / part).is_dir():
-            raise FileNotFoundError(
-                f"{folder} has no {part}/: the SDXL encoders' configs and tokenizers come from a "
-                "local diffusers SDXL folder (text_encoder/, tokenizer/, text_encoder_2/, "
-                "tokenizer_2/): set model.text_encoder.name_or_path to one"
-            )
-    first = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    second = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-    return (first, CLIPTokenizer.from_pretrained(folder / "tokenizer"), second,
-            CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))  # fmt: skip
+def encoder_states(state: Mapping[str, Tensor], conditioner: SDXLConditioner
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """An SDXL single file's two encoders' weights, keyed for ``conditioner.text_encoder``
+    (CLIP ViT-L, transformers' names) and ``conditioner.text_encoder_2`` (OpenCLIP ViT-bigG
+    converted to ``CLIPTextModelWithProjection``)."""
+    first = keys_for_model(extract_sd1_clip(state, CLIP_L_PREFIX), conditioner.text_encoder)
+    second = keys_for_model(convert_open_clip_to_hf_clip(state, BIGG_PREFIX,
+                                                         include_projection=True),
+                            conditioner.text_encoder_2)  # fmt: skip
+    return first, second
 
 
 def load_sdxl_single_file(
@@ -135,16 +126,15 @@ def load_sdxl_single_file(
     m = cfg.model
     unet = UNetModel(**to_container(m.unet))
     autoencoder = AutoencoderKL(**to_container(m.autoencoder))
-    first, tokenizer, second, tokenizer_2 = _encoders(Path(encoders))
+    conditioner = SDXLConditioner.from_diffusers_folder(encoders, weights=False)
+    first, second = conditioner.text_encoder, conditioner.text_encoder_2
     unet_sd, _ = unet_state_dict(state, unet, use_ema=use_ema)
     parts = [
         ("U-Net", unet, lambda: unet_sd),
         ("VAE", autoencoder, lambda: strip_first_stage_prefix(
             state, VAE_PREFIX, scale_factor=m.autoencoder.scale_factor)),
-        ("CLIP ViT-L", first, lambda: keys_for_model(
-            extract_sd1_clip(state, CLIP_L_PREFIX), first)),
-        ("OpenCLIP ViT-bigG", second, lambda: keys_for_model(
-            convert_open_clip_to_hf_clip(state, BIGG_PREFIX, include_projection=True), second)),
+        ("CLIP ViT-L", first, lambda: encoder_states(state, conditioner)[0]),
+        ("OpenCLIP ViT-bigG", second, lambda: encoder_states(state, conditioner)[1]),
     ]  # fmt: skip
     for what, module, weights in parts:
         try:
@@ -157,7 +147,6 @@ def load_sdxl_single_file(
     schedule = NoiseSchedule(schedule=d.schedule, num_timesteps=d.num_timesteps,
                              beta_start=d.beta_start, beta_end=d.beta_end,
                              zero_terminal_snr=d.zero_terminal_snr)  # fmt: skip
-    conditioner = SDXLConditioner(first.eval(), tokenizer, second.eval(), tokenizer_2)
     return SDXLLatentDiffusion(unet, autoencoder, conditioner, schedule, d.prediction).eval()
 
 

@@ -5,12 +5,15 @@ A cached shard is a plain webdataset tar. Each sample has:
 - ``<key>.safetensors``: tensors ``latent_mean`` (C×h×w), ``latent_std`` (C×h×w), ``context``
   (L×D) in the storage dtype (float16 / bfloat16 / float32) and ``context_mask`` (L, bool);
   when cached from aspect buckets also ``original_size``, ``crop_top_left`` and ``target_size``
-  (2, int64; see :mod:`ldm.data.buckets`), and h×w then differ between samples;
+  (2, int64; see :mod:`ldm.data.buckets`), and h×w then differ between samples; for SDXL
+  also ``pooled`` (P), the second encoder's pooled projection (``context`` then holds both
+  encoders' states side by side);
 - ``<key>.txt``: the caption; ``<key>.json``: copied from the source sample when it had one.
 
 Keys are the source sample keys. The empty-prompt embedding (for classifier-free guidance
 dropout) is stored once per cache directory, next to the shards, as
-``empty_prompt.safetensors`` with ``context`` (L×D) and ``context_mask`` (L,).
+``empty_prompt.safetensors`` with ``context`` (L×D) and ``context_mask`` (L,) (and ``pooled``,
+P, for SDXL; the encoded ``""``, whatever the model conditions empty prompts on).
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ def encode_cached_sample(
     context_mask: torch.Tensor,
     dtype: torch.dtype = torch.float16,
     sizes: dict[str, Sequence[int]] | None = None,
+    pooled: torch.Tensor | None = None,
 ) -> bytes:
     """Serialise one sample's tensors (unbatched) to safetensors bytes (``sizes``: the bucket
-    metadata of :data:`SIZE_KEYS`, stored as int64 pairs)."""
+    metadata of :data:`SIZE_KEYS`, stored as int64 pairs; ``pooled``: SDXL's pooled text
+    embedding, P, in ``dtype``)."""
     tensors = {
         "latent_mean": latent_mean.detach().to("cpu", dtype).contiguous(),
         "latent_std": latent_std.detach().to("cpu", dtype).contiguous(),
@@ -74,6 +79,8 @@ def encode_cached_sample(
     }
     for key, value in (sizes or {}).items():
         tensors[key] = torch.tensor(list(value), dtype=torch.int64)
+    if pooled is not None:
+        tensors["pooled"] = pooled.detach().to("cpu", dtype).contiguous()
     return st_save(tensors)
 
 
@@ -134,8 +141,10 @@ def decode_cached_sample(raw: dict[str, Any]) -> dict[str, Any]:
                          f"{tuple(context.shape)}, context_mask {tuple(mask.shape)}")
     caption = raw.get("txt", b"")
     sizes = {k: tuple(int(v) for v in tensors[k].tolist()) for k in SIZE_KEYS if k in tensors}
+    pooled = {"pooled": tensors["pooled"]} if "pooled" in tensors else {}  # SDXL
     return {
         **sizes,
+        **pooled,
         "latent_mean": tensors["latent_mean"],
         "latent_std": tensors["latent_std"],
         "context": tensors["context"],
@@ -169,7 +178,9 @@ def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     (one pass over memory instead of stack-then-convert; reading is memory-bound).
     """
     batch: dict[str, Any] = {"context_mask": torch.stack([s["context_mask"] for s in samples])}
-    for key in ("latent_mean", "latent_std", "context"):
+    keys = ("latent_mean", "latent_std", "context") + (
+        ("pooled",) if all("pooled" in s for s in samples) else ())
+    for key in keys:
         out = torch.empty((len(samples), *samples[0][key].shape), dtype=torch.float32)
         for i, sample in enumerate(samples):
             if sample[key].shape != out.shape[1:]:  # copy_ would broadcast silently
@@ -206,15 +217,18 @@ def sample_latents(
     return latent_mean + latent_std * noise
 
 
-def save_empty_prompt(directory: str, context: torch.Tensor, context_mask: torch.Tensor) -> str:
-    """Write the empty-prompt embedding (L×D, L) next to the cached shards; returns the path."""
+def save_empty_prompt(directory: str, context: torch.Tensor, context_mask: torch.Tensor,
+                      pooled: torch.Tensor | None = None) -> str:
+    """Write the empty-prompt embedding (L×D, L; SDXL: also the pooled P) next to the cached
+    shards; returns the path."""
     path = os.path.join(directory, EMPTY_PROMPT_FILE)
-    data = st_save(
-        {
-            "context": context.detach().to("cpu", torch.float32).contiguous(),
-            "context_mask": context_mask.detach().to("cpu", torch.bool).contiguous(),
-        }
-    )
+    tensors = {
+        "context": context.detach().to("cpu", torch.float32).contiguous(),
+        "context_mask": context_mask.detach().to("cpu", torch.bool).contiguous(),
+    }
+    if pooled is not None:
+        tensors["pooled"] = pooled.detach().to("cpu", torch.float32).contiguous()
+    data = st_save(tensors)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -233,7 +247,11 @@ def empty_prompt_location(shard_url: str) -> str:
 
 
 def load_empty_prompt(location: str) -> dict[str, torch.Tensor]:
-    """Load ``{"context": L×D float32, "context_mask": L bool}`` from a path or URL."""
+    """Load ``{"context": L×D float32, "context_mask": L bool}`` (SDXL: and ``"pooled"``, P)
+    from a path or URL."""
     with open_url(location) as f:
         tensors = st_load(f.read())
-    return {"context": tensors["context"].float(), "context_mask": tensors["context_mask"].bool()}
+    out = {"context": tensors["context"].float(), "context_mask": tensors["context_mask"].bool()}
+    if "pooled" in tensors:
+        out["pooled"] = tensors["pooled"].float()
+    return out

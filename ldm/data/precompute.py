@@ -40,7 +40,8 @@ from ldm.data.tarstream import iter_tar_samples
 from ldm.data.transforms import ImageSpec
 
 ImageEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, ...]]
+"""``captions -> (context B×L×D, mask B×L)``, or ``(context, mask, pooled B×P)`` (SDXL)."""
 MANIFEST_FILE = "manifest.json"
 
 
@@ -129,16 +130,16 @@ class CaptionMemo:
     def __init__(self, encode_texts: TextEncoder, max_entries: int = 8192) -> None:
         self.encode_texts = encode_texts
         self.max_entries = max_entries
-        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         new = list(dict.fromkeys(c for c in captions if c not in self.entries))
         if new:
-            context, mask = self.encode_texts(new)
+            encoded = self.encode_texts(new)
             for i, caption in enumerate(new):
-                self.entries[caption] = (context[i].clone(), mask[i].clone())
+                self.entries[caption] = tuple(t[i].clone() for t in encoded)
         self.misses += len(new)
         self.hits += len(captions) - len(new)
         rows = [self.entries[c] for c in captions]
@@ -146,7 +147,7 @@ class CaptionMemo:
             self.entries.move_to_end(caption)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
 
 
 def _write_batch(
@@ -159,13 +160,14 @@ def _write_batch(
     """Encode one batch and write its samples; returns the count and tensor shapes."""
     with torch.no_grad():
         mean, std = encode_images(batch["image"])
-        context, mask = encode_texts(batch["caption"])
+        context, mask, *pooled = encode_texts(batch["caption"])
     for i, key in enumerate(batch["key"]):
         sizes = {k: batch[k][i].tolist() for k in SIZE_KEYS if k in batch}
         sample: dict[str, Any] = {
             "__key__": key,
             "safetensors": encode_cached_sample(
-                mean[i], std[i], context[i], mask[i], dtype, sizes
+                mean[i], std[i], context[i], mask[i], dtype, sizes,
+                pooled=pooled[0][i] if pooled else None,
             ),
             "txt": batch["caption"][i],
         }
@@ -204,7 +206,8 @@ def precompute(
             ``manifest.json``.
         encode_images: ``images (B×3×H×W in [-1, 1]) -> (mean, std)``, each B×C×h×w: the frozen
             autoencoder's posterior, so that ``z = mean + std·ε`` stays exact.
-        encode_texts: ``captions -> (context B×L×D, mask B×L)``.
+        encode_texts: ``captions -> (context B×L×D, mask B×L)``, or with a third tensor,
+            the pooled text embedding (B×P, SDXL), stored as ``pooled``.
         image_size: Center-crop size the images are encoded at.
         batch_size: Encoder batch size.
         caption_key: ``"txt"`` or ``"json:<field>"``.
@@ -280,8 +283,8 @@ def precompute(
     dataset.counter.log_summary(what="while caching")
     if rank == 0:
         with torch.no_grad():
-            context, mask = encode_texts([""])
-        save_empty_prompt(output_dir, context[0], mask[0])
+            context, mask, *pooled = encode_texts([""])
+        save_empty_prompt(output_dir, context[0], mask[0], pooled[0][0] if pooled else None)
         manifest = {
             "source": [str(s) for s in ([shards] if isinstance(shards, str) else shards)],
             "num_shards": len(urls),

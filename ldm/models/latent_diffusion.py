@@ -72,9 +72,11 @@ class LatentDiffusion(nn.Module):
         return {"context": context, "context_mask": mask if self.use_context_mask else None}
 
     def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
-                            dtype: torch.dtype, size: tuple[int, int]) -> dict[str, Tensor | None]:
+                            dtype: torch.dtype, size: tuple[int, int], negative: bool = False
+                            ) -> dict[str, Tensor | None]:
         """The U-Net's conditioning keyword arguments for prompts and an image ``size``
-        (height, width in pixels; unused here, SDXL's micro-conditioning reads it)."""
+        (height, width in pixels; unused here, SDXL's micro-conditioning reads it, and the
+        SDXL refiner whether these are the ``negative`` prompts, for its aesthetic score)."""
         context, mask = self.encode_prompts(prompts)
         return self.conditioning(context.to(device, dtype), mask.to(device))
 
@@ -205,7 +207,8 @@ class LatentDiffusion(nn.Module):
         denoiser = Denoiser(net, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance > 1.0:
-            uncond = self.prompt_conditioning(negative_prompts, device, dtype, size)
+            uncond = self.prompt_conditioning(negative_prompts, device, dtype, size,
+                                              negative=True)
             denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance,
                                    rescale=guidance_rescale)
             extra = None

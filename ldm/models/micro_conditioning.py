@@ -11,7 +11,8 @@ The refiner uses ``(h, w, top, left, aesthetic_score)`` instead of the target si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,3 +85,52 @@ def sdxl_vector(pooled: Tensor, numbers: Tensor, dim: int = SIZE_EMBED_DIM) -> T
         raise ValueError(f"{pooled.shape[0]} pooled embeddings for {numbers.shape[0]} size rows")
     emb = embed_numbers(numbers.to(pooled.device), dim).to(pooled.dtype)
     return torch.cat([pooled, emb], dim=1)
+
+
+def check_size_numbers(numbers: Tensor) -> Tensor:
+    """Refuses micro-conditioning that no image has: sizes must be positive, crop offsets
+    non-negative, all finite (pixels).
+
+    Args:
+        numbers: (B, 6) :func:`size_numbers`.
+
+    Returns:
+        ``numbers``.
+
+    Raises:
+        ValueError: One line naming the first bad value.
+    """
+    names = ("original_size", "original_size", "crop_top_left", "crop_top_left", "target_size",
+             "target_size")
+    for col, name in enumerate(names):
+        values = numbers[:, col]
+        bad = ~torch.isfinite(values) | (values < 0 if name == "crop_top_left" else values <= 0)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            pair = [int(v) if float(v).is_integer() else v
+                    for v in numbers[row, col - col % 2 : col - col % 2 + 2].tolist()]
+            raise ValueError(f"micro-conditioning {name} {pair} of sample {row}: sizes must be "
+                             "positive and crop offsets non-negative (pixels)")
+    return numbers
+
+
+def batch_size_numbers(batch: Mapping[str, Any], size: tuple[int, int], count: int) -> Tensor:
+    """The (B, 6) micro-conditioning numbers of a training batch.
+
+    Aspect-bucketed batches carry ``original_size``, ``crop_top_left`` and ``target_size``
+    (B×2, :mod:`ldm.data.buckets`); a missing one defaults as diffusers' SDXL pipeline and
+    training script do: the image ``size`` for both sizes, ``(0, 0)`` for the crop.
+
+    Args:
+        batch: The batch.
+        size: The batch's image (height, width) in pixels.
+        count: B.
+
+    Raises:
+        ValueError: A negative crop, a size that is not positive (:func:`check_size_numbers`).
+    """
+    defaults = {"original_size": size, "crop_top_left": (0, 0), "target_size": size}
+    values = {key: batch[key].cpu() if isinstance(batch.get(key), Tensor) else batch.get(key, d)
+              for key, d in defaults.items()}  # fmt: skip
+    return check_size_numbers(size_numbers(values["original_size"], values["crop_top_left"],
+                                           values["target_size"], batch=count))

@@ -28,6 +28,8 @@ import torch
 from ldm.data.cached import sample_latents
 from ldm.diffusion import DiffusionLoss, Sampler
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.micro_conditioning import batch_size_numbers
+from ldm.models.sdxl import SDXLLatentDiffusion, drop_captions
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-export)
 from ldm.training.optim import build_optimizer, build_scheduler
@@ -93,6 +95,9 @@ class DiffusionModule(pl.LightningModule):
         sample_seed: Seed of logged grids (the same noise every time).
         empty_context: Cached mode: the empty prompt's ``(context L×D, mask L)`` as stored with
             the shards (default: encode "" with the text encoder).
+        empty_pooled: Cached SDXL mode: the empty prompt's pooled vector (P,) as stored.
+        sdxl_uncond: SDXL: ``joint`` drops whole captions, ``per_encoder`` each encoder's
+            outputs independently (``model.sdxl.uncond``).
         max_bad_steps: Consecutive non-finite losses tolerated before stopping.
         freeze: fnmatch patterns of U-Net parameter names kept fixed (``requires_grad=False``,
             left out of the optimizer).
@@ -127,6 +132,8 @@ class DiffusionModule(pl.LightningModule):
         negative_prompt: str = "",
         sample_seed: int = 0,
         empty_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+        empty_pooled: torch.Tensor | None = None,
+        sdxl_uncond: str = "joint",
         max_bad_steps: int = 20,
         freeze: Sequence[str] = (),
         omit_frozen_unet: bool = False,
@@ -150,6 +157,10 @@ class DiffusionModule(pl.LightningModule):
         self.negative_prompt = negative_prompt
         self.sample_seed = sample_seed
         self._empty_context = empty_context
+        self._empty_pooled = empty_pooled
+        if sdxl_uncond not in ("joint", "per_encoder"):
+            raise ValueError(f"sdxl_uncond must be joint or per_encoder, got {sdxl_uncond!r}")
+        self.sdxl_uncond = sdxl_uncond
         self.guard = NonFiniteGuard(max_bad_steps)
         self._skipped = False
         # Taken once, as built from the config: before any device move or precision conversion
@@ -192,12 +203,50 @@ class DiffusionModule(pl.LightningModule):
                 mask = torch.where(drop[:, None], e_mask.to(mask.device), mask)
         return context, mask
 
+    def sdxl_context(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: both encoders' states (B, L, D) and the pooled vector (B, P), cached or
+        encoded, each encoder's outputs dropped to the empty prompt's w.p. ``p_uncond``
+        (jointly or per encoder, ``sdxl_uncond``; :func:`ldm.models.sdxl.drop_captions`)."""
+        if "context" in batch:
+            if "pooled" not in batch:
+                raise ValueError("the cached shards hold no pooled text embedding, which SDXL "
+                                 "needs: re-run python -m ldm.cache with this SDXL config")
+            context, pooled = batch["context"].float(), batch["pooled"].float()
+        else:
+            context, pooled = self.model.text_encoder.encode(list(batch["caption"]))
+        if self.training and self.p_uncond > 0:
+            first = torch.rand(context.shape[0], device=context.device) < self.p_uncond  # (B,)
+            second = first if self.sdxl_uncond == "joint" else torch.rand(
+                context.shape[0], device=context.device) < self.p_uncond
+            if (first | second).any():
+                if self._empty_pooled is not None and not self.model.zero_empty_prompts:
+                    e_context = self._empty_context[0].reshape(1, *context.shape[-2:])
+                    e_pooled = self._empty_pooled.reshape(1, -1)
+                else:  # zeros (SDXL's unconditional input), or "" encoded
+                    e_context, e_pooled = self.model.empty_prompt(self.device)
+                context, pooled = drop_captions(context, pooled, e_context, e_pooled, first,
+                                                second, self.model.text_encoder.split)
+        return context, pooled
+
+    def unet_conditioning(self, batch: dict[str, Any], z: torch.Tensor
+                          ) -> dict[str, torch.Tensor | None]:
+        """The U-Net's keyword arguments for a batch whose latents are ``z``: the text context
+        (:meth:`context`); SDXL: also ``y``, the pooled vector and the batch's micro-conditioning
+        (its ``original_size``/``crop_top_left``/``target_size``, else the image size and
+        crop (0, 0), as diffusers)."""
+        if isinstance(self.model, SDXLLatentDiffusion):
+            context, pooled = self.sdxl_context(batch)
+            f = self.model.downsample_factor
+            numbers = batch_size_numbers(batch, (z.shape[-2] * f, z.shape[-1] * f), z.shape[0])
+            return self.model.vector_conditioning(context.to(z.dtype), pooled, numbers)
+        context, mask = self.context(batch)
+        return self.model.conditioning(context.to(z.dtype), mask)
+
     # -- training ------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         z = self.latents(batch).to(self._unet_dtype())  # bf16/16-true converted the U-Net
-        context, mask = self.context(batch)
-        cond = self.model.conditioning(context.to(z.dtype), mask)
+        cond = self.unet_conditioning(batch, z)
         out = self.loss_fn(self.model.unet, z, self.model.schedule, cond)
         loss = out.loss.mean()
         batch_size = z.shape[0]
@@ -231,8 +280,7 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         z = self.latents(batch).to(self._unet_dtype())
-        context, mask = self.context(batch)
-        cond = self.model.conditioning(context.to(z.dtype), mask)
+        cond = self.unet_conditioning(batch, z)
         net = self.ema.model if self.ema is not None else self.model.unet
         out = self.loss_fn(net, z, self.model.schedule, cond, generator=generator)
         self.log("val/loss", out.loss.mean(), prog_bar=True, sync_dist=True,

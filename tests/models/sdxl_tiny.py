@@ -26,6 +26,53 @@ def _tokenizer(root: Path, pad: str | None):  # noqa: ANN202 - transformers type
                                       model_max_length=MAX_LEN, **extra), len(vocab)
 
 
+def _clip(width: int, vocab: int):  # noqa: ANN202 - transformers type
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_LEN, projection_dim=POOLED,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+    )  # fmt: skip
+
+
+def build_tiny_refiner(root: Path) -> Path:
+    """Saves a StableDiffusionXLImg2ImgPipeline shaped as SDXL's refiner (the second encoder
+    only, five micro-conditioning numbers with the aesthetic score, empty prompts encoded) of
+    tiny random modules to ``root`` and returns it."""
+    import diffusers
+    import transformers
+
+    tok_2, vocab = _tokenizer(root / "_tok2", "!</w>")
+    torch.manual_seed(1)
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(_clip(WIDTH_2, vocab))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1),
+        cross_attention_dim=WIDTH_2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=POOLED + 5 * 256, norm_num_groups=32,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32),
+        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+        tokenizer_2=tok_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "refiner")
+    return root / "refiner"
+
+
 def build_tiny_sdxl(root: Path) -> Path:
     """Saves a StableDiffusionXLPipeline of tiny random modules to ``root`` and returns it."""
     import diffusers
@@ -35,11 +82,7 @@ def build_tiny_sdxl(root: Path) -> Path:
     tok_2, _ = _tokenizer(root / "_tok2", "!</w>")
 
     def clip(width: int) -> transformers.CLIPTextConfig:
-        return transformers.CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=37, num_hidden_layers=3,
-            num_attention_heads=4, max_position_embeddings=MAX_LEN, projection_dim=POOLED,
-            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-        )  # fmt: skip
+        return _clip(width, vocab)
 
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(clip(WIDTH_1))
