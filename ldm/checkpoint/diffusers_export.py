@@ -234,7 +234,10 @@ def export_diffusers_folder(
     _save_weights(vae_ldm_to_diffusers(model.autoencoder.state_dict()), out / "vae",
                   _versioned("AutoencoderKL", vae_config))
 
-    text_model.save_pretrained(out / "text_encoder")
+    from ldm.models.text_encoders import no_transformers_bars
+
+    with no_transformers_bars():
+        text_model.save_pretrained(out / "text_encoder")
     tokenizer = copy.deepcopy(model.text_encoder.tokenizer)
     tokenizer.model_max_length = int(model.text_encoder.max_length)  # what diffusers pads to
     tokenizer.save_pretrained(out / "tokenizer")

@@ -25,6 +25,7 @@ from ldm.checkpoint.sdxl_keys import (
 )
 from ldm.checkpoint.vae_keys import vae_config_ldm_to_diffusers, vae_ldm_to_diffusers
 from ldm.models.sdxl import SDXLLatentDiffusion
+from ldm.models.text_encoders import no_transformers_bars
 
 
 def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_dir: str | Path,
@@ -60,7 +61,8 @@ def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_d
     index: dict[str, Any] = {}
     for name, encoder, tokenizer in (("", c.text_encoder, c.tokenizer),
                                      ("_2", c.text_encoder_2, c.tokenizer_2)):
-        encoder.save_pretrained(out / f"text_encoder{name}")
+        with no_transformers_bars():
+            encoder.save_pretrained(out / f"text_encoder{name}")
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.model_max_length = c.max_length  # what diffusers pads to
         tokenizer.save_pretrained(out / f"tokenizer{name}")

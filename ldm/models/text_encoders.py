@@ -19,6 +19,8 @@ transformers is imported lazily (inside the constructors), so importing this mod
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -50,6 +52,7 @@ __all__ = [
     "TextEncoder",
     "build_text_encoder",
     "load_pretrained",
+    "no_transformers_bars",
     "text_encoder_class",
 ]
 
@@ -75,15 +78,23 @@ def load_pretrained(
         local: Never reach the network (``local_files_only``).
         dtype: Weight dtype (None: the class default, float32).
     """
-    from transformers.utils import logging as hf_logging
-
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": local}
     if dtype is not None:
         kwargs.update(_dtype_kwargs(dtype))
+    with no_transformers_bars():
+        return cls.from_pretrained(path, **kwargs)
+
+
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' per-call bars ("Loading weights", "Writing model shards") inside the
+    block, then put the user's setting back."""
+    from transformers.utils import logging as hf_logging
+
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(path, **kwargs)
+        yield
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
