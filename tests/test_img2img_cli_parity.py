@@ -177,3 +177,53 @@ def test_inpainting_matches_inpaint_pipeline(folders: dict[str, Path], tmp_path:
         keep = torch.nn.functional.interpolate(init.float(), size=(SIZE // 2,) * 2) == 0
         assert (mine[0] - mine[1]).abs()[keep[0].expand(4, -1, -1)].max() > 1e-4  # posteriors
         assert (mine[0] - mine[1]).abs()[~keep[0].expand(4, -1, -1)].max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def sd_inpainting_file(folders: dict[str, Path]) -> dict[str, Path]:
+    """The 9-channel folder's weights as an original SD single file (sd-v1-5-inpainting's
+    layout: CompVis keys, ``in_channels`` 9) and its YAML config."""
+    from omegaconf import OmegaConf
+
+    from ldm import build
+    from tests.checkpoint.test_stable_diffusion import save_sd_file, sd_layout, write_yaml
+
+    model, cfg = build.load_for_sampling(str(folders["pipe9"]))
+    assert model.unet_in_channels == 9
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["model"]["text_encoder"]["name_or_path"] = str(folders["root"] / "clip")  # SD1
+    root = folders["root"]
+    return {"file": save_sd_file(sd_layout(model), root / "sd-inpainting.safetensors"),
+            "yaml": write_yaml(config, root / "sd-inpainting.yaml")}
+
+
+@pytest.mark.parametrize(("sampler", "steps", "strength"), [("ddim", 6, 1.0),
+                                                            ("euler", 8, 0.6)])
+def test_sd_inpainting_single_file(folders: dict[str, Path], sd_inpainting_file: dict[str, Path],
+                                   tmp_path: Path, sampler: str, steps: int,
+                                   strength: float) -> None:
+    """An SD inpainting single file loads strict and inpaints as diffusers' pipeline on the
+    folder it was written from."""
+    folder = with_scheduler(folders, "pipe9", sampler)
+    args = ["-c", str(sd_inpainting_file["yaml"]), "--sampler", sampler, "--init-image",
+            str(folders["init"]), "--strength", str(strength), "--mask", str(folders["mask"]),
+            # the YAML has the DDIM folder's spacing; EulerDiscreteScheduler's default is this
+            *(["sampling.timestep_spacing=linspace"] if sampler == "euler" else [])]
+    mine = ours(sd_inpainting_file["file"], tmp_path, steps, GUIDANCE, args, seed=SEED,
+                prompts=PROMPTS, n=N)
+    ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength,
+                 inpaint=True)
+    assert_close(mine, ref, f"SD inpainting file, {sampler} {steps} steps strength {strength}")
+
+
+def test_sd_inpainting_file_with_a_4_channel_config(sd_inpainting_file: dict[str, Path],
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import sample
+
+    code = sample.main(["--ckpt", str(sd_inpainting_file["file"]), "-c",
+                        str(sd_inpainting_file["yaml"]), "model.unet.in_channels=4",
+                        "--prompt", "x", "--outdir", str(tmp_path / "out")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(err) == 1, err
+    assert "SD inpainting checkpoint" in err[0] and "model.unet.in_channels=9" in err[0], err

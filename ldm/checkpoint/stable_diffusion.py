@@ -247,6 +247,7 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     state_dict = read_state_dict(path)
     if not any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
         raise CheckpointError(f"{path} has no autoencoder weights (no '{FIRST_STAGE_PREFIX}*')")
+    check_in_channels(state_dict, cfg, path)
     model = build.build_latent_diffusion(cfg)
     unet_sd, used_ema = unet_state_dict(state_dict, model.unet, use_ema)
     _load(model.unet, unet_sd, "U-Net", "model.unet")
@@ -279,6 +280,29 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
         use_open_clip_padding(model.text_encoder)
     check_schedule(state_dict, model)
     return model
+
+
+def check_in_channels(state_dict: Mapping[str, Tensor], cfg: DictConfig,
+                      path: str | Path = "the file") -> None:
+    """The file's U-Net input channels against ``model.unet.in_channels``.
+
+    SD inpainting files (sd-v1-5-inpainting, 512-inpainting-ema) have a 9-channel U-Net:
+    latents, mask and masked-image latents (Rombach et al. 2022). Their config is SD's with
+    ``in_channels: 9`` (the original ``v1-inpainting-inference.yaml``).
+
+    Raises:
+        CheckpointError: The channels differ (one line naming the override to add).
+    """
+    weight = state_dict.get(COMPVIS_UNET_PREFIX + "input_blocks.0.0.weight")
+    configured = int(cfg.model.unet.in_channels)
+    if weight is None or weight.ndim != 4 or int(weight.shape[1]) == configured:
+        return
+    found = int(weight.shape[1])
+    latent = int(cfg.model.unet.out_channels)
+    kind = "an SD inpainting checkpoint" if found == latent + 5 else "a checkpoint"
+    raise CheckpointError(f"{path} is {kind}: its U-Net takes {found} input channels and "
+                          f"model.unet.in_channels is {configured}; add "
+                          f"model.unet.in_channels={found}")
 
 
 def _load(module: nn.Module, state: Mapping[str, Tensor], what: str, section: str,
