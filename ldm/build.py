@@ -7,6 +7,7 @@ objects, so ``sample.py`` can build models without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -183,17 +184,26 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None
-                           ) -> LatentDiffusion:
+def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None,
+                           empty_weights: bool = False) -> LatentDiffusion:
     """``model`` → ``LatentDiffusion``. The autoencoder is, in order: the one given, the one in
-    ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``."""
+    ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``.
+
+    ``empty_weights``: build a fresh U-Net and autoencoder on the meta device (no random
+    initialisation, as diffusers' ``low_cpu_mem_usage``) for a caller that loads all their
+    weights next with ``load_state_dict(..., assign=True)``."""
     from ldm.models.latent_diffusion import LatentDiffusion
 
     m = cfg.model
+    where = torch.device("meta") if empty_weights else contextlib.nullcontext()
     if autoencoder is None:
-        autoencoder = (load_autoencoder(m.autoencoder_ckpt, m.autoencoder) if m.autoencoder_ckpt
-                       else build_autoencoder(m.autoencoder))
-    unet = build_unet(m.unet)
+        if m.autoencoder_ckpt:
+            autoencoder = load_autoencoder(m.autoencoder_ckpt, m.autoencoder)
+        else:
+            with where:
+                autoencoder = build_autoencoder(m.autoencoder)
+    with where:
+        unet = build_unet(m.unet)
     if m.lora.rank > 0:  # the base weights' names stay; adapters add <layer>.lora_{down,up}
         from ldm.models.lora import add_lora
 

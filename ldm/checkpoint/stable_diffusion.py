@@ -248,9 +248,9 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     if not any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
         raise CheckpointError(f"{path} has no autoencoder weights (no '{FIRST_STAGE_PREFIX}*')")
     check_in_channels(state_dict, cfg, path)
-    model = build.build_latent_diffusion(cfg)
+    model = build.build_latent_diffusion(cfg, empty_weights=True)  # U-Net, VAE: loaded next
     unet_sd, used_ema = unet_state_dict(state_dict, model.unet, use_ema)
-    _load(model.unet, unet_sd, "U-Net", "model.unet")
+    _load(model.unet, unet_sd, "U-Net", "model.unet", assign=True)
     log.info("U-Net: %s weights", "EMA" if used_ema else "raw")
 
     if "scale_factor" in state_dict:  # scale_by_std models store it; SD v1/v2 do not
@@ -262,7 +262,7 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
         vae_sd = strip_first_stage_prefix(
             state_dict, FIRST_STAGE_PREFIX, scale_factor=cfg.model.autoencoder.scale_factor
         )
-    _load(model.autoencoder, vae_sd, "autoencoder", "model.autoencoder")
+    _load(model.autoencoder, vae_sd, "autoencoder", "model.autoencoder", assign=True)
 
     text_model = getattr(model.text_encoder, "model", None)
     layout = detect_text_encoder_layout(state_dict)
@@ -306,16 +306,21 @@ def check_in_channels(state_dict: Mapping[str, Tensor], cfg: DictConfig,
 
 
 def _load(module: nn.Module, state: Mapping[str, Tensor], what: str, section: str,
-          sub: str | None = None) -> None:
+          sub: str | None = None, assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the config section.
 
     ``sub`` loads into ``module.<sub>`` through ``module`` so that ``module``'s own
     ``_load_from_state_dict`` hooks run (the text encoder forgets its cached empty prompt).
+    ``assign`` makes the file's tensors, cast to the module's dtypes, the module's own (a
+    module built on the meta device).
     """
     if sub is not None:
         state = {f"{sub}.{k}": v for k, v in state.items()}
+    if assign:
+        own = module.state_dict()
+        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
