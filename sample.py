@@ -270,10 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         if inpainting_unet and mask is None:
             raise ValueError("this is an SD inpainting U-Net (9 input channels): pass "
                              "--init-image and --mask")
-        if mask is not None and not inpainting_unet:
-            if sampler.sampler == "dpmpp_2m":
-                raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
-                                 "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
         set_micro_conditioning(micro, model)
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)

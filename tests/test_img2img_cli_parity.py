@@ -156,6 +156,8 @@ def test_img2img_ddim_eta_one(folders: dict[str, Path], tmp_path: Path) -> None:
 
 INPAINT = [("pipe4", "ddim", 10, 0.6), ("pipe4", "ddim", 6, 1.0), ("pipe4", "euler", 10, 0.6),
            ("pipe4", "euler", 6, 1.0), ("pipe4", "euler_a", 8, 0.8), ("pipe4", "heun", 5, 0.6),
+           ("pipe4", "heun", 4, 1.0), ("pipe4", "dpmpp_2m", 10, 0.6), ("pipe4", "dpmpp_2m", 8, 1.0),
+           ("pipe4", "dpmpp_2m", 20, 0.5),
            ("pipe9", "ddim", 6, 1.0), ("pipe9", "ddim", 10, 0.6), ("pipe9", "euler", 6, 1.0),
            ("pipe9", "euler_a", 6, 0.7), ("pipe9", "dpmpp_2m", 8, 1.0),
            ("pipe9", "dpmpp_2m", 10, 0.6)]
@@ -165,7 +167,7 @@ INPAINT = [("pipe4", "ddim", 10, 0.6), ("pipe4", "ddim", 6, 1.0), ("pipe4", "eul
                          ids=[f"{p}-{s}-{n}-{x:g}" for p, s, n, x in INPAINT])
 def test_inpainting_matches_inpaint_pipeline(folders: dict[str, Path], tmp_path: Path, pipe: str,
                                              sampler: str, steps: int, strength: float) -> None:
-    """4-channel U-Nets (latent blending; not the multistep dpmpp_2m) and 9-channel SD
+    """4-channel U-Nets (latent blending, the multistep dpmpp_2m included) and 9-channel SD
     inpainting U-Nets ([x, mask, masked-image latents] at every call)."""
     folder = with_scheduler(folders, pipe, sampler)
     mine = sample_py(folders, folder, tmp_path, steps, strength, inpaint=True)

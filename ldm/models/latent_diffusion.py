@@ -226,7 +226,8 @@ class LatentDiffusion(nn.Module):
             mask: Inpainting with this (4-channel) U-Net: (B, 1, h, w) latent-size mask, 1 where
                 to repaint (see :func:`latent_mask`); after every step the kept region is
                 replaced by ``init_latents`` noised to the step's σ (latent blending, as
-                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets). At
+                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets; Heun's
+                corrector and DPM++ 2M's next step see the blended state, as there). At
                 ``strength`` 1 sampling starts from pure noise, as there.
             masked_latents: With ``mask``, for SD inpainting U-Nets (``in_channels`` = latent
                 channels + 5): scaled latents of the image with the repainted region zeroed;
@@ -284,14 +285,16 @@ class LatentDiffusion(nn.Module):
                 z = sampler.run(denoiser, x, grid, start, generator=generator,
                                 callback=callback, extra_args=extra)
                 mask = None
+            elif sampler.sampler == "dpmpp_2m":  # multistep: one run, every call blended
+                m = mask.to(device).float()
+                keep = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
+                z = sampler.run(keep, x, grid, start, generator=generator, callback=callback,
+                                extra_args=extra)
             else:
-                if sampler.sampler == "dpmpp_2m":
-                    raise ValueError("inpainting with a 4-channel U-Net blends after every step, "
-                                     "which the multistep dpmpp_2m cannot; use another sampler")
                 m = mask.to(device).float()
                 n = len(grid.sigmas) - 1
                 if sampler.sampler == "heun":  # diffusers blends after Heun's predictor too
-                    denoiser = _KeepRegion(denoiser, m > 0.5, z0, eps)
+                    denoiser = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
                 for i in range(start, n):
                     step = None if callback is None else _offset(callback, i - start)
                     x = sampler.run(denoiser, x, grid, i, i + 1, generator=generator,
@@ -319,25 +322,31 @@ class _ConcatInputs(nn.Module):
 
 class _KeepRegion:
     """A σ-space ``denoiser`` whose input has the kept region replaced by the init latents
-    noised to the call's σ, ``z0 + σ·ε`` (exact where ``repaint``: ``torch.where``).
+    noised to the call's σ, ``z0 + σ·ε`` (exact where ``repaint``: ``torch.where``), except at
+    σ = ``unblended`` (the pure-noise start of strength 1, which diffusers does not blend).
 
-    Inpainting with Heun: diffusers' ``StableDiffusionInpaintPipeline`` blends after every
-    scheduler step, so Heun's corrector sees the blended predictor state. In the repainted
-    region our Heun step is then the same arithmetic; the kept region is overwritten by the
-    blend after the step anyway. At a step's start the input is already blended (no change).
+    diffusers' ``StableDiffusionInpaintPipeline`` blends after every scheduler step, so Heun's
+    corrector sees the blended predictor state, and DPM-Solver++'s next step starts from (and
+    its network sees) the blended sample. Every update of our samplers is elementwise in x
+    given x̂0, so in the repainted region the arithmetic is then diffusers'; the kept region
+    is overwritten by a blend after the step (Heun) or at the end (the clean latents).
     """
 
-    def __init__(self, denoiser: Any, repaint: Tensor, z0: Tensor, eps: Tensor) -> None:
+    def __init__(self, denoiser: Any, repaint: Tensor, z0: Tensor, eps: Tensor,
+                 unblended: Tensor | None = None) -> None:
         self.denoiser, self.repaint, self.z0, self.eps = denoiser, repaint, z0, eps
+        self.unblended = unblended
 
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _KeepRegion:
         """The same blending around ``denoiser.with_timesteps(...)``."""
         inner = self.denoiser
         if hasattr(inner, "with_timesteps"):
             inner = inner.with_timesteps(sigmas, timesteps)
-        return _KeepRegion(inner, self.repaint, self.z0, self.eps)
+        return _KeepRegion(inner, self.repaint, self.z0, self.eps, self.unblended)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        if self.unblended is not None and bool((sigma.cpu() == self.unblended).all()):
+            return self.denoiser(x, sigma, **extra)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         known = self.z0 + s * self.eps
         return self.denoiser(torch.where(self.repaint, x, known), sigma, **extra)
