@@ -122,11 +122,13 @@ def theirs(cls: str, folder: Path, folders: dict[str, Path], steps: int, strengt
 
 
 def sample_py(folders: dict[str, Path], folder: Path, tmp_path: Path, steps: int,
-              strength: float, eta: float = 0.0, inpaint: bool = False) -> torch.Tensor:
+              strength: float, eta: float = 0.0, inpaint: bool = False,
+              batch_size: int = 8) -> torch.Tensor:
     args = ["--init-image", str(folders["init"]), "--strength", str(strength)]
     args += ["--mask", str(folders["mask"])] if inpaint else []
     args += ["--eta", str(eta)] if eta else []
-    return ours(folder, tmp_path, steps, GUIDANCE, args, seed=SEED, prompts=PROMPTS, n=N)
+    return ours(folder, tmp_path, steps, GUIDANCE, args, batch_size=batch_size, seed=SEED,
+                prompts=PROMPTS, n=N)
 
 
 IMG2IMG = [("ddim", 10, 0.6), ("ddim", 7, 1.0), ("euler", 10, 0.6), ("euler", 5, 1.0),
@@ -152,6 +154,9 @@ def test_img2img_ddim_eta_one(folders: dict[str, Path], tmp_path: Path) -> None:
     mine = sample_py(folders, folder, tmp_path, 8, 0.7, eta=1.0)
     ref = theirs("StableDiffusionImg2ImgPipeline", folder, folders, 8, 0.7, eta=1.0)
     assert_close(mine, ref, "img2img ddim eta 1")
+    # a sample depends on its seed only: the same latents in batches of 1 and of 4
+    alone = sample_py(folders, folder, tmp_path, 8, 0.7, eta=1.0, batch_size=1)
+    assert (alone - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
 INPAINT = [("pipe4", "ddim", 10, 0.6), ("pipe4", "ddim", 6, 1.0), ("pipe4", "euler", 10, 0.6),
@@ -174,6 +179,10 @@ def test_inpainting_matches_inpaint_pipeline(folders: dict[str, Path], tmp_path:
     ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength,
                  inpaint=True)
     assert_close(mine, ref, f"inpaint {pipe} {sampler} {steps} steps strength {strength}")
+    if sampler == "euler_a":  # stochastic: batches of 1 give the same latents
+        alone = sample_py(folders, folder, tmp_path, steps, strength, inpaint=True,
+                          batch_size=1)
+        assert (alone - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
     if pipe == "pipe4":  # the kept region is the init image's latents (the last blend)
         init = mine.new_tensor(np.asarray(Image.open(folders["mask"]))[None, None] >= 128)
         keep = torch.nn.functional.interpolate(init.float(), size=(SIZE // 2,) * 2) == 0
