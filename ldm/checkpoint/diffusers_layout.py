@@ -44,7 +44,7 @@ from ldm.checkpoint.diffusers_export import (
     WEIGHTS_NAME,
     export_diffusers_folder,
 )
-from ldm.checkpoint.format import CheckpointError
+from ldm.checkpoint.format import CheckpointError, assign_weights
 from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
 from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
 from ldm.diffusion.flow_sampling import FLOW_SCHEDULER_CLASSES
@@ -367,10 +367,8 @@ def _load_component(folder: Path, module: torch.nn.Module,
     """``module.load_state_dict(convert(), strict=True, assign=True)`` (the module may be on
     the meta device: its tensors become the file's, in the module's own dtypes); a key-map or
     shape mismatch becomes a one-line CheckpointError."""
-    own = module.state_dict()
     try:
-        state = {k: v.to(own[k].dtype) if k in own else v for k, v in convert().items()}
-        module.load_state_dict(state, strict=True, assign=True)
+        assign_weights(module, convert())
     except (KeyError, RuntimeError) as e:
         detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{folder} does not match its config.json "

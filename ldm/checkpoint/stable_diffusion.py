@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoint.format import CheckpointError
+from ldm.checkpoint.format import CheckpointError, assign_weights
 from ldm.checkpoint.text_keys import (
     SD1_CLIP_PREFIX,
     SD2_OPEN_CLIP_PREFIX,
@@ -316,11 +316,11 @@ def _load(module: nn.Module, state: Mapping[str, Tensor], what: str, section: st
     """
     if sub is not None:
         state = {f"{sub}.{k}": v for k, v in state.items()}
-    if assign:
-        own = module.state_dict()
-        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
-        module.load_state_dict(state, strict=True, assign=assign)
+        if assign:
+            assign_weights(module, state)
+        else:
+            module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
