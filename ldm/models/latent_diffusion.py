@@ -152,8 +152,8 @@ class LatentDiffusion(nn.Module):
             noise.append(randn(shape, generator=g, device=image.device))
             if masked is not None:
                 zm.append(self._scaled(masked.sample(g)))
-            elif keep is not None:  # the draw diffusers takes for latents a 4-channel U-Net
-                randn(shape, generator=g, dtype=init.mean.dtype)  # does not use
+            elif keep is not None:  # diffusers samples the masked image's posterior here too
+                randn(shape, generator=g, dtype=init.mean.dtype)  # (unused): the same draw
         return (torch.cat(z0) if z0 else None, torch.cat(noise),
                 torch.cat(zm) if zm else None)
 
