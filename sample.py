@@ -8,7 +8,9 @@
 (``.safetensors`` / ``.ckpt``; give their config with ``-c configs/ldm/sd1.yaml``) and
 diffusers-layout folders. One PNG per sample (prompt, seed, sampler, steps and guidance in its
 metadata) and a grid go to ``--outdir``. ``--init-image x.png --strength 0.6`` samples img2img
-(SDEdit); add ``--mask m.png`` to inpaint (white repaints). Runs without Lightning.
+(SDEdit); add ``--mask m.png`` to inpaint (white repaints); each sample then draws its init
+image's posterior, its noise and its masked image's posterior from its own generator, in
+diffusers' pipelines' order. Runs without Lightning.
 
 Each sample has its own seed (``--seed`` + its index) and its own noise stream: its initial
 latent noise, then its sampler's noise, come from ``torch.Generator().manual_seed(seed)``, as
@@ -283,14 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                                  f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
                                  "give a mask of the image's size")
             mask = latent_mask(pixels, model.downsample_factor)
-        inpainting_unet = model.unet.input_blocks[0][0].in_channels == model.latent_channels + 5
+        inpainting_unet = model.unet_in_channels == model.latent_channels + 5
         if inpainting_unet and mask is None:
             raise ValueError("this is an SD inpainting U-Net (9 input channels): pass "
                              "--init-image and --mask")
-        if mask is not None and not inpainting_unet:
-            if sampler.sampler == "dpmpp_2m":
-                raise ValueError("--mask blends after every step, which the multistep dpmpp_2m "
-                                 "cannot; pass --sampler ddim, euler, heun, ddpm or euler_a")
         set_micro_conditioning(micro, model)
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
@@ -324,19 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         # One noise stream per sample (CPU, device independent): initial noise, then the
         # sampler's; a sample does not depend on its batch.
         generators = [torch.Generator().manual_seed(sd) for _, sd in chunk]
-        init_latents = None
-        if init is not None:  # one posterior sample per sample, from its own seed
-            init_latents = torch.cat([
-                model.encode_images(init.to(args.device),
-                                    torch.Generator(device=args.device).manual_seed(sd))
-                for _, sd in chunk])
-        masked = None
-        if inpainting_unet:  # latents of the image with the repainted region zeroed
-            keep = (pixels < 0.5).to(args.device)
-            masked = torch.cat([
-                model.encode_images(init.to(args.device) * keep,
-                                    torch.Generator(device=args.device).manual_seed(sd + 1))
-                for _, sd in chunk])
+        init_latents = noise = masked = None
+        if init is not None:  # diffusers' per-sample draws: image posterior, noise, masked image
+            init_latents, noise, masked = model.image_inputs(
+                init.to(args.device), generators, args.strength,
+                None if mask is None else (pixels < 0.5).to(args.device))
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -348,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         out, z = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
                                 negative_prompts=negative, guidance_rescale=rescale,
                                 height=height, width=width, generator=generators, callback=tick,
-                                init_latents=init_latents, strength=args.strength,
+                                latents=noise, init_latents=init_latents, strength=args.strength,
                                 mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1),
                                 masked_latents=masked)
         latents.append(z.float().cpu())

@@ -7,6 +7,7 @@ objects, so ``sample.py`` can build models without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ldm.checkpoint.format import Checkpoint, CheckpointError, load_checkpoint
+from ldm.checkpoint.format import Checkpoint, CheckpointError, assign_weights, load_checkpoint
 from ldm.config import to_container
 from ldm.run_dir import RunDirError, prepare_run_dir, run_dir  # noqa: F401 (build's API)
 
@@ -80,19 +81,21 @@ def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
     from ldm.config import load
 
     cfg = load(base={"model": {"autoencoder": section}})
-    model = build_autoencoder(cfg.model.autoencoder)
-    load_weights(model, ckpt.module_state("autoencoder"), "autoencoder")
+    with torch.device("meta"):  # no random init: every weight loads next
+        model = build_autoencoder(cfg.model.autoencoder)
+    load_weights(model, ckpt.module_state("autoencoder"), "autoencoder", assign=True)
     return model
 
 
-def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``module.load_state_dict(state, strict=True)``, with a mismatch as one line.
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                 assign: bool = False) -> None:
+    """``module.load_state_dict(state, strict=True)`` (or `assign_weights`), a mismatch in one line.
 
     Raises:
         CheckpointError: Missing, unexpected or wrongly shaped tensors (the first few named).
     """
     try:
-        module.load_state_dict(state, strict=True)
+        _ = assign_weights(module, state) if assign else module.load_state_dict(state)
     except RuntimeError as e:
         details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
         shown = "; ".join(details)[:300]
@@ -190,17 +193,20 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None
-                           ) -> LatentDiffusion:
+def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None,
+                           empty_weights: bool = False) -> LatentDiffusion:
     """``model`` → ``LatentDiffusion``. The autoencoder is, in order: the one given, the one in
-    ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``."""
+    ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``. ``empty_weights``:
+    fresh ones on the meta device, unset, for a caller that `assign_weights` them all next."""
     from ldm.models.latent_diffusion import LatentDiffusion
 
     m = cfg.model
-    if autoencoder is None:
-        autoencoder = (load_autoencoder(m.autoencoder_ckpt, m.autoencoder) if m.autoencoder_ckpt
-                       else build_autoencoder(m.autoencoder))
-    unet = build_unet(m.unet)
+    if autoencoder is None and m.autoencoder_ckpt:
+        autoencoder = load_autoencoder(m.autoencoder_ckpt, m.autoencoder)
+    with torch.device("meta") if empty_weights else contextlib.nullcontext():
+        if autoencoder is None:
+            autoencoder = build_autoencoder(m.autoencoder)
+        unet = build_unet(m.unet)
     if m.lora.rank > 0:  # the base weights' names stay; adapters add <layer>.lora_{down,up}
         from ldm.models.lora import add_lora
 
@@ -225,10 +231,12 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     if ckpt.kind != "ldm":
         raise CheckpointError(f"a '{ckpt.kind}' checkpoint holds no diffusion model")
     cfg = load(base=ckpt.config)
-    model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt))
+    empty = cfg.model.lora.rank == 0  # a LoRA U-Net's adapters are built on its weights
+    model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt),
+                                   empty_weights=empty)
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
-    load_weights(model.unet, ckpt.module_state(unet_key), "U-Net")
+    load_weights(model.unet, ckpt.module_state(unet_key), "U-Net", assign=empty)
     return model
 
 

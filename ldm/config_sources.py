@@ -35,7 +35,6 @@ def config_sources(
     from omegaconf import OmegaConf
 
     from ldm.checkpoint.format import FORMAT, read_metadata
-    from ldm.config import load
 
     def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -51,11 +50,9 @@ def config_sources(
 
         if is_sdxl_folder(path):  # its sections come from sdxl_folder_config, which the loader
             return "settings: SDXL folder: its own unet/vae/text encoders and scheduler"  # used
-        from ldm.checkpoint.diffusers_layout import diffusers_folder_config, pin_weight_keys
+        from ldm.checkpoint.diffusers_layout import diffusers_folder_config
 
-        sections = diffusers_folder_config(path)
-        layers.append(("folder", leaves(sections)))
-        ignored = pin_weight_keys(load(config_files, overrides, base=sections), sections)[1]
+        layers.append(("folder", leaves(diffusers_folder_config(path))))
     ours: dict[str, Any] | None = None
     if not path.is_dir() and path.suffix == ".safetensors" \
             and read_metadata(path).get("format") == FORMAT:
@@ -69,6 +66,12 @@ def config_sources(
         layers.append(("override", leaves(OmegaConf.to_container(
             OmegaConf.from_dotlist(dotlist)))))
     fixer = "the folder's weights fix"
+    if path.is_dir():  # the caller's values that the folder's weights replaced in cfg
+        from ldm.checkpoint.diffusers_layout import WEIGHT_KEYS
+
+        mine = {k: v for _, values in layers[1:] for k, v in values.items()}  # last one wins
+        ignored = sorted(k for k, v in mine.items() if OmegaConf.select(cfg, k) != v
+                         and any(k == w or k.startswith(w + ".") for w in WEIGHT_KEYS))
     if ours is not None:  # our checkpoints rebuild their model from their own model section
         fixer = "the checkpoint's model fixes"
         mine = {k for _, values in layers[1:] for k in values if k.startswith("model.")}

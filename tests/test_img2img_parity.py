@@ -97,7 +97,6 @@ def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
     ("missing", [], "--init-image not found"),
     ("mask-size", [], "give a mask of the image's size"),
     ("mask-only", [], "--mask needs --init-image"),
-    ("mask-dpm", ["--sampler", "dpmpp_2m"], "which the multistep dpmpp_2m cannot"),
     ("text", [], "is not a readable image"),
     ("odd", [], "multiples of 2"),
 ])  # fmt: skip

@@ -44,7 +44,7 @@ from ldm.checkpoint.diffusers_export import (
     WEIGHTS_NAME,
     export_diffusers_folder,
 )
-from ldm.checkpoint.format import CheckpointError
+from ldm.checkpoint.format import CheckpointError, assign_weights
 from ldm.checkpoint.unet_keys import unet_diffusers_to_ldm, unet_kwargs_from_diffusers_config
 from ldm.checkpoint.vae_keys import vae_config_diffusers_to_ldm, vae_diffusers_to_ldm
 from ldm.diffusion.flow_sampling import FLOW_SCHEDULER_CLASSES
@@ -305,6 +305,8 @@ def pin_weight_keys(cfg: DictConfig, sections: Mapping[str, Any]) -> tuple[DictC
             node = node.get(part) if isinstance(node, Mapping) else None
         fixed.update(_leaves(node, key) if isinstance(node, Mapping) else {key: node})
     changed = [k for k, v in fixed.items() if OmegaConf.select(cfg, k) != v]
+    if not changed:  # already the folder's: no second merge and validation (sample.py's time)
+        return cfg, changed
     pinned = OmegaConf.from_dotlist([])
     for key, value in fixed.items():
         OmegaConf.update(pinned, key, value, force_add=True)
@@ -342,10 +344,14 @@ def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] 
     if cfg is None:
         cfg = folder_config(root)
     else:
+        from omegaconf import DictConfig
+
         from ldm.config import load
 
-        cfg = pin_weight_keys(load(base=cfg), diffusers_folder_config(root))[0]
-    model = build.build_latent_diffusion(cfg)
+        if not isinstance(cfg, DictConfig):  # a DictConfig was loaded (validated) already
+            cfg = load(base=cfg)
+        cfg = pin_weight_keys(cfg, diffusers_folder_config(root))[0]
+    model = build.build_latent_diffusion(cfg, empty_weights=True)  # every weight loads next
     u = to_container(cfg.model.unet)
     unet = read_weights(root / "unet")
     _load_component(root / "unet", model.unet, lambda: unet_diffusers_to_ldm(
@@ -358,10 +364,11 @@ def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] 
 
 def _load_component(folder: Path, module: torch.nn.Module,
                     convert: Callable[[], dict[str, Tensor]]) -> None:
-    """``module.load_state_dict(convert(), strict=True)``; a key-map or shape mismatch becomes a
-    one-line CheckpointError."""
+    """``module.load_state_dict(convert(), strict=True, assign=True)`` (the module may be on
+    the meta device: its tensors become the file's, in the module's own dtypes); a key-map or
+    shape mismatch becomes a one-line CheckpointError."""
     try:
-        module.load_state_dict(convert(), strict=True)
+        assign_weights(module, convert())
     except (KeyError, RuntimeError) as e:
         detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{folder} does not match its config.json "

@@ -56,6 +56,19 @@ def sub_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def assign_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state, strict=True, assign=True)``, each tensor cast to the
+    dtype of the module's own first: the module (built on the meta device, with no random
+    initialisation) takes the file's tensors, in its dtypes whatever the file's.
+
+    Raises:
+        RuntimeError: Missing, unexpected or wrongly shaped tensors (``load_state_dict``'s).
+    """
+    own = module.state_dict()
+    cast = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoint.format import CheckpointError
+from ldm.checkpoint.format import CheckpointError, assign_weights
 from ldm.checkpoint.text_keys import (
     SD1_CLIP_PREFIX,
     SD2_OPEN_CLIP_PREFIX,
@@ -247,9 +247,10 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     state_dict = read_state_dict(path)
     if not any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
         raise CheckpointError(f"{path} has no autoencoder weights (no '{FIRST_STAGE_PREFIX}*')")
-    model = build.build_latent_diffusion(cfg)
+    check_in_channels(state_dict, cfg, path)
+    model = build.build_latent_diffusion(cfg, empty_weights=True)  # U-Net, VAE: loaded next
     unet_sd, used_ema = unet_state_dict(state_dict, model.unet, use_ema)
-    _load(model.unet, unet_sd, "U-Net", "model.unet")
+    _load(model.unet, unet_sd, "U-Net", "model.unet", assign=True)
     log.info("U-Net: %s weights", "EMA" if used_ema else "raw")
 
     if "scale_factor" in state_dict:  # scale_by_std models store it; SD v1/v2 do not
@@ -261,7 +262,7 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
         vae_sd = strip_first_stage_prefix(
             state_dict, FIRST_STAGE_PREFIX, scale_factor=cfg.model.autoencoder.scale_factor
         )
-    _load(model.autoencoder, vae_sd, "autoencoder", "model.autoencoder")
+    _load(model.autoencoder, vae_sd, "autoencoder", "model.autoencoder", assign=True)
 
     text_model = getattr(model.text_encoder, "model", None)
     layout = detect_text_encoder_layout(state_dict)
@@ -281,17 +282,45 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     return model
 
 
+def check_in_channels(state_dict: Mapping[str, Tensor], cfg: DictConfig,
+                      path: str | Path = "the file") -> None:
+    """The file's U-Net input channels against ``model.unet.in_channels``.
+
+    SD inpainting files (sd-v1-5-inpainting, 512-inpainting-ema) have a 9-channel U-Net:
+    latents, mask and masked-image latents (Rombach et al. 2022). Their config is SD's with
+    ``in_channels: 9`` (the original ``v1-inpainting-inference.yaml``).
+
+    Raises:
+        CheckpointError: The channels differ (one line naming the override to add).
+    """
+    weight = state_dict.get(COMPVIS_UNET_PREFIX + "input_blocks.0.0.weight")
+    configured = int(cfg.model.unet.in_channels)
+    if weight is None or weight.ndim != 4 or int(weight.shape[1]) == configured:
+        return
+    found = int(weight.shape[1])
+    latent = int(cfg.model.unet.out_channels)
+    kind = "an SD inpainting checkpoint" if found == latent + 5 else "a checkpoint"
+    raise CheckpointError(f"{path} is {kind}: its U-Net takes {found} input channels and "
+                          f"model.unet.in_channels is {configured}; add "
+                          f"model.unet.in_channels={found}")
+
+
 def _load(module: nn.Module, state: Mapping[str, Tensor], what: str, section: str,
-          sub: str | None = None) -> None:
+          sub: str | None = None, assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the config section.
 
     ``sub`` loads into ``module.<sub>`` through ``module`` so that ``module``'s own
     ``_load_from_state_dict`` hooks run (the text encoder forgets its cached empty prompt).
+    ``assign`` makes the file's tensors, cast to the module's dtypes, the module's own (a
+    module built on the meta device).
     """
     if sub is not None:
         state = {f"{sub}.{k}": v for k, v in state.items()}
     try:
-        module.load_state_dict(state, strict=True)
+        if assign:
+            assign_weights(module, state)
+        else:
+            module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ldm.diffusion import CFGDenoiser, Denoiser, NoiseSchedule, Sampler
 from ldm.diffusion.noise import randn
+from ldm.models.distributions import DiagonalGaussian
 
 
 class LatentDiffusion(nn.Module):
@@ -93,6 +94,10 @@ class LatentDiffusion(nn.Module):
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Scaled float32 latents of images in [-1, 1] (posterior samples), with the VAE run
         in ``vae_precision`` whatever autocast is active around the call."""
+        return self._scaled(self._posterior(images).sample(generator))
+
+    def _posterior(self, images: Tensor) -> DiagonalGaussian:
+        """q(z | x) for images in [-1, 1], the VAE run in ``vae_precision``."""
         dtype = getattr(torch, self.vae_precision)
         kind = images.device.type
         precision = (torch.autocast(kind, enabled=False) if dtype == torch.float32
@@ -101,9 +106,63 @@ class LatentDiffusion(nn.Module):
         # converted, and a float32 input would not match them.
         weights = next(self.autoencoder.parameters()).dtype
         with precision:
-            z = self.autoencoder.encode_latents(images.to(weights), sample=True,
-                                                generator=generator)
-        return z.float()
+            return self.autoencoder.encode(images.to(weights))
+
+    def _scaled(self, z: Tensor) -> Tensor:
+        """Float32 ``scale_factor · z``, as ``encode_latents``."""
+        return (z * self.autoencoder.scale_factor.to(z.dtype)).float()
+
+    @torch.no_grad()
+    def image_inputs(
+        self,
+        image: Tensor,
+        generators: Sequence[torch.Generator],
+        strength: float = 1.0,
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """Per-sample random draws for img2img and inpainting, in diffusers' order.
+
+        Each sample's generator draws, as ``StableDiffusionImg2ImgPipeline`` /
+        ``StableDiffusionInpaintPipeline`` draw from ``generator=[...]`` with one image per
+        sample: the init image's posterior sample (skipped by SD inpainting U-Nets at strength
+        1, whose start is pure noise), then the noise, then (inpainting) the masked image's
+        posterior sample; the sampler's own noise follows in ``generate``. With a 4-channel
+        U-Net the masked image's latents are unused, so only its draw is taken (the generator
+        advances as diffusers' does) and the VAE is not run for it. The image is encoded once
+        and the posterior sampled per sample, which equals encoding it once per sample.
+
+        Args:
+            image: The init image (1, 3, H, W) in [-1, 1], on the model's device.
+            generators: One generator per sample.
+            strength: img2img strength (only 1 vs less matters here).
+            keep: Inpainting: the (1, 1, H, W) pixel mask of what to keep (1 keeps, 0 repaints).
+
+        Returns:
+            ``(init_latents or None, noise, masked_latents or None)``: (B, C, h, w) each; the
+            init latents are None where they are not drawn (9-channel U-Net at strength 1),
+            the masked latents None without ``keep`` or with a 4-channel U-Net.
+        """
+        inpainting_unet = self.unet_in_channels == self.latent_channels + 5
+        init = self._posterior(image)
+        masked = self._posterior(image * keep) if keep is not None and inpainting_unet else None
+        draw_init = not (inpainting_unet and keep is not None and strength == 1.0)
+        shape = init.mean.shape  # (1, C, h, w)
+        z0, noise, zm = [], [], []
+        for g in generators:
+            if draw_init:
+                z0.append(self._scaled(init.sample(g)))
+            noise.append(randn(shape, generator=g, device=image.device))
+            if masked is not None:
+                zm.append(self._scaled(masked.sample(g)))
+            elif keep is not None:  # diffusers samples the masked image's posterior here too
+                randn(shape, generator=g, dtype=init.mean.dtype)  # (unused): the same draw
+        return (torch.cat(z0) if z0 else None, torch.cat(noise),
+                torch.cat(zm) if zm else None)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """The U-Net's input channels (latent channels + 5 for SD inpainting U-Nets)."""
+        return int(self.unet.input_blocks[0][0].in_channels)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -169,7 +228,8 @@ class LatentDiffusion(nn.Module):
             mask: Inpainting with this (4-channel) U-Net: (B, 1, h, w) latent-size mask, 1 where
                 to repaint (see :func:`latent_mask`); after every step the kept region is
                 replaced by ``init_latents`` noised to the step's σ (latent blending, as
-                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets). At
+                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets; Heun's
+                corrector and DPM++ 2M's next step see the blended state, as there). At
                 ``strength`` 1 sampling starts from pure noise, as there.
             masked_latents: With ``mask``, for SD inpainting U-Nets (``in_channels`` = latent
                 channels + 5): scaled latents of the image with the repainted region zeroed;
@@ -228,12 +288,16 @@ class LatentDiffusion(nn.Module):
                 z = sampler.run(denoiser, x, grid, start, generator=generator,
                                 callback=callback, extra_args=extra)
                 mask = None
+            elif sampler.sampler == "dpmpp_2m":  # multistep: one run, every call blended
+                m = mask.to(device).float()
+                keep = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
+                z = sampler.run(keep, x, grid, start, generator=generator, callback=callback,
+                                extra_args=extra)
             else:
-                if sampler.sampler == "dpmpp_2m":
-                    raise ValueError("inpainting with a 4-channel U-Net blends after every step, "
-                                     "which the multistep dpmpp_2m cannot; use another sampler")
                 m = mask.to(device).float()
                 n = len(grid.sigmas) - 1
+                if sampler.sampler == "heun":  # diffusers blends after Heun's predictor too
+                    denoiser = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
                 for i in range(start, n):
                     step = None if callback is None else _offset(callback, i - start)
                     x = sampler.run(denoiser, x, grid, i, i + 1, generator=generator,
@@ -257,6 +321,38 @@ class _ConcatInputs(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)
         return self.net(torch.cat([x, extra.to(x.dtype)], dim=1), *args, **kwargs)
+
+
+class _KeepRegion:
+    """A σ-space ``denoiser`` whose input has the kept region replaced by the init latents
+    noised to the call's σ, ``z0 + σ·ε`` (exact where ``repaint``: ``torch.where``), except at
+    σ = ``unblended`` (the pure-noise start of strength 1, which diffusers does not blend).
+
+    diffusers' ``StableDiffusionInpaintPipeline`` blends after every scheduler step, so Heun's
+    corrector sees the blended predictor state, and DPM-Solver++'s next step starts from (and
+    its network sees) the blended sample. Every update of our samplers is elementwise in x
+    given x̂0, so in the repainted region the arithmetic is then diffusers'; the kept region
+    is overwritten by a blend after the step (Heun) or at the end (the clean latents).
+    """
+
+    def __init__(self, denoiser: Any, repaint: Tensor, z0: Tensor, eps: Tensor,
+                 unblended: Tensor | None = None) -> None:
+        self.denoiser, self.repaint, self.z0, self.eps = denoiser, repaint, z0, eps
+        self.unblended = unblended
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _KeepRegion:
+        """The same blending around ``denoiser.with_timesteps(...)``."""
+        inner = self.denoiser
+        if hasattr(inner, "with_timesteps"):
+            inner = inner.with_timesteps(sigmas, timesteps)
+        return _KeepRegion(inner, self.repaint, self.z0, self.eps, self.unblended)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        if self.unblended is not None and bool((sigma.cpu() == self.unblended).all()):
+            return self.denoiser(x, sigma, **extra)
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        known = self.z0 + s * self.eps
+        return self.denoiser(torch.where(self.repaint, x, known), sigma, **extra)
 
 
 def _offset(callback: Callable[[dict[str, Any]], None], i: int
