@@ -30,11 +30,11 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ldm.boundary import error_boundary
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError
+from ldm.console import Counter
 from ldm.diffusion import SAMPLERS
 
 
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     images: list[torch.Tensor] = []
     latents: list[torch.Tensor] = []
     steps_total = len(range(0, len(jobs), args.batch_size)) * sampler.steps
-    bar = tqdm(total=steps_total, desc="sampling", unit="step")
+    bar = Counter(steps_total, "sampling", unit="step")
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
         # One noise stream per sample (CPU, device independent): initial noise, then the

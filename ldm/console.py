@@ -38,32 +38,64 @@ def progress_line(step: int, total: int | None, loss: float | None, rate: float,
     return "  ".join(parts)
 
 
+class Counter:
+    """Progress over a known amount of work, advanced by :meth:`update`: a tqdm bar on a
+    terminal (stderr), else a line on stdout after the first unit, every ``every_s`` seconds
+    and at :meth:`close`::
+
+        sampling: step 40/60  12.3 step/s  elapsed 0:00:03  ETA 0:00:02
+
+    Args:
+        total: Units of work (None: unknown).
+        desc: What is being done.
+        unit: Name of one unit.
+        every_s: Longest silence between lines when not on a terminal.
+    """
+
+    def __init__(self, total: int | None, desc: str, unit: str = "step",
+                 every_s: float = 30.0) -> None:
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n = self._printed = 0
+        self._bar = None
+        if is_terminal(sys.stderr):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit)
+        self._start = self._last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        """Advance by ``n`` units."""
+        if n <= 0:
+            return
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._printed == 0 or time.perf_counter() - self._last >= self.every_s:
+            self._report()
+
+    def close(self) -> None:
+        """Finish: close the bar, or print the last line if the count moved since."""
+        if self._bar is not None:
+            self._bar.close()
+        elif self.n != self._printed:
+            self._report()
+
+    def _report(self) -> None:
+        now = time.perf_counter()
+        rate = self.n / (now - self._start) if now > self._start else 0.0
+        print(f"{self.desc}: " + progress_line(self.n, self.total, None, rate, now - self._start,
+                                               self.unit, f"{self.unit}/s"), flush=True)
+        self._last, self._printed = now, self.n
+
+
 def progress(iterable: Iterable[T], desc: str, unit: str = "batch", total: int | None = None,
              enabled: bool = True, every_s: float = 30.0) -> Iterator[T]:
-    """Iterate with progress: tqdm on a terminal (stderr), else a line every ``every_s`` seconds
-    (and after the first item and at the end) on stdout."""
+    """Iterate with progress (a :class:`Counter` advanced once per item)."""
     if not enabled:
         yield from iterable
         return
-    if is_terminal(sys.stderr):
-        from tqdm import tqdm
-
-        yield from tqdm(iterable, desc=desc, unit=unit, total=total)
-        return
-    start = last = time.perf_counter()
-    n = printed = 0
-
-    def report() -> None:
-        now = time.perf_counter()
-        rate = n / (now - start) if now > start else 0.0
-        print(f"{desc}: " + progress_line(n, total, None, rate, now - start, unit, f"{unit}/s"),
-              flush=True)
-
+    counter = Counter(total, desc, unit, every_s)
     for item in iterable:
         yield item
-        n += 1
-        if n == 1 or time.perf_counter() - last >= every_s:
-            report()
-            last, printed = time.perf_counter(), n
-    if n != printed:
-        report()
+        counter.update()
+    counter.close()
