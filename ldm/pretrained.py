@@ -344,27 +344,43 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def apply_lora_files(unet: nn.Module, specs: list[str]) -> None:
-    """Merge each ``path[:scale]`` LoRA file into ``unet``'s weights, in order (files add up).
+def lora_targets(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The U-Net and the text encoder's transformers model (None if it has none) of a
+    ``LatentDiffusion``: the modules LoRA files adapt."""
+    text = getattr(getattr(model, "text_encoder", None), "model", None)
+    return model.unet, text if isinstance(text, nn.Module) and hasattr(text, "config") else None
+
+
+def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
+    """Merge each ``path[:scale]`` LoRA file (ldm, diffusers/peft or kohya layout, told apart by
+    its keys) into the model's U-Net and text encoder weights, in order (files add up).
+
+    Args:
+        model: A ``LatentDiffusion``.
+        unet_cfg: Its ``model.unet`` config section (the U-Net layout names layers).
+        specs: ``path[:scale]`` strings (``sample.py --lora``).
 
     Raises:
         FileNotFoundError, CheckpointError: A missing or unreadable file, or adapters that do not
-            fit the U-Net (named with the file).
+            fit the model (named with the file and key).
     """
-    from ldm.checkpoint.lora_keys import read_lora_file
+    from ldm.checkpoint.lora_keys import read_lora, unet_layout
     from ldm.models.lora import merge_adapters
 
+    unet, text_model = lora_targets(model)
     for spec in specs:
         path, scale = parse_lora_spec(spec)
+        parts = read_lora(path, unet, unet_layout(unet_cfg), text_model)
         try:
-            merge_adapters(unet, read_lora_file(path), scale)
+            for part, adapters in parts.items():
+                merge_adapters(unet if part == "unet" else text_model, adapters, scale)
         except ValueError as e:
-            message = str(e)
-            raise CheckpointError(message if str(path) in message else f"{path}: {message}"
-                                  ) from None
-        log.warning("LoRA %s merged at scale %g", path, scale)
+            raise CheckpointError(f"{path}: {e}") from None
+        counts = ", ".join(f"{len(a)} {part} layers" for part, a in parts.items())
+        log.warning("LoRA %s merged at scale %g (%s)", path, scale, counts)
 
 
 __all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "autoencoder_section",
+           "lora_targets",
            "fingerprint", "load_autoencoder", "parse_lora_spec", "resolve_init", "source_kind",
            "text_state", "unet_state"]

@@ -272,9 +272,9 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
                     "--out", str(small)]) == 0
     assert small.stat().st_size < (tmp_path / "lora" / "checkpoints" / "last.safetensors"
                                    ).stat().st_size / 10
-    base, _ = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
+    base, base_cfg = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
     with torch.no_grad():
-        apply_lora_files(base.unet, [f"{small}:0.5", f"{small}:0.5"])  # two halves add up
+        apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])  # two halves add up
         torch.testing.assert_close(base.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
     common = ["--ckpt", str(src["file"]), "-c", str(src["yaml"]), "--no-ema", "--prompt", "red",
               "--steps", "2", "--outdir", str(tmp_path / "samples")]
