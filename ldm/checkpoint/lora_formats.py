@@ -38,6 +38,8 @@ from ldm.checkpoint.unet_keys import unet_ldm_to_diffusers
 Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 #: "unet" / "text_encoder" -> its adapters
 LoRAParts = dict[str, Adapters]
+#: (part, layer) -> a file key of that layer (for messages)
+FileKeys = dict[tuple[str, str], str]
 #: (channel_mult, num_res_blocks, attention_resolutions) of the U-Net
 Layout = tuple[Sequence[int], int, Sequence[int]]
 
@@ -206,8 +208,15 @@ def _pair(path: Any, found: dict[str, dict[str, Any]]) -> Adapters:
     return adapters
 
 
-def from_kohya(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Any) -> LoRAParts:
-    """Adapters of a kohya file under our layer names.
+def file_keys(found: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> FileKeys:
+    """(part, layer) -> the first file key seen for it."""
+    return {(part, layer): entry["key"] for part, entries in found.items()
+            for layer, entry in entries.items()}
+
+
+def from_kohya(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Any
+               ) -> tuple[LoRAParts, FileKeys]:
+    """Adapters of a kohya file under our layer names, and a file key of each layer.
 
     Raises:
         CheckpointError: A key outside the layout or naming no layer of the model.
@@ -228,7 +237,7 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Any
             entry["alpha"] = float(value)
         else:
             entry["down" if what.startswith("lora_down") else "up"] = value
-    return {part: _pair(path, f) for part, f in found.items() if f}
+    return {part: _pair(path, f) for part, f in found.items() if f}, file_keys(found)
 
 
 def _peft_config(metadata: Mapping[str, str], part: str) -> dict[str, Any]:
@@ -256,8 +265,9 @@ def _peft_alpha(config: Mapping[str, Any], module: str, rank: int, path: Any, ke
 
 
 def from_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                   names: LayerNames, path: Any) -> LoRAParts:
-    """Adapters of a diffusers/peft file under our layer names (alpha from its LoraConfig).
+                   names: LayerNames, path: Any) -> tuple[LoRAParts, FileKeys]:
+    """Adapters of a diffusers/peft file under our layer names (alpha from its LoraConfig), and
+    a file key of each layer.
 
     Raises:
         CheckpointError: A key outside ``unet.`` / ``text_encoder.`` ``*.lora_A/B.weight``
@@ -288,14 +298,15 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
             if "down" in entry:
                 entry["alpha"] = _peft_alpha(config, modules[part, layer],
                                              entry["down"].shape[0], path, entry["key"])
-    return {part: _pair(path, f) for part, f in found.items() if f}
+    return {part: _pair(path, f) for part, f in found.items() if f}, file_keys(found)
 
 
-def check_shapes(parts: LoRAParts, modules: Mapping[str, nn.Module], path: Any) -> None:
+def check_shapes(parts: LoRAParts, modules: Mapping[str, nn.Module], keys: FileKeys,
+                 path: Any) -> None:
     """Each adapter fits its layer: ``A`` takes the layer's input, ``B`` gives its output.
 
     Raises:
-        CheckpointError: A mismatch, naming the file, the layer and both shapes.
+        CheckpointError: A mismatch, naming the file, its key, the layer and the shapes.
     """
     for part, adapters in parts.items():
         for layer, (down, up, _) in adapters.items():
@@ -307,6 +318,6 @@ def check_shapes(parts: LoRAParts, modules: Mapping[str, nn.Module], path: Any) 
                   and down.dim() == up.dim() == weight.dim())
             if not ok:
                 raise CheckpointError(
-                    f"{path}: {part} layer {layer}: lora_down {tuple(down.shape)} / lora_up "
-                    f"{tuple(up.shape)} do not fit its weight {tuple(weight.shape)} (a LoRA for "
-                    "another base model?)")
+                    f"{path}: key {keys[part, layer]!r} ({part} layer {layer}): lora_down "
+                    f"{tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit its weight "
+                    f"{tuple(weight.shape)} (a LoRA for another base model?)")

@@ -35,6 +35,7 @@ from ldm.checkpoint.format import CheckpointError, atomic_write, load_checkpoint
 from ldm.checkpoint.lora_formats import (
     FORMATS,
     Adapters,
+    FileKeys,
     LayerNames,
     Layout,
     LoRAParts,
@@ -128,9 +129,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path) -> LoRAParts:
+def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
+              ) -> tuple[LoRAParts, FileKeys]:
     text_inverse = {theirs: ours for ours, theirs in names.text_encoder.items()}
     grouped: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    keys: FileKeys = {}
     for key, value in tensors.items():
         if not key.endswith((DOWN, UP, ALPHA)):
             raise CheckpointError(f"{path}: key {key!r} is not a LoRA weight (expected "
@@ -145,6 +148,7 @@ def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
             raise CheckpointError(f"{path}: key {key!r} names no layer of this model's {what} "
                                   "(a LoRA for another base model or layout?)")
         grouped[part][layer + suffix] = value
+        keys.setdefault((part, layer), key)
     parts: LoRAParts = {}
     for part, state in grouped.items():
         adapters = adapters_from_state(state, None)
@@ -153,7 +157,7 @@ def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
                 adapters[layer] = (down, up, float(state[layer + ALPHA]))
         if adapters:
             parts[part] = adapters
-    return parts
+    return parts, keys
 
 
 def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
@@ -179,14 +183,14 @@ def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
     if fmt == "ldm":
         names = LayerNames({layer: layer for layer in adaptable_layers(unet)},
                            names.text_encoder)
-        parts = _from_ldm(tensors, names, path)
+        parts, keys = _from_ldm(tensors, names, path)
     elif fmt == "kohya":
-        parts = from_kohya(tensors, names, path)
+        parts, keys = from_kohya(tensors, names, path)
     else:
-        parts = from_diffusers(tensors, meta, names, path)
+        parts, keys = from_diffusers(tensors, meta, names, path)
     if not parts:
         raise CheckpointError(f"{path} holds no lora_down/lora_up weights")
-    check_shapes(parts, {"unet": unet, "text_encoder": text_model}, path)
+    check_shapes(parts, {"unet": unet, "text_encoder": text_model}, keys, path)
     return parts
 
 
