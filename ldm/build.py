@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from ldm.checkpoint.format import Checkpoint, CheckpointError, load_checkpoint
 from ldm.config import to_container
 from ldm.run_dir import RunDirError, prepare_run_dir, run_dir  # noqa: F401 (build's API)
+from ldm.text_tuning import load_text_encoder_weights, trainable_text_encoder
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -201,7 +202,7 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
     return LatentDiffusion(
         unet=unet,
         autoencoder=autoencoder,
-        text_encoder=build_text_encoder(m.text_encoder),
+        text_encoder=trainable_text_encoder(build_text_encoder(m.text_encoder), m),
         schedule=build_schedule(m.diffusion),
         prediction=m.diffusion.prediction,
         use_context_mask=m.use_context_mask,
@@ -219,6 +220,7 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
     load_weights(model.unet, ckpt.module_state(unet_key), "U-Net")
+    load_text_encoder_weights(model, ckpt)
     return model
 
 
@@ -346,6 +348,10 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     from ldm.training.diffusion_module import DiffusionModule
 
     empty = None
+    if cfg.data.cached and (cfg.model.train_text_encoder or cfg.model.lora.text_encoder):
+        raise ValueError("data.cached shards hold text embeddings of the frozen encoder: "
+                         "train the text encoder (model.train_text_encoder / "
+                         "model.lora.text_encoder) on uncached shards")
     if cfg.data.cached and datamodule is not None:
         prompt = datamodule.empty_prompt()
         empty = (prompt["context"], prompt["context_mask"])
@@ -360,6 +366,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         loss=build_diffusion_loss(cfg.model.diffusion),
         p_uncond=cfg.model.p_uncond,
         lr=learning_rate(cfg),
+        text_encoder_lr=cfg.optim.text_encoder_lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
         eps=cfg.optim.eps,

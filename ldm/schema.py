@@ -188,6 +188,15 @@ class LoRAConfig:
         "fnmatch patterns of U-Net linear layers to adapt (attention projections; feed-forward: "
         "'*.ff.net.0.proj', '*.ff.net.2'; SD2's linear proj_in/out are not supported).",
     )
+    text_encoder: bool = opt(
+        False, "Also adapt the text encoder (a transformers model: kind clip/hf/t5) with the "
+        "same rank, alpha and dropout; its adapters train at optim.text_encoder_lr."
+    )
+    text_encoder_targets: list[str] = opt(
+        ["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"],
+        "fnmatch patterns of the text encoder's linear layers to adapt (CLIP's attention; "
+        "its MLP: '*.fc1', '*.fc2').",
+    )
 
 
 @dataclass
@@ -215,6 +224,11 @@ class ModelConfig:
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
+    train_text_encoder: bool = opt(
+        False, "Fine-tune the whole text encoder too (a transformers model), at "
+        "optim.text_encoder_lr; not with data.cached (whose embeddings it would outdate) or "
+        "model.lora.text_encoder. Saved in checkpoints; not EMA'd."
+    )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net.")
     freeze: list[str] = opt(
         [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
@@ -283,6 +297,10 @@ class OptimConfig:
 
     lr: float = opt(1e-4, "Learning rate (never scaled silently).")
     disc_lr: float | None = opt(None, "Discriminator learning rate (null: lr).")
+    text_encoder_lr: float | None = opt(
+        None, "Learning rate of the text encoder's trainable weights (model.train_text_encoder "
+        "or model.lora.text_encoder; null: lr); warm-up and schedule as lr's."
+    )
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     eps: float = opt(1e-8, "AdamW epsilon.")

@@ -51,14 +51,15 @@ def base(tmp_path_factory: pytest.TempPathFactory, shapes_data: dict) -> dict[st
                     f"model.init_from.path={folder}", f"model.autoencoder_ckpt={folder}",
                     "optim.lr=3e-2", "trainer.max_steps=2", "model.lora.rank=2",
                     "model.lora.alpha=6", "model.lora.targets=['*.to_q','*.to_k','*.to_v',"
-                    "'*.to_out.0','*.ff.net.0.proj','*.ff.net.2']")
+                    "'*.to_out.0','*.ff.net.0.proj','*.ff.net.2']", "model.lora.text_encoder=true",
+                    "model.lora.text_encoder_targets=['*.q_proj','*.v_proj','*.fc1']")
     assert train.main(args) == 0
     ckpt = root / "lora" / "checkpoints" / "last.safetensors"
     files = {}
     for fmt in FORMATS:
         files[fmt] = root / f"{fmt}.safetensors"
         assert export(["--ckpt", str(ckpt), "--out", str(files[fmt]), "--format", fmt]) == 0
-    return {"root": root, "folder": folder, "files": files}
+    return {"root": root, "folder": folder, "files": files, "ckpt": ckpt, "args": args}
 
 
 def initial_latents() -> torch.Tensor:
@@ -103,19 +104,29 @@ def test_our_lora_in_each_format_gives_diffusers_sample(base: dict[str, Any],
                                                         tmp_path: Path) -> None:
     plain = ours(base, tmp_path)
     assert_close(plain, theirs(pipeline(base)), "no LoRA")
-    expected = None
-    for fmt in ("diffusers", "kohya"):  # diffusers reads both (kohya's converted by it)
-        pipe = pipeline(base)
-        file = base["files"][fmt]
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
-        expected = theirs(pipe)
-        assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()  # the LoRA matters
-        for ours_fmt in FORMATS:
-            assert_close(ours(base, tmp_path, base["files"][ours_fmt]), expected,
-                         f"ours with the {ours_fmt} file vs diffusers with the {fmt} file")
-    # scales: two halves add up to the whole
-    half = ours(base, tmp_path, f"{base['files']['kohya']}:0.5", f"{base['files']['ldm']}:0.5")
+    files = base["files"]
+    pipe = pipeline(base)
+    pipe.load_lora_weights(str(files["diffusers"].parent), weight_name=files["diffusers"].name)
+    assert any("lora_" in n for n, _ in pipe.text_encoder.named_parameters())
+    expected = theirs(pipe)
+    assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()  # the LoRA matters
+    for fmt in FORMATS:  # U-Net and text-encoder adapters
+        assert_close(ours(base, tmp_path, files[fmt]), expected,
+                     f"ours with the {fmt} file vs diffusers with the diffusers file")
+    # two halves add up to the whole
+    half = ours(base, tmp_path, f"{files['kohya']}:0.5", f"{files['ldm']}:0.5")
     assert_close(half, expected, "two half-scale files")
+
+    # diffusers reads kohya files too (its own conversion; for the text encoder it writes
+    # legacy names that transformers 5 rejects, so the U-Net part is compared here)
+    kohya = load_file(str(files["kohya"]))
+    unet_only = tmp_path / "kohya_unet.safetensors"
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet_")}, str(unet_only))
+    pipe = pipeline(base)
+    pipe.load_lora_weights(str(tmp_path), weight_name=unet_only.name)
+    expected = theirs(pipe)
+    assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()
+    assert_close(ours(base, tmp_path, unet_only), expected, "kohya U-Net file")
 
 
 def randomise_lora_b(module: torch.nn.Module, seed: int) -> None:

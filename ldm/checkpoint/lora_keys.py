@@ -210,15 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             else "unet_ema"
         model_cfg = ckpt.config.get("model", {})
         alpha = model_cfg.get("lora", {}).get("alpha")
-        parts = {"unet": adapters_from_state(ckpt.module_state(key), alpha)}
+        parts = {"unet": adapters_from_state(ckpt.module_state(key), alpha),
+                 # names inside the text encoder's transformers model (its ``model.``)
+                 "text_encoder": adapters_from_state(
+                     ckpt.module_state("text_encoder.model"), alpha)}
         layout = unet_layout(model_cfg["unet"]) if args.format != "ldm" else None
         path = write_lora(args.out, parts, args.format, layout)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    count = sum(len(adapters) for adapters in parts.values())
-    print(f"wrote {path} ({args.format} format, {count} adapted layers, "
-          f"{path.stat().st_size} bytes)")
+    counts = ", ".join(f"{len(a)} {part} layers" for part, a in parts.items() if a)
+    print(f"wrote {path} ({args.format} format, {counts}, {path.stat().st_size} bytes)")
     return 0
 
 
