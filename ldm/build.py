@@ -348,10 +348,6 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
     from ldm.training.diffusion_module import DiffusionModule
 
     empty = None
-    if cfg.data.cached and (cfg.model.train_text_encoder or cfg.model.lora.text_encoder):
-        raise ValueError("data.cached shards hold text embeddings of the frozen encoder: "
-                         "train the text encoder (model.train_text_encoder / "
-                         "model.lora.text_encoder) on uncached shards")
     if cfg.data.cached and datamodule is not None:
         prompt = datamodule.empty_prompt()
         empty = (prompt["context"], prompt["context_mask"])

@@ -299,7 +299,8 @@ class OptimConfig:
     disc_lr: float | None = opt(None, "Discriminator learning rate (null: lr).")
     text_encoder_lr: float | None = opt(
         None, "Learning rate of the text encoder's trainable weights (model.train_text_encoder "
-        "or model.lora.text_encoder; null: lr); warm-up and schedule as lr's."
+        "or model.lora.text_encoder; null: lr, scaled with it by scale_lr; a value given is "
+        "used as is); warm-up and schedule as lr's."
     )
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")

@@ -20,14 +20,11 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
     to its transformers model (``model.lora.text_encoder``); as built otherwise.
 
     Raises:
-        ValueError: Both at once, LoRA without a rank, or an encoder that is no transformers
-            model.
+        ValueError: An encoder that is no transformers model (the config's other
+            contradictions are refused at load time, `ldm.consistency`).
     """
     if not (m.train_text_encoder or m.lora.text_encoder):
         return text_encoder
-    if m.train_text_encoder and m.lora.text_encoder:
-        raise ValueError("model.train_text_encoder and model.lora.text_encoder exclude each "
-                         "other: fine-tune the whole encoder or its adapters")
     model = getattr(text_encoder, "model", None)
     if not hasattr(model, "config"):
         raise ValueError(f"training the text encoder needs a transformers model (kind clip, "
@@ -35,8 +32,6 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
     if m.train_text_encoder:
         model.requires_grad_(True)
         return text_encoder
-    if m.lora.rank <= 0:
-        raise ValueError("model.lora.text_encoder needs model.lora.rank > 0")
     from ldm.models.lora import add_lora
 
     add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,

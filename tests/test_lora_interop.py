@@ -203,3 +203,72 @@ def test_bad_lora_files_fail_in_one_line(base: dict[str, Any], tmp_path: Path,
         assert needle in message, (name, message)
     if_missing = run_bad(base, tmp_path, capsys, tmp_path / "missing.safetensors")
     assert "not found" in if_missing
+
+
+def text_state(run: Path) -> dict[str, torch.Tensor]:
+    from ldm.checkpoint.format import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / "last.safetensors").module_state("text_encoder")
+
+
+def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
+        base: dict[str, Any], tmp_path: Path) -> None:
+    import train
+    from ldm import build
+
+    straight = text_state(base["root"] / "lora")
+    assert straight and all(".lora_" in k for k in straight)  # the adapters only, not the base
+    assert any(v.abs().sum() > 0 for k, v in straight.items() if ".lora_up." in k)
+    args = [a for a in base["args"] if not a.startswith(("run.root=", "run.name="))]
+    assert train.main([*args, f"run.root={tmp_path}", "run.name=half",
+                       "trainer.max_steps=1"]) == 0
+    resume = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt",
+                        weights_only=True)["state_dict"]
+    text_keys = {k for k in resume if k.startswith("model.text_encoder.")}
+    assert text_keys == {"model.text_encoder." + k for k in straight}  # frozen base left out
+    assert train.main(["--resume", str(tmp_path / "half"), "trainer.max_steps=2"]) == 0
+    resumed = text_state(tmp_path / "half")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
+    # sampling from our checkpoint uses the trained text adapters
+    model, _ = build.load_for_sampling(base["ckpt"])
+    live = model.text_encoder.state_dict()
+    for k, v in straight.items():
+        assert torch.equal(live[k], v), k
+
+
+def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
+        base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import train
+    from ldm import build
+
+    args = [a for a in base["args"] if not a.startswith(("run.root=", "run.name=", "model.lora",
+                                                          "optim.lr="))]
+    args += [f"run.root={tmp_path}", "run.name=full", "optim.lr=0",
+             "optim.text_encoder_lr=1e-2", "model.train_text_encoder=true"]
+    assert train.main(args) == 0
+    run = tmp_path / "full"
+    from ldm.checkpoint.format import load_checkpoint
+
+    ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    start, _ = build.load_for_sampling(base["folder"])
+    # lr 0: the U-Net is the source's; the text encoder moved at its own rate
+    for k, v in start.unet.state_dict().items():
+        assert torch.equal(ckpt.module_state("unet")[k], v), k
+    trained = ckpt.module_state("text_encoder")
+    source = start.text_encoder.state_dict()
+    assert set(trained) == {n for n, _ in start.text_encoder.named_parameters()}
+    changed = [k for k, v in trained.items() if not torch.equal(v, source[k])]
+    assert len(changed) > len(trained) // 2
+    model, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
+    for k, v in trained.items():
+        assert torch.equal(model.text_encoder.state_dict()[k], v), k
+
+    capsys.readouterr()
+    for bad, needle in ((["model.lora.text_encoder=true", "model.lora.rank=2"], "exclude"),
+                        (["data.cached=true"], "on uncached shards"),
+                        (["model.train_text_encoder=false", "model.lora.text_encoder=true"],
+                         "rank > 0")):
+        assert train.main([*args, "run.name=bad", *bad]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert len(errors) == 1 and needle in errors[0], errors
