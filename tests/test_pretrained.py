@@ -274,7 +274,8 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
                                    ).stat().st_size / 10
     base, base_cfg = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
     with torch.no_grad():
-        apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])  # two halves add up
+        # two halves add up
+        apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])
         torch.testing.assert_close(base.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
     common = ["--ckpt", str(src["file"]), "-c", str(src["yaml"]), "--no-ema", "--prompt", "red",
               "--steps", "2", "--outdir", str(tmp_path / "samples")]
