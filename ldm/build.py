@@ -220,6 +220,10 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
     load_weights(model.unet, ckpt.module_state(unet_key), "U-Net")
+    if cfg.model.init_from.path and cfg.model.init_from.text_encoder:  # the run's base encoder
+        from ldm import pretrained
+
+        pretrained.apply_text_init(model, cfg.model.init_from)
     load_text_encoder_weights(model, ckpt)
     return model
 

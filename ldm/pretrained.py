@@ -197,13 +197,25 @@ def apply_init(model: nn.Module, init: Any, unet_kwargs: Mapping[str, Any]) -> N
     log.warning("model.init_from: U-Net from %s (%s weights, %s)", path, which,
                 str(init.fingerprint)[:19])
     if init.text_encoder:
-        layer = str(getattr(model.text_encoder, "layer", "last"))
-        tstate = text_state(path, model.text_encoder, layer)
-        _load_strict(model.text_encoder.model, tstate, path, "text encoder")
-        cache = getattr(model.text_encoder, "_empty_cache", None)
-        if cache is not None:
-            cache.clear()
-        log.warning("model.init_from: text encoder from %s", path)
+        apply_text_init(model, init)
+
+
+def apply_text_init(model: nn.Module, init: Any) -> None:
+    """Load the text encoder of ``model.init_from`` (``init.text_encoder``) into ``model``: at
+    the start of a run, and again when a checkpoint of that run is rebuilt for sampling (our
+    checkpoints carry only the text encoder's trained weights).
+
+    Raises:
+        FileNotFoundError, CheckpointError: A missing, unreadable or non-fitting source.
+    """
+    path = Path(init.path)
+    layer = str(getattr(model.text_encoder, "layer", "last"))
+    tstate = text_state(path, model.text_encoder, layer)
+    _load_strict(model.text_encoder.model, tstate, path, "text encoder")
+    cache = getattr(model.text_encoder, "_empty_cache", None)
+    if cache is not None:
+        cache.clear()
+    log.warning("model.init_from: text encoder from %s", path)
 
 
 def resolve_init(cfg: Any) -> None:
@@ -380,7 +392,6 @@ def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
         log.warning("LoRA %s merged at scale %g (%s)", path, scale, counts)
 
 
-__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "autoencoder_section",
-           "lora_targets",
-           "fingerprint", "load_autoencoder", "parse_lora_spec", "resolve_init", "source_kind",
-           "text_state", "unet_state"]
+__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "apply_text_init",
+           "autoencoder_section", "fingerprint", "load_autoencoder", "lora_targets",
+           "parse_lora_spec", "resolve_init", "source_kind", "text_state", "unet_state"]

@@ -124,6 +124,8 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
     module = build.build_module(cfg)
     assert_equal_states(module.model.text_encoder.model.state_dict(),
                         perturbed_text.state_dict())
+    sampled, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
+    assert_equal_states(sampled.text_encoder.model.state_dict(), perturbed_text.state_dict())
 
     # the saved config alone reruns the same start
     again = ["-c", str(run / "config.yaml"), "run.name=again"]
