@@ -178,7 +178,8 @@ class InitFromConfig:
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters on the U-Net (`ldm.models.lora`, Hu et al. 2021); only they train."""
+    """Low-rank adapters on the U-Net, optionally the text encoder too (`ldm.models.lora`, Hu et
+    al. 2021); only they train. Files: `python -m ldm.checkpoint.lora_keys`."""
 
     rank: int = opt(0, "Adapter rank r (0: no LoRA, the whole U-Net trains).")
     alpha: float | None = opt(None, "Scale numerator: updates are scaled by alpha/r (null: r).")
@@ -229,7 +230,7 @@ class ModelConfig:
         "optim.text_encoder_lr; not with data.cached (whose embeddings it would outdate) or "
         "model.lora.text_encoder. Saved in checkpoints; not EMA'd."
     )
-    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net.")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net (and text encoder).")
     freeze: list[str] = opt(
         [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
         "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "
