@@ -149,10 +149,8 @@ def to_kohya(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tenso
 
 
 def _exported_name(table: Mapping[str, str], part: str, layer: str) -> str:
-    if part == "text_encoder":
-        return text_layer_names([layer])[layer]
     if layer not in table:
-        raise CheckpointError(f"U-Net layer {layer} has no diffusers counterpart (only the "
+        raise CheckpointError(f"{part} layer {layer} has no diffusers counterpart (only the "
                               "ldm format can hold this LoRA)")
     return table[layer]
 
