@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "order, with their 'seeds') to this safetensors file")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA file merged into the U-Net at SCALE (default 1); repeatable")
+                   help="LoRA file (ldm, diffusers/peft or kohya layout) merged into the U-Net "
+                        "(and text encoder) at SCALE (default 1); repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="U-Net dtype (the autoencoder stays float32)")
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora:
             from ldm.pretrained import apply_lora_files
 
-            apply_lora_files(model.unet, args.lora)
+            apply_lora_files(model, cfg.model.unet, args.lora)
         s = cfg.sampling
         sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
                                       karras=args.karras, eta=args.eta, disable_progress=True)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from ldm.checkpoint.format import Checkpoint, CheckpointError, assign_weights, load_checkpoint
 from ldm.config import to_container
 from ldm.run_dir import RunDirError, prepare_run_dir, run_dir  # noqa: F401 (build's API)
+from ldm.text_tuning import load_text_encoder_weights, trainable_text_encoder
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -217,7 +218,7 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
     return LatentDiffusion(
         unet=unet,
         autoencoder=autoencoder,
-        text_encoder=build_text_encoder(m.text_encoder),
+        text_encoder=trainable_text_encoder(build_text_encoder(m.text_encoder), m),
         schedule=build_schedule(m.diffusion),
         prediction=m.diffusion.prediction,
         use_context_mask=m.use_context_mask,
@@ -237,6 +238,11 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
     unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
         else "unet"
     load_weights(model.unet, ckpt.module_state(unet_key), "U-Net", assign=empty)
+    if cfg.model.init_from.path and cfg.model.init_from.text_encoder:  # the run's base encoder
+        from ldm import pretrained
+
+        pretrained.apply_text_init(model, cfg.model.init_from)
+    load_text_encoder_weights(model, ckpt)
     return model
 
 
@@ -376,6 +382,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> pl.Lightning
         loss=build_diffusion_loss(cfg.model.diffusion),
         p_uncond=cfg.model.p_uncond,
         lr=learning_rate(cfg),
+        text_encoder_lr=cfg.optim.text_encoder_lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
         eps=cfg.optim.eps,

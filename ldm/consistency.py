@@ -324,6 +324,19 @@ def check_buckets(cfg: DictConfig) -> None:
         check_model_step(buckets, *model_size_step(cfg))
 
 
+def _check_text_training(cfg: DictConfig) -> None:
+    """A trained text encoder (``ldm.text_tuning``): one way at a time, on uncached shards."""
+    m = cfg.model
+    if m.train_text_encoder and m.lora.text_encoder:
+        raise ConsistencyError("model.train_text_encoder and model.lora.text_encoder exclude "
+                               "each other: fine-tune the whole encoder or its adapters")
+    if m.lora.text_encoder and m.lora.rank <= 0:
+        raise ConsistencyError("model.lora.text_encoder needs model.lora.rank > 0")
+    if cfg.data.cached and (m.train_text_encoder or m.lora.text_encoder):
+        raise ConsistencyError("data.cached shards hold the frozen encoder's text embeddings: "
+                               "train the text encoder on uncached shards (data.cached=false)")
+
+
 def check_consistency(cfg: DictConfig) -> None:
     """Raise :class:`ConsistencyError` (one line) if the config's sections contradict each other.
 
@@ -333,6 +346,7 @@ def check_consistency(cfg: DictConfig) -> None:
     if cfg.task == "ldm":
         _check_text_width(cfg)
         _check_latent_channels(cfg)
+        _check_text_training(cfg)
     _check_image_size(cfg)
     check_buckets(cfg)
     _check_cached(cfg)

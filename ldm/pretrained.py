@@ -204,15 +204,28 @@ def apply_init(model: nn.Module, init: Any, unet_kwargs: Mapping[str, Any]) -> N
     _load_strict(model.unet, state, path, "U-Net")
     log.warning("model.init_from: U-Net from %s (%s weights, %s)", path, which,
                 str(init.fingerprint)[:19])
-    if init.text_encoder and not hasattr(model.text_encoder, "text_encoder_2"):
-        # (SDXL's two encoders were loaded from the source when built: ldm.build_sdxl)
-        layer = str(getattr(model.text_encoder, "layer", "last"))
-        tstate = text_state(path, model.text_encoder, layer)
-        _load_strict(model.text_encoder.model, tstate, path, "text encoder")
-        cache = getattr(model.text_encoder, "_empty_cache", None)
-        if cache is not None:
-            cache.clear()
-        log.warning("model.init_from: text encoder from %s", path)
+    if init.text_encoder:
+        apply_text_init(model, init)
+
+
+def apply_text_init(model: nn.Module, init: Any) -> None:
+    """Load the text encoder of ``model.init_from`` (``init.text_encoder``) into ``model``: at
+    the start of a run, and again when a checkpoint of that run is rebuilt for sampling (our
+    checkpoints carry only the text encoder's trained weights).
+
+    Raises:
+        FileNotFoundError, CheckpointError: A missing, unreadable or non-fitting source.
+    """
+    if hasattr(model.text_encoder, "text_encoder_2"):
+        return  # SDXL's two encoders were loaded from the source when built (ldm.build_sdxl)
+    path = Path(init.path)
+    layer = str(getattr(model.text_encoder, "layer", "last"))
+    tstate = text_state(path, model.text_encoder, layer)
+    _load_strict(model.text_encoder.model, tstate, path, "text encoder")
+    cache = getattr(model.text_encoder, "_empty_cache", None)
+    if cache is not None:
+        cache.clear()
+    log.warning("model.init_from: text encoder from %s", path)
 
 
 def resolve_init(cfg: Any) -> None:
@@ -359,27 +372,42 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def apply_lora_files(unet: nn.Module, specs: list[str]) -> None:
-    """Merge each ``path[:scale]`` LoRA file into ``unet``'s weights, in order (files add up).
+def lora_targets(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The U-Net and the text encoder's transformers model (None if it has none) of a
+    ``LatentDiffusion``: the modules LoRA files adapt."""
+    text = getattr(getattr(model, "text_encoder", None), "model", None)
+    return model.unet, text if isinstance(text, nn.Module) and hasattr(text, "config") else None
+
+
+def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
+    """Merge each ``path[:scale]`` LoRA file (ldm, diffusers/peft or kohya layout, told apart by
+    its keys) into the model's U-Net and text encoder weights, in order (files add up).
+
+    Args:
+        model: A ``LatentDiffusion``.
+        unet_cfg: Its ``model.unet`` config section (the U-Net layout names layers).
+        specs: ``path[:scale]`` strings (``sample.py --lora``).
 
     Raises:
         FileNotFoundError, CheckpointError: A missing or unreadable file, or adapters that do not
-            fit the U-Net (named with the file).
+            fit the model (named with the file and key).
     """
-    from ldm.checkpoint.lora_keys import read_lora_file
+    from ldm.checkpoint.lora_keys import read_lora, unet_layout
     from ldm.models.lora import merge_adapters
 
+    unet, text_model = lora_targets(model)
     for spec in specs:
         path, scale = parse_lora_spec(spec)
+        parts = read_lora(path, unet, unet_layout(unet_cfg), text_model)
         try:
-            merge_adapters(unet, read_lora_file(path), scale)
+            for part, adapters in parts.items():
+                merge_adapters(unet if part == "unet" else text_model, adapters, scale)
         except ValueError as e:
-            message = str(e)
-            raise CheckpointError(message if str(path) in message else f"{path}: {message}"
-                                  ) from None
-        log.warning("LoRA %s merged at scale %g", path, scale)
+            raise CheckpointError(f"{path}: {e}") from None
+        counts = ", ".join(f"{len(a)} {part} layers" for part, a in parts.items())
+        log.warning("LoRA %s merged at scale %g (%s)", path, scale, counts)
 
 
-__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "autoencoder_section",
-           "fingerprint", "load_autoencoder", "parse_lora_spec", "resolve_init", "source_kind",
-           "text_state", "unet_state"]
+__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "apply_text_init",
+           "autoencoder_section", "fingerprint", "load_autoencoder", "lora_targets",
+           "parse_lora_spec", "resolve_init", "source_kind", "text_state", "unet_state"]

@@ -187,7 +187,8 @@ class InitFromConfig:
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters on the U-Net (`ldm.models.lora`, Hu et al. 2021); only they train."""
+    """Low-rank adapters on the U-Net, optionally the text encoder too (`ldm.models.lora`, Hu et
+    al. 2021); only they train. Files: `python -m ldm.checkpoint.lora_keys`."""
 
     rank: int = opt(0, "Adapter rank r (0: no LoRA, the whole U-Net trains).")
     alpha: float | None = opt(None, "Scale numerator: updates are scaled by alpha/r (null: r).")
@@ -196,6 +197,15 @@ class LoRAConfig:
         ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"],
         "fnmatch patterns of U-Net linear layers to adapt (attention projections; feed-forward: "
         "'*.ff.net.0.proj', '*.ff.net.2'; SD2's linear proj_in/out are not supported).",
+    )
+    text_encoder: bool = opt(
+        False, "Also adapt the text encoder (a transformers model: kind clip/hf/t5) with the "
+        "same rank, alpha and dropout; its adapters train at optim.text_encoder_lr."
+    )
+    text_encoder_targets: list[str] = opt(
+        ["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"],
+        "fnmatch patterns of the text encoder's linear layers to adapt (CLIP's attention; "
+        "its MLP: '*.fc1', '*.fc2').",
     )
 
 
@@ -246,7 +256,12 @@ class ModelConfig:
         False, "Mask text padding in cross-attention (T5/BERT-like: true; SD's CLIP: false)."
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
-    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net.")
+    train_text_encoder: bool = opt(
+        False, "Fine-tune the whole text encoder too (a transformers model), at "
+        "optim.text_encoder_lr; not with data.cached (whose embeddings it would outdate) or "
+        "model.lora.text_encoder. Saved in checkpoints; not EMA'd."
+    )
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net (and text encoder).")
     freeze: list[str] = opt(
         [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
         "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "
@@ -314,6 +329,11 @@ class OptimConfig:
 
     lr: float = opt(1e-4, "Learning rate (never scaled silently).")
     disc_lr: float | None = opt(None, "Discriminator learning rate (null: lr).")
+    text_encoder_lr: float | None = opt(
+        None, "Learning rate of the text encoder's trainable weights (model.train_text_encoder "
+        "or model.lora.text_encoder; null: lr, scaled with it by scale_lr; a value given is "
+        "used as is); warm-up and schedule as lr's."
+    )
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     eps: float = opt(1e-8, "AdamW epsilon.")

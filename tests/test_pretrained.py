@@ -124,6 +124,8 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
     module = build.build_module(cfg)
     assert_equal_states(module.model.text_encoder.model.state_dict(),
                         perturbed_text.state_dict())
+    sampled, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
+    assert_equal_states(sampled.text_encoder.model.state_dict(), perturbed_text.state_dict())
 
     # the saved config alone reruns the same start
     again = ["-c", str(run / "config.yaml"), "run.name=again"]
@@ -272,9 +274,10 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
                     "--out", str(small)]) == 0
     assert small.stat().st_size < (tmp_path / "lora" / "checkpoints" / "last.safetensors"
                                    ).stat().st_size / 10
-    base, _ = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
+    base, base_cfg = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
     with torch.no_grad():
-        apply_lora_files(base.unet, [f"{small}:0.5", f"{small}:0.5"])  # two halves add up
+        # two halves add up
+        apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])
         torch.testing.assert_close(base.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
     common = ["--ckpt", str(src["file"]), "-c", str(src["yaml"]), "--no-ema", "--prompt", "red",
               "--steps", "2", "--outdir", str(tmp_path / "samples")]

@@ -1,15 +1,21 @@
-"""LoRA files: the adapters alone, small enough to share.
+"""LoRA files: the adapters alone, small enough to share, in ours, diffusers' or kohya's layout.
 
-Keys follow the adapted layer's name in our (= original SD) U-Net, kohya-style, one ``alpha`` per
-layer::
+Our layout (``format: ldm-lora`` in the safetensors metadata) follows the adapted layer's name
+in our (= original SD) U-Net, one ``alpha`` per layer::
 
     <layer>.lora_down.weight   (r, in)     A of Hu et al. 2021
     <layer>.lora_up.weight     (out, r)    B
     <layer>.alpha              ()          the update is scaled by alpha / r
 
-with ``format: ldm-lora`` in the safetensors metadata. Written from a training checkpoint by
-``python -m ldm.checkpoint.lora_keys --ckpt runs/x/checkpoints/last.safetensors --out a.st``
-and applied by ``sample.py --lora a.safetensors[:scale]``.
+text-encoder adapters under ``text_encoder.text_model.<module>``. The diffusers/peft layout
+(``pipe.load_lora_weights``) and kohya's (``lora_unet_…``) are described in
+`ldm.checkpoint.lora_formats`; :func:`read_lora` tells the three apart by their keys. Written
+from a training checkpoint by::
+
+    python -m ldm.checkpoint.lora_keys --ckpt runs/x/checkpoints/last.safetensors --out a.st \\
+        [--format ldm|diffusers|kohya]
+
+and applied by ``sample.py --lora a.safetensors[:scale]`` (any of the three).
 """
 
 from __future__ import annotations
@@ -18,22 +24,40 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ldm.checkpoint.format import CheckpointError, atomic_write, load_checkpoint
+from ldm.checkpoint.lora_formats import (
+    FORMATS,
+    Adapters,
+    FileKeys,
+    LayerNames,
+    Layout,
+    LoRAParts,
+    adaptable_layers,
+    check_shapes,
+    detect_format,
+    from_diffusers,
+    from_kohya,
+    model_layer_names,
+    text_layer_names,
+    to_diffusers,
+    to_kohya,
+    unet_layer_names,
+)
 
 LORA_FORMAT = "ldm-lora"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-
-#: layer -> (A: r × in, B: out × r, alpha)
-Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+TEXT_ENCODER = "text_encoder."
 
 
 def adapters_from_state(state: Mapping[str, torch.Tensor], alpha: float | None) -> Adapters:
-    """Adapters from a LoRA'd U-Net state dict (``alpha`` None: the rank, a scale of 1)."""
+    """Adapters from a LoRA'd module's state dict (``alpha`` None: the rank, a scale of 1)."""
     out: Adapters = {}
     for key, down in state.items():
         if key.endswith(DOWN):
@@ -45,47 +69,129 @@ def adapters_from_state(state: Mapping[str, torch.Tensor], alpha: float | None) 
     return out
 
 
-def save_lora_file(path: str | Path, adapters: Adapters) -> Path:
-    """Write adapters atomically as a LoRA safetensors file."""
-    if not adapters:
+def unet_layout(unet_cfg: Any) -> Layout:
+    """``(channel_mult, num_res_blocks, attention_resolutions)`` of a ``model.unet`` section."""
+    return (list(unet_cfg["channel_mult"]), int(unet_cfg["num_res_blocks"]),
+            list(unet_cfg["attention_resolutions"]))
+
+
+def _to_ldm(parts: LoRAParts) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for part, adapters in parts.items():
+        canonical = text_layer_names(adapters) if part == "text_encoder" else {}
+        for layer, (down, up, alpha) in adapters.items():
+            key = TEXT_ENCODER + canonical[layer] if canonical else layer
+            tensors[key + DOWN], tensors[key + UP] = down.float(), up.float()
+            tensors[key + ALPHA] = torch.tensor(float(alpha))
+    return tensors, {"format": LORA_FORMAT}
+
+
+def write_lora(path: str | Path, parts: LoRAParts, fmt: str = "ldm",
+               layout: Layout | None = None) -> Path:
+    """Write adapters atomically as a LoRA safetensors file in layout ``fmt``.
+
+    Args:
+        path: Output file.
+        parts: ``{"unet": adapters, "text_encoder": adapters}`` under our layer names.
+        fmt: "ldm", "diffusers" or "kohya".
+        layout: The U-Net's layout (needed for diffusers and kohya names).
+
+    Raises:
+        CheckpointError: No adapters, or a layer the format cannot name.
+    """
+    parts = {part: adapters for part, adapters in parts.items() if adapters}
+    if not parts:
         raise CheckpointError("no LoRA adapters to save (was the run trained with "
                               "model.lora.rank>0?)")
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, (down, up, alpha) in adapters.items():
-        tensors[layer + DOWN] = down.detach().float().cpu().contiguous().clone()
-        tensors[layer + UP] = up.detach().float().cpu().contiguous().clone()
-        tensors[layer + ALPHA] = torch.tensor(float(alpha))
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": LORA_FORMAT}))
+    parts = {part: {layer: (d.detach().cpu().contiguous(), u.detach().cpu().contiguous(), a)
+                    for layer, (d, u, a) in adapters.items()} for part, adapters in parts.items()}
+    if fmt == "ldm":
+        tensors, meta = _to_ldm(parts)
+    else:
+        if layout is None:
+            raise ValueError(f"the {fmt} format needs the U-Net layout")
+        names = LayerNames(unet_layer_names(parts.get("unet", {}), layout),
+                           text_layer_names(parts.get("text_encoder", {})))
+        writer = {"diffusers": to_diffusers, "kohya": to_kohya}[fmt]
+        tensors, meta = writer(parts, names)
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
 
 
-def read_lora_file(path: str | Path) -> Adapters:
-    """Adapters of a LoRA file written by :func:`save_lora_file`.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: Not a readable LoRA file.
-    """
-    path = Path(path)
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    if meta.get("format") != LORA_FORMAT:
-        raise CheckpointError(f"{path} is not an ldm LoRA file (no 'format: {LORA_FORMAT}' "
-                              "metadata; write one with python -m ldm.checkpoint.lora_keys)")
-    adapters = adapters_from_state(tensors, None)
-    for layer in adapters:
-        down, up, _ = adapters[layer]
-        if layer + ALPHA in tensors:
-            adapters[layer] = (down, up, float(tensors[layer + ALPHA]))
-    if not adapters:
+
+
+def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
+              ) -> tuple[LoRAParts, FileKeys]:
+    text_inverse = {theirs: ours for ours, theirs in names.text_encoder.items()}
+    grouped: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    keys: FileKeys = {}
+    for key, value in tensors.items():
+        if not key.endswith((DOWN, UP, ALPHA)):
+            raise CheckpointError(f"{path}: key {key!r} is not a LoRA weight (expected "
+                                  "<layer>.lora_down.weight / .lora_up.weight / .alpha)")
+        suffix = next(s for s in (DOWN, UP, ALPHA) if key.endswith(s))
+        layer, part = key[: -len(suffix)], "unet"
+        if layer.startswith(TEXT_ENCODER):
+            part, layer = "text_encoder", layer[len(TEXT_ENCODER):]
+            layer = text_inverse.get(layer, "\0")
+        if layer not in names.part(part):
+            what = "U-Net" if part == "unet" else "text encoder"
+            raise CheckpointError(f"{path}: key {key!r} names no layer of this model's {what} "
+                                  "(a LoRA for another base model or layout?)")
+        grouped[part][layer + suffix] = value
+        keys.setdefault((part, layer), key)
+    parts: LoRAParts = {}
+    for part, state in grouped.items():
+        adapters = adapters_from_state(state, None)
+        for layer, (down, up, _) in adapters.items():
+            if layer + ALPHA in state:
+                adapters[layer] = (down, up, float(state[layer + ALPHA]))
+        if adapters:
+            parts[part] = adapters
+    return parts, keys
+
+
+def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
+              text_model: nn.Module | None = None) -> LoRAParts:
+    """The adapters of a LoRA file in any of the three layouts, under our layer names, checked
+    against the model they will be merged into.
+
+    Args:
+        path: A ``.safetensors`` LoRA file (ldm, diffusers/peft or kohya layout).
+        unet: Our U-Net.
+        layout: Its layout (:func:`unet_layout`).
+        text_model: The text encoder's transformers model (None: no text-encoder adapters).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: An unreadable file, an unknown key, a layer the model lacks or a shape
+            that does not fit, in one line naming the file and the key.
+    """
+    path = Path(path)
+    tensors, meta = _read_tensors(path)
+    fmt = detect_format(tensors, meta, path)
+    names = model_layer_names(unet, layout, text_model)
+    if fmt == "ldm":
+        names = LayerNames({layer: layer for layer in adaptable_layers(unet)},
+                           names.text_encoder)
+        parts, keys = _from_ldm(tensors, names, path)
+    elif fmt == "kohya":
+        parts, keys = from_kohya(tensors, names, path)
+    else:
+        parts, keys = from_diffusers(tensors, meta, names, path)
+    if not parts:
         raise CheckpointError(f"{path} holds no lora_down/lora_up weights")
-    return adapters
+    check_shapes(parts, {"unet": unet, "text_encoder": text_model}, keys, path)
+    return parts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,19 +200,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Write the LoRA adapters of a checkpoint to a file.")
     p.add_argument("--ckpt", required=True, help="our ldm checkpoint of a model.lora run")
     p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--format", default="ldm", choices=FORMATS,
+                   help="ldm (ours), diffusers (pipe.load_lora_weights) or kohya (lora_unet_…)")
     p.add_argument("--no-ema", action="store_true", help="the raw adapters instead of the EMA")
     args = p.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt, expect_kind="ldm")
         key = "unet" if args.no_ema or not any(k.startswith("unet_ema.") for k in ckpt.tensors) \
             else "unet_ema"
-        alpha = ckpt.config.get("model", {}).get("lora", {}).get("alpha")
-        adapters = adapters_from_state(ckpt.module_state(key), alpha)
-        path = save_lora_file(args.out, adapters)
+        model_cfg = ckpt.config.get("model", {})
+        alpha = model_cfg.get("lora", {}).get("alpha")
+        parts = {"unet": adapters_from_state(ckpt.module_state(key), alpha),
+                 # names inside the text encoder's transformers model (its ``model.``)
+                 "text_encoder": adapters_from_state(
+                     ckpt.module_state("text_encoder.model"), alpha)}
+        layout = unet_layout(model_cfg["unet"]) if args.format != "ldm" else None
+        path = write_lora(args.out, parts, args.format, layout)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({len(adapters)} adapted layers, {path.stat().st_size} bytes)")
+    counts = ", ".join(f"{len(a)} {part} layers" for part, a in parts.items() if a)
+    print(f"wrote {path} ({args.format} format, {counts}, {path.stat().st_size} bytes)")
     return 0
 
 

@@ -122,18 +122,23 @@ def merge_adapters(module: nn.Module,
                    scale: float = 1.0) -> None:
     """``W ← W + scale · (alpha / r) · B A`` for each ``layer -> (A, B, alpha)`` (a LoRA file).
 
+    Layers are linear, or 1×1 convolutions with ``(r, in, 1, 1)`` / ``(out, r, 1, 1)`` adapters
+    (SD1's ``proj_in``/``proj_out``, which kohya's LoRAs adapt).
+
     Raises:
-        ValueError: A layer that is not a linear layer of ``module``, or shapes that differ.
+        ValueError: A layer that is neither, or shapes that differ.
     """
     for layer, (down, up, alpha) in adapters.items():
         try:
             target = module.get_submodule(layer)
         except AttributeError:
             target = None
-        if not isinstance(target, nn.Linear):
-            raise ValueError(f"LoRA layer {layer} is not a linear layer of the U-Net")
-        if tuple(down.shape[1:]) != (target.in_features,) or up.shape[0] != target.out_features:
+        if not isinstance(target, nn.Linear | nn.Conv2d):
+            raise ValueError(f"LoRA layer {layer} is not a linear or conv layer of the model")
+        weight = target.weight
+        if (down.dim() != weight.dim() or down.shape[1] != weight.shape[1]
+                or up.shape[0] != weight.shape[0] or weight[0, 0].numel() != 1):
             raise ValueError(f"LoRA layer {layer}: adapter {tuple(up.shape)}x{tuple(down.shape)} "
-                             f"does not fit the layer's {tuple(target.weight.shape)}")
-        delta = (up.float() @ down.float()) * (scale * alpha / down.shape[0])
-        target.weight.add_(delta.to(target.weight))
+                             f"does not fit the layer's {tuple(weight.shape)}")
+        delta = (up.flatten(1).float() @ down.flatten(1).float()) * (scale * alpha / down.shape[0])
+        weight.add_(delta.reshape(weight.shape).to(weight))

@@ -199,7 +199,8 @@ class TextEncoder(nn.Module, ABC):
     Weights never receive gradients (`requires_grad_(False)`) and the module stays in eval mode
     whatever `.train()` is called with, so dropout is off even inside a training LightningModule.
     Encoding runs under `torch.no_grad()`; not `torch.inference_mode()`, whose tensors cannot be
-    saved for backward and so could not feed the trainable U-Net's cross-attention.
+    saved for backward and so could not feed the trainable U-Net's cross-attention. A fine-tune
+    may unfreeze weights (`ldm.text_tuning`): encoding then keeps the graph for them.
 
     Args:
         max_length: token sequence length L (prompts are padded/truncated to it).
@@ -274,9 +275,15 @@ class TextEncoder(nn.Module, ABC):
         self._report_truncation(prompts, tokens.lengths)
         device = self.device
         ids, mask = tokens.ids.to(device), tokens.mask.to(device=device, dtype=torch.bool)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             context = self.encode_tokens(ids, mask)
         return context.to(dtype or torch.float32), mask
+
+    @property
+    def trainable(self) -> bool:
+        """Whether any weight trains (a fine-tune's ``model.train_text_encoder`` or text-encoder
+        LoRA): encoding then keeps the graph, and the empty prompt is not cached."""
+        return any(p.requires_grad for p in self.parameters())
 
     def forward(
         self, prompts: list[str] | str, dtype: torch.dtype | None = None
@@ -299,6 +306,9 @@ class TextEncoder(nn.Module, ABC):
             context: (1, L, D) tensor; mask: (1, L) bool tensor.
         """
         device = self.device
+        if self.trainable:
+            context, mask = self.encode([""])
+            return context.to(dtype or torch.float32), mask
         if device not in self._empty_cache:
             if self._empty_cache:
                 context, mask = next(iter(self._empty_cache.values()))

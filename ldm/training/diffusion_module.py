@@ -11,7 +11,9 @@ and the U-Net's frozen parameters (LoRA base, ``model.freeze``) when ``model.ini
 them: the run's config rebuilds them from their own files, and for a small U-Net (or a LoRA run)
 they are most of the file. A fingerprint of each (parameter count, sum and sum of squares,
 taken when the module is built) is stored instead, and a resume whose frozen weights differ
-fails with a one-line error.
+fails with a one-line error. A text encoder that trains (`ldm.text_tuning`) keeps its trainable
+weights in ``resume.ckpt`` (and exports them as ``text_encoder.*``); only its frozen rest is
+left out.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class DiffusionModule(pl.LightningModule):
         loss: The configured ``DiffusionLoss``.
         p_uncond: Probability of training a sample with the empty prompt.
         lr: AdamW learning rate (never scaled silently).
+        text_encoder_lr: Learning rate of the text encoder's trainable weights (None: ``lr``).
         betas: AdamW betas.
         weight_decay: AdamW weight decay.
         eps: AdamW epsilon.
@@ -117,6 +120,7 @@ class DiffusionModule(pl.LightningModule):
         loss: DiffusionLoss,
         p_uncond: float = 0.1,
         lr: float = 1e-4,
+        text_encoder_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         eps: float = 1e-8,
@@ -148,6 +152,10 @@ class DiffusionModule(pl.LightningModule):
         self.loss_fn = loss
         self.p_uncond = p_uncond
         self.optim_args = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.text_encoder_lr = lr if text_encoder_lr is None else text_encoder_lr
+        #: The text encoder's trainable parameter names (empty: it is frozen).
+        self._text_trainable = {name for name, p in model.text_encoder.named_parameters()
+                                if p.requires_grad}
         self.sched_args = dict(warmup_steps=warmup_steps, schedule=lr_schedule,
                                total_steps=total_steps, min_lr_ratio=min_lr_ratio)
         self.ema = EMA(model.unet, decay=ema_decay, update_every=ema_every) if ema_decay else None
@@ -313,6 +321,10 @@ class DiffusionModule(pl.LightningModule):
                    "autoencoder": self.model.autoencoder.state_dict()}
         if self.ema is not None:
             modules["unet_ema"] = self.ema.averaged_state_dict()
+        if self._text_trainable:
+            params = dict(self.model.text_encoder.named_parameters())
+            modules["text_encoder"] = {name: params[name].detach()
+                                       for name in sorted(self._text_trainable)}
         return modules
 
     def _frozen_states(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -321,6 +333,9 @@ class DiffusionModule(pl.LightningModule):
         parts = (self.model.autoencoder, self.model.text_encoder)
         states = {prefix: part.state_dict()
                   for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
+        text = states["model.text_encoder."]
+        for name in self._text_trainable:
+            del text[name]
         if self._frozen_unet:
             params = dict(self.model.unet.named_parameters())
             states["model.unet."] = {name: params[name] for name in self._frozen_unet}
@@ -346,7 +361,9 @@ class DiffusionModule(pl.LightningModule):
             return
         frozen_unet = {f"{where}{name}" for name in self._frozen_unet
                        for where in ("model.unet.", "ema.model.")}
-        omitted = [name for name in state if name.startswith(FROZEN_PREFIXES)
+        trained_text = {"model.text_encoder." + name for name in self._text_trainable}
+        omitted = [name for name in state if (name.startswith(FROZEN_PREFIXES)
+                                              and name not in trained_text)
                    or name in frozen_unet]
         if not omitted:  # e.g. non-zero ranks under FSDP, which save nothing
             return
@@ -388,11 +405,17 @@ class DiffusionModule(pl.LightningModule):
                     state.setdefault("ema.model." + name, tensor)  # the average of a constant
 
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.model.unet.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, **self.optim_args)
+        groups = [{"params": list(self.model.unet.parameters())}]
+        if self._text_trainable:
+            groups.append({"params": list(self.model.text_encoder.parameters()),
+                           "lr": self.text_encoder_lr})
+        optimizer = build_optimizer(groups, **self.optim_args)
         scheduler = build_scheduler(optimizer, **self.sched_args)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._text_trainable:
+            self.log("train/lr_text_encoder", optimizer.param_groups[1]["lr"], on_step=True,
+                     on_epoch=False)

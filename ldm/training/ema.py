@@ -5,6 +5,11 @@ names (it is exported as ``unet_ema`` next to ``unet``), it moves devices with i
 can be used directly for sampling. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after
 ``n`` updates (the schedule of the original latent-diffusion ``LitEma``), so early averages are
 not dominated by the random initialisation.
+
+Parameters that do not train (``requires_grad=False`` when the EMA is made: a LoRA run's base
+U-Net, ``model.freeze`` patterns) never change, so their average is themselves: the copy shares
+those parameter objects with the model instead of duplicating them (float32 ones; others are
+copied), and updates skip them. A LoRA run's EMA then costs the adapters' size, not the U-Net's.
 """
 
 from __future__ import annotations
@@ -27,17 +32,23 @@ class EMA(nn.Module):
         decay: Target decay ``d``.
         update_every: Update once every this many calls of :meth:`step`.
         warmup: Use ``min(d, (1+n)/(10+n))`` instead of ``d``.
+        share_frozen: Share the model's frozen float32 parameters instead of copying them.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, update_every: int = 1,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, share_frozen: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.update_every = max(1, update_every)
         self.warmup = warmup
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        frozen = {name: p for name, p in model.named_parameters()
+                  if share_frozen and not p.requires_grad and p.dtype == torch.float32}
+        #: Names of the parameters shared with the model (never averaged: they never change).
+        self.shared: frozenset[str] = frozenset(unwrapped_name(name) for name in frozen)
+        memo = {id(p): p for p in frozen.values()}  # deepcopy reuses these objects
+        self.model = copy.deepcopy(model, memo).float().eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
 
@@ -85,6 +96,8 @@ class EMA(nn.Module):
         ema_vals, new_vals = [], []
         for name, param in model.named_parameters():
             name = unwrapped_name(name)
+            if name in self.shared:
+                continue
             target = ema_params[name]
             if param.shape != target.shape:
                 raise RuntimeError(
@@ -110,16 +123,19 @@ class EMA(nn.Module):
         """Overwrite ``model``'s parameters with the averaged ones."""
         averaged = dict(self.model.named_parameters())
         for name, param in model.named_parameters():
-            param.copy_(averaged[unwrapped_name(name)].to(param.dtype))
+            if unwrapped_name(name) not in self.shared:
+                param.copy_(averaged[unwrapped_name(name)].to(param.dtype))
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily load the averaged weights into ``model`` (restored on exit)."""
-        backup = {n: p.detach().clone() for n, p in model.named_parameters()}
+        backup = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if unwrapped_name(n) not in self.shared}
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
                 for name, param in model.named_parameters():
-                    param.copy_(backup[name])
+                    if name in backup:
+                        param.copy_(backup[name])

@@ -1,0 +1,57 @@
+"""What trains in the text encoder of a fine-tune, and its trained weights in our checkpoints.
+
+``model.train_text_encoder`` unfreezes the whole encoder; ``model.lora.text_encoder`` adds LoRA
+adapters (Hu et al. 2021) to its transformers model, on ``model.lora.text_encoder_targets``.
+Either way its trainable weights train at ``optim.text_encoder_lr`` (a parameter group of the
+Lightning module), go into ``resume.ckpt`` and into every exported checkpoint as
+``text_encoder.*``; the frozen rest is rebuilt from the config, like the frozen U-Net base.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+
+from ldm.checkpoint.format import Checkpoint, CheckpointError
+
+
+def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
+    """Unfreeze the text encoder's weights (``model.train_text_encoder``) or add LoRA adapters
+    to its transformers model (``model.lora.text_encoder``); as built otherwise.
+
+    Raises:
+        ValueError: An encoder that is no transformers model (the config's other
+            contradictions are refused at load time, `ldm.consistency`).
+    """
+    if not (m.train_text_encoder or m.lora.text_encoder):
+        return text_encoder
+    model = getattr(text_encoder, "model", None)
+    if not hasattr(model, "config"):
+        raise ValueError(f"training the text encoder needs a transformers model (kind clip, "
+                         f"hf or t5), not kind={m.text_encoder.kind}")
+    if m.train_text_encoder:
+        model.requires_grad_(True)
+        return text_encoder
+    from ldm.models.lora import add_lora
+
+    add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,
+             list(m.lora.text_encoder_targets))
+    return text_encoder
+
+
+def load_text_encoder_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Load the trained text-encoder weights a checkpoint carries (``text_encoder.*``: all of
+    them after full fine-tuning, the adapters after text-encoder LoRA) over the built encoder.
+
+    Raises:
+        CheckpointError: A key the model's text encoder lacks, or a shape that differs.
+    """
+    state = ckpt.module_state("text_encoder")
+    if not state:
+        return
+    own = model.text_encoder.state_dict()
+    for key, value in state.items():
+        if key not in own or own[key].shape != value.shape:
+            raise CheckpointError(f"checkpoint key text_encoder.{key} does not fit the text "
+                                  "encoder the config builds (model.text_encoder, model.lora)")
+    model.text_encoder.load_state_dict(state, strict=False)
