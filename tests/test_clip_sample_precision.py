@@ -27,7 +27,6 @@ from tests.test_sampling_parity import (  # noqa: F401  (fixtures)
     PROMPTS,
     SEED,
     SIZE,
-    _one_thread,
     base,
     noise,
     ours,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,18 @@ def test_wandb_offline_run(shapes_data: dict[str, str], tmp_path: Path,
     ]) == 0
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "expected exactly one offline wandb run"
-    records: dict[str, list[Any]] = {}
-    for record in wandb_records(next(runs[0].glob("run-*.wandb"))):
-        records.setdefault(record.WhichOneof("record_type"), []).append(record)
+    # wandb-core writes the transaction log from its own process: finish() can return before the
+    # file is flushed (seen: only the 7-byte header), so wait for the exit record.
+    path = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 60
+    while True:
+        records: dict[str, list[Any]] = {}
+        for record in wandb_records(path):
+            records.setdefault(record.WhichOneof("record_type"), []).append(record)
+        if "exit" in records or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "run" in records and "exit" in records, {k: len(v) for k, v in records.items()}
 
     # The resolved config is the run config.
     config = {item.key: json.loads(item.value_json) for item in records["run"][0].run.config.update}
