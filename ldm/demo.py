@@ -9,7 +9,9 @@ Every stage runs the real pipeline (the same CLIs a user runs) on ``configs/demo
 5. train the text-conditioned U-Net (``train.py -c configs/demo/ldm.yaml``);
 6. sample a grid for seen, held-out and paraphrased prompts (``sample.py``);
 7. score prompt adherence with the deterministic shapes analyser at guidance 1 and at the
-   configured guidance, and print a report with the wall time of each stage.
+   configured guidance, and print a report with the wall time of each stage;
+8. (optional, ``--fsd-samples 0`` skips it) the Fréchet shape distance of samples for the val
+   captions against the val images (`ldm.demo_fid`: FID's formula on the analyser's features).
 
 A finished stage is reused on the next run (``--fresh`` starts over). Outputs go to
 ``demo_runs/``; the report to ``demo_runs/report.md`` and ``demo_runs/report.json``.
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config tree (shapes.yaml, autoencoder.yaml, ldm.yaml)")
     parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
     parser.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline")
+    parser.add_argument("--fsd-samples", type=int, default=256,
+                        help="val captions sampled for the Frechet shape distance (0: skip)")
     args = parser.parse_args(argv)
     out, configs = args.out, args.configs
     if args.fresh and out.exists():
@@ -189,10 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("7 evaluate", report_path, lambda: report_path.write_text(json.dumps(
         evaluate(ldm_ckpt, data / "metadata.json", guidances, n_eval), indent=2)) and 0)
 
+    fsd_lines = []
+    n_fsd = min(args.fsd_samples, 16) if args.quick else args.fsd_samples
+    if n_fsd > 0:
+        from ldm.demo_fid import demo_fsd, format_fsd
+
+        fsd_path = out / "fsd.json"
+        stages.run("8 shape FID", fsd_path, lambda: fsd_path.write_text(json.dumps(demo_fsd(
+            ldm_ckpt, data / "metadata.json", splits["val"]["shards"], n_fsd), indent=2)) and 0)
+        fsd_lines = [format_fsd(json.loads(fsd_path.read_text())), ""]
+
     report = json.loads(report_path.read_text())
     lines = ["# make demo report", "", f"grid: {grid} (one row per prompt of {prompt_file}, "
              "4 seeds each); with the prompts beside each row, grouped: " + str(labelled), "",
-             "```", report["text"].rstrip(), "```", "", "stage wall times:"]
+             "```", report["text"].rstrip(), "```", "", *fsd_lines, "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")
