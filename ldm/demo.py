@@ -59,8 +59,10 @@ class Stages:
         print(f"[demo] {name}: done in {self.times[name]:.0f} s", flush=True)
 
 
-def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict[str, Any]:
-    """Generate ``n`` images per demo prompt at each guidance and score them."""
+def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int,
+             **sampler: Any) -> dict[str, Any]:
+    """Generate ``n`` images per demo prompt at each guidance and score them (``sampler``:
+    overrides of the checkpoint's ``sampling`` section, e.g. ``steps=8``)."""
     from ldm import build
     from ldm.eval.adherence import (
         demo_prompts_from_metadata,
@@ -71,7 +73,7 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
     )
 
     model, cfg = build.load_for_sampling(ckpt)
-    sampler = build.build_sampler(cfg.sampling, disable_progress=True)
+    sampler = build.build_sampler(cfg.sampling, disable_progress=True, **sampler)
     prompts = demo_prompts_from_metadata(metadata)
     geometry = geometry_from_metadata(metadata)
     scored = []
@@ -122,6 +124,47 @@ def labelled_demo_grid(samples: Path, prompts: list[Any], out: Path, scale: int 
     return save_png(labelled_grid(rows, scale=scale), out)
 
 
+def prepare(stages: Stages, out: Path, configs: Path, quick: dict[str, list[str]]
+            ) -> dict[str, Any]:
+    """Stages 1–4: data, autoencoder, scale factor, cached latents + text embeddings.
+
+    Returns:
+        ``splits`` (the dataset's metadata splits) and ``ldm_data``: the overrides that point
+        ``configs/ldm.yaml`` at the cached shards and the autoencoder (also used by
+        ``bench/objectives.py``).
+    """
+    import train
+    from ldm import cache
+    from ldm.data import shapes
+    from ldm.training import scale_factor
+
+    data = out / "data"
+    ae_cfg, ldm_cfg = configs / "autoencoder.yaml", configs / "ldm.yaml"
+    ae_ckpt = out / "autoencoder" / "checkpoints" / "last.safetensors"
+    stages.run("1 data", data / "metadata.json", lambda: shapes.main(
+        ["--config", str(configs / "shapes.yaml"), "--out", str(data), *quick["data"]]) and 0)
+
+    splits = json.loads((data / "metadata.json").read_text())["splits"]
+    image_data = [f"data.train_shards={splits['train']['shards']}",
+                  f"data.val_shards={splits['val']['shards']}", f"run.root={out}"]
+    ae_args = ["-c", str(ae_cfg), *image_data, *quick["autoencoder"]]
+    stages.run("2 autoencoder", ae_ckpt, lambda: train.main(ae_args))
+    scale_marker = out / "autoencoder" / "scale_factor.done"
+    stages.run("3 scale factor", scale_marker, lambda: (
+        scale_factor.main(["--ckpt", str(ae_ckpt), "-c", str(ae_cfg), "--batches", "20",
+                           *image_data]) or scale_marker.touch() or 0))
+    cached = out / "cached"
+    stages.run("4 cache latents+text", cached / "train" / "manifest.json", lambda: cache.main(
+        ["-c", str(ldm_cfg), "--out", str(cached), "--dtype", "float16", "data.cached=false",
+         f"model.autoencoder_ckpt={ae_ckpt}", *image_data]))
+    ldm_data = [
+        f"data.train_shards={cached}/train/{Path(splits['train']['shards']).name}",
+        f"data.val_shards={cached}/val/{Path(splits['val']['shards']).name}",
+        f"run.root={out}", f"model.autoencoder_ckpt={ae_ckpt}",
+    ]
+    return {"splits": splits, "ldm_data": ldm_data}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the CPU text-to-image demo.")
     parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
@@ -144,37 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import sample
     import train
-    from ldm import cache
     from ldm.config import load
-    from ldm.data import shapes
     from ldm.eval.adherence import demo_prompts_from_metadata
-    from ldm.training import scale_factor
 
     data = out / "data"
-    ae_cfg, ldm_cfg = configs / "autoencoder.yaml", configs / "ldm.yaml"
-    ae_ckpt = out / "autoencoder" / "checkpoints" / "last.safetensors"
+    ldm_cfg = configs / "ldm.yaml"
     ldm_ckpt = out / "ldm" / "checkpoints" / "last.safetensors"
-    stages.run("1 data", data / "metadata.json", lambda: shapes.main(
-        ["--config", str(configs / "shapes.yaml"), "--out", str(data), *quick["data"]]) and 0)
-
-    splits = json.loads((data / "metadata.json").read_text())["splits"]
-    image_data = [f"data.train_shards={splits['train']['shards']}",
-                  f"data.val_shards={splits['val']['shards']}", f"run.root={out}"]
-    ae_args = ["-c", str(ae_cfg), *image_data, *quick["autoencoder"]]
-    stages.run("2 autoencoder", ae_ckpt, lambda: train.main(ae_args))
-    scale_marker = out / "autoencoder" / "scale_factor.done"
-    stages.run("3 scale factor", scale_marker, lambda: (
-        scale_factor.main(["--ckpt", str(ae_ckpt), "-c", str(ae_cfg), "--batches", "20",
-                           *image_data]) or scale_marker.touch() or 0))
-    cached = out / "cached"
-    stages.run("4 cache latents+text", cached / "train" / "manifest.json", lambda: cache.main(
-        ["-c", str(ldm_cfg), "--out", str(cached), "--dtype", "float16", "data.cached=false",
-         f"model.autoencoder_ckpt={ae_ckpt}", *image_data]))
-    cached_data = [
-        f"data.train_shards={cached}/train/{Path(splits['train']['shards']).name}",
-        f"data.val_shards={cached}/val/{Path(splits['val']['shards']).name}",
-        f"run.root={out}", f"model.autoencoder_ckpt={ae_ckpt}",
-    ]
+    prepared = prepare(stages, out, configs, quick)
+    splits, cached_data = prepared["splits"], prepared["ldm_data"]
     stages.run("5 diffusion model", ldm_ckpt,
                lambda: train.main(["-c", str(ldm_cfg), *cached_data, *quick["ldm"]]))
 
