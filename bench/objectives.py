@@ -17,8 +17,8 @@ changing only the objective:
 Each model is scored with the demo's analyser (`ldm.demo.evaluate`: the demo prompts, seen /
 held-out / paraphrase, ``--samples-per-prompt`` seeds each) at the demo's guidance and 4, 8, 16
 and 32 sampling steps. The samplers are fixed in advance, not picked on the held-out prompts.
-Writes ``results.json`` and ``results.md`` (the table) under ``--out``; finished stages are
-reused on the next run.
+Writes ``results_<max steps>.json`` and ``.md`` (the table) under ``--out``; finished stages
+are reused on the next run (stages 1–4 across budgets too).
 """
 
 from __future__ import annotations
@@ -123,23 +123,23 @@ def main(argv: list[str] | None = None) -> int:
                                "samples_per_prompt": n, "adherence": {}, "train_loss": {},
                                "train_seconds": {}}
     for name in names:
-        run = out / name.replace("+", "_")
+        run = out / f"{name.replace('+', '_')}_{steps}"  # a budget's runs are reused, not mixed
         ckpt = run / "checkpoints" / "last.safetensors"
         overrides, sampler = OBJECTIVES[name]
         train_args = ["-c", str(ldm_cfg), *prepared["ldm_data"], f"run.name={run.name}",
                       *budget, *overrides]
-        stages.run(f"train {name}", ckpt, partial(train.main, train_args))
+        stages.run(f"train {run.name}", ckpt, partial(train.main, train_args))
         scored = out / f"adherence_{run.name}.json"
-        stages.run(f"evaluate {name}", scored, partial(
+        stages.run(f"evaluate {run.name}", scored, partial(
             score, scored, ckpt, metadata, guidance, n, step_counts, sampler))
         results["adherence"][name] = json.loads(scored.read_text())
         results["train_loss"][name] = final_train_loss(run)
-        results["train_seconds"][name] = stages.times.get(f"train {name}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        results["train_seconds"][name] = stages.times.get(f"train {run.name}")
+    (out / f"results_{steps}.json").write_text(json.dumps(results, indent=2))
     text = (f"{steps} U-Net steps each (batch 32, configs/demo/ldm.yaml), guidance {guidance:g}, "
             f"{n} seeds per demo prompt; cells: fraction with every attribute right\n\n"
             + table(results) + "\n")
-    (out / "results.md").write_text(text)
+    (out / f"results_{steps}.md").write_text(text)
     print(text)
     for name in names:
         print(f"{name}: train {results['train_seconds'][name]} s, final train loss "
