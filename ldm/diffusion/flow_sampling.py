@@ -233,28 +233,6 @@ def run_flow_sampler(sampler: str, denoiser: DenoiserFn, x: Tensor, sigmas: Tens
     return fn(denoiser, x_t, sigmas, **opts) * (1 + last)
 
 
-def sample_flow(sampler: str, steps: int, denoiser: DenoiserFn, noise: Tensor,
-                schedule: FlowSchedule, *, callback: Callback | None = None,
-                extra_args: Mapping[str, Any] | None = None,
-                disable_progress: bool = False, eta: float = 0.0,
-                generator: Generators | None = None) -> Tensor:
-    """Run ``sampler`` for ``steps`` on a flow model from prior noise x_1 ~ N(0, I).
-
-    The grid's shift is resolved for the latent size of ``noise``; the network gets diffusers'
-    timesteps T·t at the grid's points (DPM-Solver++(2M) walks `flow_dpm_grid`, the others
-    `flow_grid`). ``generator`` feeds the stochastic samplers.
-    """
-    size = tuple(noise.shape[-2:])
-    grid = (flow_dpm_grid if sampler == FLOW_DPM else flow_grid)(schedule, steps, size)
-    if hasattr(denoiser, "with_timesteps"):
-        denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
-    x = run_flow_sampler(sampler, denoiser, noise.float() * grid.init_scale, grid.sigmas,
-                         eta=eta, generator=generator, callback=callback,
-                         extra_args=extra_args, disable_progress=disable_progress,
-                         lower_order_final=grid.lower_order_final)
-    return (x / grid.final_scale).to(noise.dtype)
-
-
 __all__ = ["FLOW_ONLY", "FLOW_SAMPLERS", "FLOW_SCHEDULER_CLASSES", "FLOW_STOCHASTIC",
            "FlowGrid", "flow_dpm_grid", "flow_grid", "get_flow_sampler", "run_flow_sampler",
-           "sample_flow", "sample_flow_euler", "sample_flow_euler_maruyama", "sample_flow_heun"]
+           "sample_flow_euler", "sample_flow_euler_maruyama", "sample_flow_heun"]
