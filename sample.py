@@ -35,7 +35,7 @@ from ldm.boundary import error_boundary
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError
 from ldm.console import Counter
-from ldm.diffusion import SAMPLERS
+from ldm.diffusion import SAMPLER_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: config)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
-    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--seed", type=int, default=None, help="seed (default: config)")
@@ -249,9 +249,9 @@ def set_micro_conditioning(given: dict[str, tuple[int, int] | float], model: obj
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.sampler is not None and args.sampler not in SAMPLERS:
+        if args.sampler is not None and args.sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler '{args.sampler}'; choose one of "
-                             f"{', '.join(SAMPLERS)}")
+                             f"{', '.join(SAMPLER_NAMES)}")
         prompts = read_prompts(args)
         check_args(args, prompts)
         micro = micro_conditioning_flags(args)

@@ -9,7 +9,9 @@ Every stage runs the real pipeline (the same CLIs a user runs) on ``configs/demo
 5. train the text-conditioned U-Net (``train.py -c configs/demo/ldm.yaml``);
 6. sample a grid for seen, held-out and paraphrased prompts (``sample.py``);
 7. score prompt adherence with the deterministic shapes analyser at guidance 1 and at the
-   configured guidance, and print a report with the wall time of each stage.
+   configured guidance, and print a report with the wall time of each stage;
+8. (optional, ``--fsd-samples 0`` skips it) the Fréchet shape distance of samples for the val
+   captions against the val images (`ldm.demo_fid`: FID's formula on the analyser's features).
 
 A finished stage is reused on the next run (``--fresh`` starts over). Outputs go to
 ``demo_runs/``; the report to ``demo_runs/report.md`` and ``demo_runs/report.json``.
@@ -57,8 +59,10 @@ class Stages:
         print(f"[demo] {name}: done in {self.times[name]:.0f} s", flush=True)
 
 
-def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict[str, Any]:
-    """Generate ``n`` images per demo prompt at each guidance and score them."""
+def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int,
+             **sampler: Any) -> dict[str, Any]:
+    """Generate ``n`` images per demo prompt at each guidance and score them (``sampler``:
+    overrides of the checkpoint's ``sampling`` section, e.g. ``steps=8``)."""
     from ldm import build
     from ldm.eval.adherence import (
         demo_prompts_from_metadata,
@@ -69,7 +73,7 @@ def evaluate(ckpt: Path, metadata: Path, guidances: list[float], n: int) -> dict
     )
 
     model, cfg = build.load_for_sampling(ckpt)
-    sampler = build.build_sampler(cfg.sampling, disable_progress=True)
+    sampler = build.build_sampler(cfg.sampling, disable_progress=True, **sampler)
     prompts = demo_prompts_from_metadata(metadata)
     geometry = geometry_from_metadata(metadata)
     scored = []
@@ -120,36 +124,23 @@ def labelled_demo_grid(samples: Path, prompts: list[Any], out: Path, scale: int 
     return save_png(labelled_grid(rows, scale=scale), out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the CPU text-to-image demo.")
-    parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
-    parser.add_argument("--out", type=Path, default=OUT, help="output directory")
-    parser.add_argument("--configs", type=Path, default=CONFIGS,
-                        help="config tree (shapes.yaml, autoencoder.yaml, ldm.yaml)")
-    parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
-    parser.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline")
-    args = parser.parse_args(argv)
-    out, configs = args.out, args.configs
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    wall = time.perf_counter()
-    quick = QUICK if args.quick else {"data": [], "autoencoder": [], "ldm": []}
-    n_eval = 2 if args.quick else args.samples_per_prompt
+def prepare(stages: Stages, out: Path, configs: Path, quick: dict[str, list[str]]
+            ) -> dict[str, Any]:
+    """Stages 1–4: data, autoencoder, scale factor, cached latents + text embeddings.
 
-    import sample
+    Returns:
+        ``splits`` (the dataset's metadata splits) and ``ldm_data``: the overrides that point
+        ``configs/ldm.yaml`` at the cached shards and the autoencoder (also used by
+        ``bench/objectives.py``).
+    """
     import train
     from ldm import cache
-    from ldm.config import load
     from ldm.data import shapes
-    from ldm.eval.adherence import demo_prompts_from_metadata
     from ldm.training import scale_factor
 
     data = out / "data"
     ae_cfg, ldm_cfg = configs / "autoencoder.yaml", configs / "ldm.yaml"
     ae_ckpt = out / "autoencoder" / "checkpoints" / "last.safetensors"
-    ldm_ckpt = out / "ldm" / "checkpoints" / "last.safetensors"
     stages.run("1 data", data / "metadata.json", lambda: shapes.main(
         ["--config", str(configs / "shapes.yaml"), "--out", str(data), *quick["data"]]) and 0)
 
@@ -166,11 +157,44 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("4 cache latents+text", cached / "train" / "manifest.json", lambda: cache.main(
         ["-c", str(ldm_cfg), "--out", str(cached), "--dtype", "float16", "data.cached=false",
          f"model.autoencoder_ckpt={ae_ckpt}", *image_data]))
-    cached_data = [
+    ldm_data = [
         f"data.train_shards={cached}/train/{Path(splits['train']['shards']).name}",
         f"data.val_shards={cached}/val/{Path(splits['val']['shards']).name}",
         f"run.root={out}", f"model.autoencoder_ckpt={ae_ckpt}",
     ]
+    return {"splits": splits, "ldm_data": ldm_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the CPU text-to-image demo.")
+    parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
+    parser.add_argument("--out", type=Path, default=OUT, help="output directory")
+    parser.add_argument("--configs", type=Path, default=CONFIGS,
+                        help="config tree (shapes.yaml, autoencoder.yaml, ldm.yaml)")
+    parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
+    parser.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline")
+    parser.add_argument("--fsd-samples", type=int, default=256,
+                        help="val captions sampled for the Frechet shape distance (0: skip)")
+    args = parser.parse_args(argv)
+    out, configs = args.out, args.configs
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    wall = time.perf_counter()
+    quick = QUICK if args.quick else {"data": [], "autoencoder": [], "ldm": []}
+    n_eval = 2 if args.quick else args.samples_per_prompt
+
+    import sample
+    import train
+    from ldm.config import load
+    from ldm.eval.adherence import demo_prompts_from_metadata
+
+    data = out / "data"
+    ldm_cfg = configs / "ldm.yaml"
+    ldm_ckpt = out / "ldm" / "checkpoints" / "last.safetensors"
+    prepared = prepare(stages, out, configs, quick)
+    splits, cached_data = prepared["splits"], prepared["ldm_data"]
     stages.run("5 diffusion model", ldm_ckpt,
                lambda: train.main(["-c", str(ldm_cfg), *cached_data, *quick["ldm"]]))
 
@@ -189,10 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("7 evaluate", report_path, lambda: report_path.write_text(json.dumps(
         evaluate(ldm_ckpt, data / "metadata.json", guidances, n_eval), indent=2)) and 0)
 
+    fsd_lines = []
+    n_fsd = min(args.fsd_samples, 16) if args.quick else args.fsd_samples
+    if n_fsd > 0:
+        from ldm.demo_fid import demo_fsd, format_fsd
+
+        fsd_path = out / "fsd.json"
+        stages.run("8 shape FID", fsd_path, lambda: fsd_path.write_text(json.dumps(demo_fsd(
+            ldm_ckpt, data / "metadata.json", splits["val"]["shards"], n_fsd), indent=2)) and 0)
+        fsd_lines = [format_fsd(json.loads(fsd_path.read_text())), ""]
+
     report = json.loads(report_path.read_text())
     lines = ["# make demo report", "", f"grid: {grid} (one row per prompt of {prompt_file}, "
              "4 seeds each); with the prompts beside each row, grouped: " + str(labelled), "",
-             "```", report["text"].rstrip(), "```", "", "stage wall times:"]
+             "```", report["text"].rstrip(), "```", "", *fsd_lines, "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")

@@ -121,11 +121,16 @@ class DiffusionConfig:
         "offset_noise are unused, the flow_* keys below apply).",
         ["ddpm", "flow"])
     flow_timestep_sampling: str = opt(
-        "logit_normal", "flow: density of t (Esser et al. 2024, Sec. 3.1).",
+        "logit_normal", "flow: density of t, Esser et al. 2024 Sec. 3.1 (SD3's best, "
+        "lognorm(0, 1), is the default): uniform (rf), logit_normal (t = sigmoid(m + s*n), "
+        "n ~ N(0, 1)), mode (t = 1 - u - s*(cos^2(pi*u/2) - 1 + u)), cosmap "
+        "(t = 1 - 1/(tan(pi*u/2) + 1)), u ~ U(0, 1); then shifted by flow_shift.",
         ["uniform", "logit_normal", "mode", "cosmap"])
-    flow_logit_mean: float = opt(0.0, "flow: logit-normal location m.")
-    flow_logit_std: float = opt(1.0, "flow: logit-normal scale s.")
-    flow_mode_scale: float = opt(1.29, "flow: scale s of mode sampling.")
+    flow_logit_mean: float = opt(0.0, "flow: logit-normal location m (> 0 favours noisier t).")
+    flow_logit_std: float = opt(1.0, "flow: logit-normal scale s (> 0).")
+    flow_mode_scale: float = opt(
+        1.29, "flow: scale s of mode sampling, in [-1, 2/(pi - 2) = 1.752]; 0 is uniform, "
+        "s > 0 puts more weight on mid t, s < 0 on the ends.")
     flow_shift: float = opt(1.0, "flow: timestep shift alpha (SD3 eq. 23; 3.0 for SD3 at 1024 px).")
     flow_shift_base_size: int = opt(
         0, "flow: >0 scales the shift with the latent size: alpha = flow_shift*sqrt(h*w)/base "
@@ -413,7 +418,10 @@ class LoggingConfig:
 class SamplingConfig:
     """Defaults for sampling (training-time grids and sample.py)."""
 
-    sampler: str = opt("ddim", "Sampler.", ["ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m"])
+    sampler: str = opt(
+        "ddim", "Sampler (euler_sde: flow models only, Euler-Maruyama on the reverse SDE that "
+        "keeps the flow's marginals, Ma et al. 2024).",
+        ["ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "euler_sde"])
     steps: int = opt(50, "Sampling steps.")
     guidance: float = opt(7.5, "Classifier-free guidance scale (1: off).")
     guidance_rescale: float = opt(0.0, "Guidance rescale phi (Lin et al. 2024).")

@@ -25,7 +25,7 @@ def test_demo_quick_runs_all_stages_and_reuses_them(tmp_path: Path,
     args = ["--quick", "--out", str(out), "--configs", str(ROOT / "configs" / "demo")]
     assert demo.main(args) == 0
     stages = json.loads((out / "stages.json").read_text())
-    assert len(stages) == 7
+    assert len(stages) == 8
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "samples" / "labelled.png").is_file()
     report = json.loads((out / "report.json").read_text())
@@ -33,8 +33,12 @@ def test_demo_quick_runs_all_stages_and_reuses_them(tmp_path: Path,
     g = float(load([ROOT / "configs" / "demo" / "ldm.yaml"]).sampling.guidance)
     assert g > 1.0 and ("seen", 1.0) in groups
     assert ("held-out", g) in groups and ("paraphrase", g) in groups
-    assert "stage wall times" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "stage wall times" in text
+    fsd = json.loads((out / "fsd.json").read_text())  # stage 8: --quick samples 16 val captions
+    assert fsd["n_generated"] == fsd["n_reference"] == 16 and fsd["fsd"] >= 0
+    assert "Frechet shape distance" in text and "NOT Inception FID" in text
     capsys.readouterr()
 
     assert demo.main(args) == 0  # everything is reused
-    assert capsys.readouterr().out.count("reusing") == 7
+    assert capsys.readouterr().out.count("reusing") == 8

@@ -23,7 +23,9 @@ Design: one DDPM process, two coordinate systems.
 Flow matching (`ldm.diffusion.flow`, `flow_loss`, `flow_sampling`): x_t = (1 − t)·x0 + t·ε with
 a velocity target. `FlowSchedule` stands where `NoiseSchedule` does (σ = t/(1 − t), network
 timestep 1000·t), `Denoiser` turns the velocity into x̂0, and `Sampler` runs Euler/Heun on the
-flow ODE over diffusers' FlowMatch grid, so guidance and the U-Net need no special case.
+flow ODE (or Euler–Maruyama on its marginal-preserving SDE, ``euler_sde``) over diffusers'
+FlowMatch grid, so guidance and the U-Net need no special case. `SAMPLER_NAMES` lists every
+name a user can pick (``SAMPLERS`` plus the flow-only ones).
 
 Zero terminal SNR: training uses the exact ᾱ_T = 0. Sampling from t = T − 1 with DDIM/DDPM
 keeps it (σ = ∞, where the state is x_T itself, as in diffusers' DDIM/DDPM); the σ-space
@@ -40,6 +42,7 @@ from ldm.diffusion.denoiser import (
 )
 from ldm.diffusion.flow import FlowSchedule, is_flow
 from ldm.diffusion.flow_loss import FlowLoss
+from ldm.diffusion.flow_sampling import FLOW_ONLY
 from ldm.diffusion.grids import GRIDS, Grid, diffusers_grid, exact_grid
 from ldm.diffusion.guidance import CFGDenoiser, rescale_guidance
 from ldm.diffusion.losses import DiffusionLoss, LossOutput, diffusion_loss, min_snr_weight
@@ -70,7 +73,10 @@ from ldm.diffusion.timesteps import (
     spaced_timesteps,
 )
 
+SAMPLER_NAMES = (*SAMPLERS, *sorted(FLOW_ONLY))  # every sampling.sampler a user can pick
+
 __all__ = [
+    "SAMPLER_NAMES",
     "FlowLoss",
     "FlowSchedule",
     "is_flow",

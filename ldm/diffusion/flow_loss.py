@@ -5,6 +5,7 @@ See `ldm.diffusion.flow` for the process x_t = (1 − t)·x0 + t·ε and its σ-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from torch import Tensor
 from ldm.diffusion.flow import FLOW_TIMESTEP_SAMPLING, FlowSchedule, sample_flow_t, shift_t
 from ldm.diffusion.losses import LossOutput
 from ldm.diffusion.noise import offset_noise as make_noise
+
+MODE_SCALE_MAX = 2 / (math.pi - 2)  # Esser et al. 2024, eq. 20: f_mode is monotone for s ≤ this
 
 
 class FlowLoss:
@@ -28,7 +31,7 @@ class FlowLoss:
         timestep_sampling: ``uniform``, ``logit_normal``, ``mode`` or ``cosmap``.
         logit_mean: m of ``logit_normal``.
         logit_std: s of ``logit_normal``.
-        mode_scale: s of ``mode``.
+        mode_scale: s of ``mode``, in [−1, 2/(π − 2)] (where f_mode is a bijection of [0, 1]).
         offset_noise: offset-noise strength (0 disables).
     """
 
@@ -38,6 +41,11 @@ class FlowLoss:
         if timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
             raise ValueError(f"unknown flow timestep sampling {timestep_sampling!r}; valid: "
                              f"{', '.join(FLOW_TIMESTEP_SAMPLING)}")
+        if logit_std <= 0:
+            raise ValueError(f"flow_logit_std must be > 0, got {logit_std}")
+        if not -1 <= mode_scale <= MODE_SCALE_MAX:
+            raise ValueError(f"flow_mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (2/(pi - 2): "
+                             f"beyond, f_mode is not monotone), got {mode_scale}")
         self.timestep_sampling = timestep_sampling
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.offset_noise = offset_noise

@@ -1,4 +1,5 @@
-"""Sampling a flow-matching model: diffusers' flow grid and Euler/Heun on the flow ODE.
+"""Sampling a flow-matching model: diffusers' flow grid, Euler/Heun on the flow ODE, and the
+Euler–Maruyama sampler of the marginal-preserving reverse SDE.
 
 The samplers integrate dx_t/dt = v(x_t, t) from t = 1 (x_1 = ε, the prior noise itself) to
 t = 0 in the flow's own time t, calling the σ-space denoiser (so `CFGDenoiser` and guidance work
@@ -9,11 +10,15 @@ update), so `ldm.diffusion.samplers.sample_euler` would agree but for the σ = �
 not: the trapezoid in σ averages ε̂ (dx/dσ), the one in t averages v̂ (dx_t/dt), and σ(t) is not
 affine, so the flow Heun below is the one diffusers' `FlowMatchHeunDiscreteScheduler` runs.
 DPM-Solver++(2M) is the σ-space `ldm.diffusion.samplers.sample_dpmpp_2m` on `flow_dpm_grid`.
+
+`run_flow_sampler` is the σ-space entry (`Sampler.run` calls it for a `FlowGrid`): it takes and
+returns σ-space samples, so img2img and inpainting walk a tail of a flow grid as for DDPM models.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +26,7 @@ from torch import Tensor
 
 from ldm.diffusion.flow import FlowSchedule, shift_t
 from ldm.diffusion.grids import Grid
+from ldm.diffusion.noise import Generators, randn
 from ldm.diffusion.samplers import Callback, DenoiserFn, _report, _steps, sample_dpmpp_2m
 
 FLOW_SCHEDULER_CLASSES = {"euler": "FlowMatchEulerDiscreteScheduler",
@@ -29,6 +35,13 @@ FLOW_SCHEDULER_CLASSES = {"euler": "FlowMatchEulerDiscreteScheduler",
 # λ = −log σ, is the same for any process written as x = x0 + σ·ε; Lu et al. 2022, Alg. 2) on the
 # grid of diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=α).
 FLOW_DPM = "dpmpp_2m"
+FLOW_ONLY = frozenset({"euler_sde"})  # samplers that run flow-matching models only
+FLOW_STOCHASTIC = frozenset({"euler_sde"})  # these accept ``generator``
+
+
+@dataclass(frozen=True)
+class FlowGrid(Grid):
+    """A `Grid` of a flow-matching model: `Sampler.run` walks it with the flow samplers."""
 
 
 def flow_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None) -> Grid:
@@ -52,7 +65,7 @@ def flow_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None =
         torch.tensor([t_max], dtype=torch.float64)
     t = shift_t(ts / T, alpha).float()
     sigmas = FlowSchedule.flow_t_to_sigma(torch.cat([t, t.new_zeros(1)]).double()).float()
-    return Grid(sigmas, (t * T).float(), 1.0, 1.0)
+    return FlowGrid(sigmas, (t * T).float(), 1.0, 1.0)
 
 
 def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None
@@ -71,7 +84,8 @@ def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | No
     timesteps = (t * T).long().float()
     t32 = torch.cat([t, t.new_zeros(1)]).float()
     sigmas = FlowSchedule.flow_t_to_sigma(t32.double()).float()
-    return Grid(sigmas, timesteps, 1 / (1 - float(t32[0])), 1.0, lower_order_final=steps < 15)
+    return FlowGrid(sigmas, timesteps, 1 / (1 - float(t32[0])), 1.0,
+                    lower_order_final=steps < 15)
 
 
 def _velocity(denoiser: DenoiserFn, x_t: Tensor, sigma: Tensor, t: Tensor,
@@ -132,7 +146,49 @@ def sample_flow_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
     return x
 
 
-FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun}
+@torch.no_grad()
+def sample_flow_euler_maruyama(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+                               extra_args: Mapping[str, Any] | None = None,
+                               callback: Callback | None = None, disable_progress: bool = False,
+                               generator: Generators | None = None,
+                               noise_scale: float = 1.0) -> Tensor:
+    """Euler–Maruyama on the reverse SDE that keeps the flow's marginals p_t.
+
+    For any diffusion coefficient w_t ≥ 0 the SDE dX = [v + ½·w_t·∇log p_t] dt + sqrt(w_t) dW
+    has the marginals of the flow ODE dX = v dt (Fokker–Planck; Ma et al. 2024, "SiT", §2.3;
+    Albergo, Boffi & Vanden-Eijnden 2023, "Stochastic Interpolants", §2), and so does its time
+    reversal, run here from t = 1 to 0 in steps h = t − t' > 0:
+
+        x_{t'} = x_t − h·v̂ + ½·w_t·h·ŝ + sqrt(w_t·h)·z,  z ~ N(0, I).
+
+    The score follows from the velocity (x_t = (1 − t)·x0 + t·ε, so ∇log p_t = −E[ε | x_t]/t):
+    ŝ = −ε̂/t with ε̂ = x_t + (1 − t)·v̂. The diffusion is SiT's ``sigma`` form w_t =
+    ``noise_scale``·σ_t = ``noise_scale``·t (its default, norm 1), under which w_t·ŝ = −ε̂ stays
+    bounded as t → 0. The last step to t = 0 is the noise-free drift onto x̂0 (SiT's ``Mean``
+    last step; the ODE Euler step lands there too). One noise draw per step but the last, after
+    the network call, from ``generator`` (one, or one per sample). ``noise_scale`` = 0 is
+    `sample_flow_euler`. Other arguments as `sample_flow_euler`.
+    """
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    sigmas = sigmas.to(x.device)
+    ts = FlowSchedule.sigma_to_flow_t(sigmas.double()).float()
+    host = ts.cpu()
+    for i in _steps(len(sigmas) - 1, disable_progress):
+        v, x0 = _velocity(denoiser, x, sigmas[i], ts[i], extra_args)
+        _report(callback, i, x, sigmas[i], sigmas[i + 1], x0)
+        h = ts[i] - ts[i + 1]
+        if host[i + 1] <= 0 or not noise_scale:
+            x = x - h * v
+            continue
+        eps = x + (1 - ts[i]) * v  # ε̂; w_t·ŝ = −noise_scale·ε̂ with w_t = noise_scale·t
+        z = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x - h * v - 0.5 * noise_scale * h * eps + (noise_scale * ts[i] * h).sqrt() * z
+    return x
+
+
+FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun,
+                 "euler_sde": sample_flow_euler_maruyama}
 
 
 def get_flow_sampler(name: str, eta: float = 0.0) -> Any:
@@ -150,37 +206,33 @@ def get_flow_sampler(name: str, eta: float = 0.0) -> Any:
         return FLOW_SAMPLERS[name]
     except KeyError:
         raise ValueError(f"sampler {name!r}{' with eta > 0' if name == 'ddim' else ''} does not "
-                         "run flow-matching models; use sampling.sampler=euler, heun or dpmpp_2m"
-                         ) from None
+                         "run flow-matching models; use sampling.sampler=euler, heun, euler_sde "
+                         "or dpmpp_2m") from None
 
 
-def sample_flow(sampler: str, steps: int, denoiser: DenoiserFn, noise: Tensor,
-                schedule: FlowSchedule, *, callback: Callback | None = None,
-                extra_args: Mapping[str, Any] | None = None,
-                disable_progress: bool = False, eta: float = 0.0) -> Tensor:
-    """Run ``sampler`` for ``steps`` on a flow model from prior noise x_1 ~ N(0, I).
+def run_flow_sampler(sampler: str, denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+                     eta: float = 0.0, generator: Generators | None = None,
+                     callback: Callback | None = None,
+                     extra_args: Mapping[str, Any] | None = None,
+                     disable_progress: bool = False, lower_order_final: bool = False) -> Tensor:
+    """Walk ``sigmas`` (part of a `FlowGrid`) with ``sampler``, σ-space in and out.
 
-    The grid's shift is resolved for the latent size of ``noise``; the network gets diffusers'
-    timesteps T·t at the grid's points.
+    ``x`` is the σ-space sample x0 + σ·ε at ``sigmas[0]`` (x_1 = ε itself at σ = ∞); the ODE/SDE
+    samplers step the flow state x_t = x/(1 + σ) and the result is read back at ``sigmas[-1]``.
+    DPM-Solver++(2M) steps σ-space directly.
     """
-    size = tuple(noise.shape[-2:])
-    if sampler == "dpmpp_2m":  # σ-space DPM-Solver++(2M) on diffusers' flow-sigma grid
-        grid = flow_dpm_grid(schedule, steps, size)
-        if hasattr(denoiser, "with_timesteps"):
-            denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
-        x = sample_dpmpp_2m(denoiser, noise.float() * grid.init_scale, grid.sigmas,
-                            extra_args=extra_args, callback=callback,
-                            disable_progress=disable_progress,
-                            lower_order_final=grid.lower_order_final)
-        return x.to(noise.dtype)
-    grid = flow_grid(schedule, steps, size)
-    if hasattr(denoiser, "with_timesteps"):
-        denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
     fn = get_flow_sampler(sampler, eta)
-    x = fn(denoiser, noise.float(), grid.sigmas, extra_args=extra_args, callback=callback,
-           disable_progress=disable_progress)
-    return x.to(noise.dtype)
+    opts: dict[str, Any] = {"extra_args": extra_args, "callback": callback,
+                            "disable_progress": disable_progress}
+    if sampler == FLOW_DPM:
+        return fn(denoiser, x, sigmas, lower_order_final=lower_order_final, **opts)
+    if sampler in FLOW_STOCHASTIC:
+        opts["generator"] = generator
+    first, last = float(sigmas[0]), float(sigmas[-1])
+    x_t = x if first == float("inf") else x / (1 + first)
+    return fn(denoiser, x_t, sigmas, **opts) * (1 + last)
 
 
-__all__ = ["FLOW_SAMPLERS", "FLOW_SCHEDULER_CLASSES", "flow_grid", "get_flow_sampler",
-           "sample_flow", "sample_flow_euler", "sample_flow_heun"]
+__all__ = ["FLOW_ONLY", "FLOW_SAMPLERS", "FLOW_SCHEDULER_CLASSES", "FLOW_STOCHASTIC",
+           "FlowGrid", "flow_dpm_grid", "flow_grid", "get_flow_sampler", "run_flow_sampler",
+           "sample_flow_euler", "sample_flow_euler_maruyama", "sample_flow_heun"]

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.flow import is_flow
-from ldm.diffusion.flow_sampling import flow_dpm_grid, flow_grid, get_flow_sampler, sample_flow
+from ldm.diffusion.flow_sampling import (
+    FLOW_ONLY,
+    FlowGrid,
+    flow_dpm_grid,
+    flow_grid,
+    get_flow_sampler,
+    run_flow_sampler,
+)
 from ldm.diffusion.grids import (
     GRIDS,
     KARRAS_SAMPLERS,
@@ -32,7 +39,8 @@ class Sampler:
     one-line ValueError listing the valid ones).
 
     Args:
-        sampler: ``ddim``, ``ddpm``, ``euler``, ``euler_a``, ``heun`` or ``dpmpp_2m``.
+        sampler: ``ddim``, ``ddpm``, ``euler``, ``euler_a``, ``heun`` or ``dpmpp_2m``; for
+            flow-matching models also ``euler_sde`` (`ldm.diffusion.flow_sampling`).
         steps: number of sampling steps N (Heun calls the network 2N − 1 times).
         eta: DDIM η (Song et al. 2021, eq. 16), used by ``ddim`` only; ``ddpm`` and
             ``euler_a`` are the η = 1 ancestral samplers.
@@ -66,7 +74,8 @@ class Sampler:
         clip_sample: float | None = None,
         disable_progress: bool = False,
     ) -> None:
-        get_sampler(sampler)
+        if sampler not in FLOW_ONLY:
+            get_sampler(sampler)
         if grid not in GRIDS:
             raise ValueError(f"unknown sampling grid {grid!r}; valid: {', '.join(GRIDS)}")
         if grid == "diffusers" and karras and sampler not in KARRAS_SAMPLERS:
@@ -105,13 +114,18 @@ class Sampler:
             f"clip_sample={self.clip_sample})"
         )
 
-    def grid(self, schedule: NoiseSchedule) -> Grid:
-        """The `Grid` this sampler walks for ``schedule`` (static shift for a flow model)."""
+    def grid(self, schedule: NoiseSchedule, size: tuple[int, int] | None = None) -> Grid:
+        """The `Grid` this sampler walks for ``schedule``; a flow model's is a `FlowGrid`
+        shifted for a latent of ``size`` = (h, w) (None: the static shift)."""
         if is_flow(schedule):
             get_flow_sampler(self.sampler, self.eta)
             if self.sampler == "dpmpp_2m":
-                return flow_dpm_grid(schedule, self.steps)
-            return flow_grid(schedule, self.steps)
+                return flow_dpm_grid(schedule, self.steps, size)
+            return flow_grid(schedule, self.steps, size)
+        if self.sampler in FLOW_ONLY:
+            raise ValueError(f"sampler {self.sampler!r} runs flow-matching models only "
+                             "(model.diffusion.objective=flow); use euler_a, the stochastic "
+                             "sampler of DDPM models")
         if self.grid_kind == "exact":
             return exact_grid(schedule, self.steps, self.timestep_spacing, self.steps_offset,
                               self.karras, self.final_sigma)
@@ -148,11 +162,8 @@ class Sampler:
         Returns:
             (B, ...) DDPM-space sample at the final σ (the clean latent for ``final_sigma="zero"``).
         """
-        if is_flow(schedule):  # Euler/Heun on the flow ODE (ldm.diffusion.flow_sampling)
-            return sample_flow(self.sampler, self.steps, denoiser, noise, schedule,
-                               callback=callback, extra_args=extra_args,
-                               disable_progress=self.disable_progress, eta=self.eta)
-        grid = self.grid(schedule)
+        # a flow model's grid is shifted for this latent size (ldm.diffusion.flow_sampling)
+        grid = self.grid(schedule, tuple(noise.shape[-2:]) if is_flow(schedule) else None)
         # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ
         # units), or diffusers' init_noise_sigma for its σ-space schedulers
         x = self.run(denoiser, noise.float() * grid.init_scale, grid, generator=generator,
@@ -182,6 +193,12 @@ class Sampler:
             raise ValueError(f"steps {start}..{stop} are outside the {n}-step grid")
         if grid.timesteps is not None and hasattr(denoiser, "with_timesteps"):
             denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
+        if isinstance(grid, FlowGrid):  # flow ODE/SDE samplers, σ-space in and out
+            return run_flow_sampler(self.sampler, denoiser, x.float(),
+                                    grid.sigmas[start : stop + 1], eta=self.eta,
+                                    generator=generator, callback=callback,
+                                    extra_args=extra_args, disable_progress=self.disable_progress,
+                                    lower_order_final=grid.lower_order_final)
         opts: dict[str, Any] = {
             "extra_args": extra_args,
             "callback": callback,

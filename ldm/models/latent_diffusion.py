@@ -276,13 +276,15 @@ class LatentDiffusion(nn.Module):
             z = sampler(denoiser, latents, self.schedule, generator=generator, callback=callback,
                         extra_args=extra)
         else:
-            grid = sampler.grid(self.schedule)
+            grid = sampler.grid(self.schedule, tuple(latents.shape[-2:]))  # (flow shift size)
             start = img2img_start(sampler.steps, strength)
             sigmas = grid.sigmas[start:]
             z0, eps = init_latents.to(device).float(), latents.float()
-            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε; for
-            # inpainting at strength 1, pure noise at the grid's start, as diffusers' pipeline.
-            pure = mask is not None and strength == 1.0
+            # SDEdit's forward process, in σ space (Karras et al. 2022): x = z_0 + σ·ε (for a
+            # flow model x_t = (1 − t)·z_0 + t·ε read at σ = t/(1 − t), diffusers' scale_noise);
+            # for inpainting at strength 1, or a grid starting at σ = ∞ (flow, zero terminal
+            # SNR), pure noise at the grid's start, as diffusers' pipelines.
+            pure = (mask is not None and strength == 1.0) or bool(torch.isinf(sigmas[0]))
             x = eps * grid.init_scale if pure else z0 + sigmas[0] * eps
             if mask is None or masked_latents is not None:  # img2img, or an inpainting U-Net
                 z = sampler.run(denoiser, x, grid, start, generator=generator,

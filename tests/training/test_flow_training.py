@@ -70,6 +70,19 @@ def test_train_resume_then_sample_a_flow_model(shapes_data: dict[str, str], tmp_
         a, b = (np.asarray(Image.open(o / f)) for o in outs)
         assert np.array_equal(a, b) and a.std() > 0, f
     assert Image.open(outs[0] / files[0]).text["sampler"] == "heun"
+    # img2img from the trained flow model, with the stochastic flow sampler: same seed, same image
+    init = tmp_path / "init.png"
+    Image.open(outs[0] / files[0]).save(init)
+    runs = []
+    for name in ("i", "j"):
+        out = tmp_path / name
+        assert sample.main(["--ckpt", str(ckpt), "--prompt", "a small red circle", "--steps", "4",
+                            "--sampler", "euler_sde", "--seed", "3", "--init-image", str(init),
+                            "--strength", "0.5", "--outdir", str(out)]) == 0
+        runs.append(next(out.glob("0000-*.png")))
+    assert np.array_equal(*(np.asarray(Image.open(r)) for r in runs))
+    meta = Image.open(runs[0]).text
+    assert meta["sampler"] == "euler_sde" and meta["strength"] == "0.5"
     assert sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--sampler", "euler_a",
                         "--outdir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
