@@ -136,6 +136,8 @@ def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule) -> tuple[U
             out.loss.mean().backward()
             opt.step()
             step += 1
+            if step % 100 == 0:
+                print(f"  step {step}/{steps}  loss {out.loss.mean().item():.4f}", flush=True)
             if step == steps:
                 break
         epoch += 1
@@ -182,8 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         bucketed = ShardDataset(pattern, buckets=bucket_set(
             {"enabled": True, "sizes": [[16, 24], [24, 16]], "step": 8}), **common)
         cropped = ShardDataset(pattern, image_size=16, **common)
-        nets = {name: train(ds, args.steps, schedule)
-                for name, ds in (("bucketed", bucketed), ("centre crop", cropped))}  # fmt: skip
+        nets = {}
+        for name, ds in (("bucketed", bucketed), ("centre crop", cropped)):
+            print(f"training {name}", flush=True)
+            nets[name] = train(ds, args.steps, schedule)
     lost, cut = crop_loss(images)
     print(f"{args.train_samples} training images (half 16x24, half 24x16), {args.steps} steps "
           f"of batch {args.batch} per model, {args.samples} DDIM-{args.sample_steps} samples "
