@@ -18,8 +18,8 @@ real CLIs a user runs:
 6. score both, and write ``report.md`` / ``report.json``: adherence on the new concept before and
    after, on the old ones (forgetting), trainable parameters, wall time and LoRA file size.
 
-Outputs go to ``demo_runs/finetune/`` (``--out``); finished stages are reused (``--fresh`` starts
-over).
+Outputs go to ``demo_runs/finetune-<concept>/`` (``--out``); finished stages are reused
+(``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ldm.data.shapes_vocab import EXTRA_COLORS
 from ldm.demo import Stages
 
 CONFIGS = Path("configs/demo")
@@ -124,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Teach the demo's model a new colour (LoRA and "
                                      "full fine-tuning) and measure it. Run `make demo` first.")
     parser.add_argument("--demo", type=Path, default=DEMO, help="the finished `make demo` output")
-    parser.add_argument("--out", type=Path, default=None, help="output (default: DEMO/finetune)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output (default: DEMO/finetune-CONCEPT)")
     parser.add_argument("--configs", type=Path, default=CONFIGS, help="config tree")
+    parser.add_argument("--concept", default=CONCEPT, choices=sorted(EXTRA_COLORS),
+                        help="the colour word to teach")
     parser.add_argument("--num-train", type=int, default=1024, help="fine-tuning images")
     parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
     parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
     parser.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline")
     args = parser.parse_args(argv)
     demo, configs = args.demo, args.configs
-    out = args.out or demo / "finetune"
+    concept = args.concept
+    out = args.out or demo / f"finetune-{concept}"
     base = demo / "ldm" / "checkpoints" / "last.safetensors"
     ae = demo / "autoencoder" / "checkpoints" / "last.safetensors"
     for needed in (base, ae, demo / "data" / "metadata.json"):
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("1 data", data / "metadata.json", lambda: shapes.main(
         ["--config", str(configs / "shapes.yaml"), "--out", str(data), f"num_train={num_train}",
          "num_val=64", "num_heldout=0", f"samples_per_shard={num_train}", "seed=1",
-         f"extra_colors=[{CONCEPT}]", "extra_color_fraction=0.5"]) and 0)
+         f"extra_colors=[{concept}]", "extra_color_fraction=0.5"]) and 0)
     ldm_cfg = configs / "ldm.yaml"
     shards = [f"data.train_shards=[{data}/train/shapes-train-000000.tar]",
               f"data.val_shards=[{data}/val/shapes-val-000000.tar]"]
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
          f"model.autoencoder_ckpt={ae}", *shards]))
 
     geometry = geometry_from_metadata(data / "metadata.json")
-    prompts = concept_prompts(CONCEPT, 2 if args.quick else NEW_PROMPTS) + \
+    prompts = concept_prompts(concept, 2 if args.quick else NEW_PROMPTS) + \
         old_prompts(demo / "data" / "metadata.json")[: 2 if args.quick else None]
     scores_path = out / "scores.json"
     scores: dict[str, Any] = json.loads(scores_path.read_text()) if scores_path.exists() else {}
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                      *common, f"run.name=finetune-{mode}"]
         stages.run(f"4 fine-tune {mode}", ckpt, lambda o=overrides: train.main(o))
         runs[mode] = ckpt
-    lora_file = out / f"lora-{CONCEPT}.safetensors"
+    lora_file = out / f"lora-{concept}.safetensors"
     stages.run("5 export LoRA", lora_file, lambda: lora_keys.main(
         ["--ckpt", str(runs["lora"]), "--format", "ldm", "--out", str(lora_file)]) or 0)
     for mode, ckpt in runs.items():
@@ -206,19 +211,19 @@ def main(argv: list[str] | None = None) -> int:
              "file_bytes": lora_file.stat().st_size if name == "lora" else None,
              "new": scores[name]["new"], "old": scores[name]["old"]}
             for name in ("before", "lora", "full")]
-    report = {"concept": CONCEPT, "samples_per_prompt": n,
+    report = {"concept": concept, "samples_per_prompt": n,
               "prompts": {"new": sum(p.group == "new" for p in prompts),
                           "old": sum(p.group == "old" for p in prompts)},
               "rows": rows, "stages": stages.times,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"torch {torch.__version__}"}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = format_table(rows, CONCEPT)
-    lines = [f"# make demo-finetune report: teaching the demo's model \"{CONCEPT}\"", "",
+    table = format_table(rows, concept)
+    lines = [f"# make demo-finetune report: teaching the demo's model \"{concept}\"", "",
              f"adherence at the demo's guidance, {n} samples per prompt: "
-             f"{report['prompts']['new']} {CONCEPT} prompts (new), {report['prompts']['old']} "
+             f"{report['prompts']['new']} {concept} prompts (new), {report['prompts']['old']} "
              "seen and held-out demo prompts (old); analyser palette: six colours + "
-             f"{CONCEPT}", "", "```", table, "```", "", "stage wall times:"]
+             f"{concept}", "", "```", table, "```", "", "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")

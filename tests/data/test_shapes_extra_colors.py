@@ -44,26 +44,26 @@ def test_default_and_demo_samples_are_byte_identical() -> None:
     assert _digest(load_config(str(ROOT / "configs" / "demo" / "shapes.yaml"))) == UNCHANGED["demo"]
 
 
-def test_extra_color_mixes_in_and_is_recognised(tmp_path: Path) -> None:
+@pytest.mark.parametrize("color", sorted(EXTRA_COLORS))
+def test_extra_color_mixes_in_and_is_recognised(tmp_path: Path, color: str) -> None:
     meta = shapes.main(["--config", str(ROOT / "configs" / "demo" / "shapes.yaml"),
                         "--out", str(tmp_path), "num_train=120", "num_val=0", "num_heldout=0",
-                        "extra_colors=[pink]", "extra_color_fraction=0.5", "workers=1"])
-    assert meta["vocabulary"]["color"][-1] == "pink"
+                        f"extra_colors=[{color}]", "extra_color_fraction=0.5", "workers=1"])
+    assert meta["vocabulary"]["color"][-1] == color
     geometry = geometry_from_metadata(tmp_path / "metadata.json")
-    assert geometry.colors[-1] == "pink"
-    cfg = load_config(None, [f"{k}={v}" for k, v in [("image_size", 32), ("radii.small", 0.13)]]
-                      + ["extra_colors=[pink]"])
+    assert geometry.colors[-1] == color
+    cfg = load_config(str(ROOT / "configs" / "demo" / "shapes.yaml"), [f"extra_colors=[{color}]"])
     samples = [make_sample(cfg, "train", i) for i in range(120)]
-    pink = [s for s in samples if s["json"]["color"] == "pink"]
-    assert 40 <= len(pink) <= 80  # about half
-    assert all("pink" in s["txt"] for s in pink)
-    assert parse_attributes(pink[0]["txt"])["color"] == "pink"
-    for s in pink[:20]:
+    new = [s for s in samples if s["json"]["color"] == color]
+    assert 40 <= len(new) <= 80  # about half
+    assert all(color in s["txt"] for s in new)
+    assert parse_attributes(new[0]["txt"])["color"] == color
+    for s in new[:20]:
         image = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
         found = analyse_shape(image, geometry)
-        assert found.color == "pink", (s["txt"], found)
+        assert found.color == color and found.found, (s["txt"], found)
     # Without the metadata's extra colour the analyser has no word for it.
-    assert analyse_shape(image, geometry_from_metadata({"config": {}})).color != "pink"
+    assert analyse_shape(image, geometry_from_metadata({"config": {}})).color != color
 
 
 @pytest.mark.parametrize("color", sorted(EXTRA_COLORS))
