@@ -62,10 +62,10 @@ def test_demo_finetune_quick_reports_before_and_after(quick_demo: Path, tmp_path
             "--configs", str(ROOT / "configs" / "demo")]
     assert demo_finetune.main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["concept"] == "pink"
+    assert report["concept"] == "brown"
     rows = {row["model"]: row for row in report["rows"]}
     assert list(rows) == ["before", "lora", "full"]
-    lora_file = out / "lora-pink.safetensors"
+    lora_file = out / "lora-brown.safetensors"
     assert rows["lora"]["file_bytes"] == lora_file.stat().st_size > 0
     assert 0 < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] / 50
     for name, row in rows.items():
@@ -77,7 +77,7 @@ def test_demo_finetune_quick_reports_before_and_after(quick_demo: Path, tmp_path
         cfg = load([out / f"finetune-{mode}" / "config.yaml"])
         assert cfg.model.init_from.path == str(base) and cfg.model.init_from.fingerprint
         assert (cfg.model.lora.rank > 0) == (mode == "lora")
-    assert "pink colour" in (out / "report.md").read_text()
+    assert "brown colour" in (out / "report.md").read_text()
 
 
 def test_demo_finetune_needs_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,9 +30,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 #: Opt-in colours (``ShapesConfig.extra_colors``), never drawn by default: a concept a model
 #: trained on the default data has never seen (``ldm.demo_finetune`` teaches it). Each is far
-#: in CIELAB from COLORS and BACKGROUNDS (nearest: pink 47 ΔE*ab from purple; black 77 from
-#: light gray, 83 from purple). Pink lies between red and purple, black beyond every colour.
-EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"pink": (240, 100, 170), "black": (30, 30, 30)}
+#: in CIELAB from COLORS and BACKGROUNDS (nearest: pink 47 ΔE*ab from purple; brown 54 from
+#: orange, 55 from red).
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"pink": (240, 100, 170), "brown": (130, 70, 30)}
 #: Every colour a sample may show: COLORS, then EXTRA_COLORS.
 PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
