@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ldm.data.shapes_vocab import EXTRA_COLORS
@@ -88,14 +89,31 @@ def score(ckpt: Path, prompts: list[Any], geometry: Any, n: int, steps: int | No
         cfg.sampling.steps = steps
     sampler = build.build_sampler(cfg.sampling, disable_progress=True)
     guidance = float(cfg.sampling.guidance)
-    scored = []
+    scored, errors = [], {}
     for p in prompts:
         noise = torch.randn(model.latent_shape(n, cfg.data.image_size, cfg.data.image_size),
                             generator=torch.Generator().manual_seed(1000))
         images, _ = model.generate([p.prompt] * n, sampler, guidance=guidance, latents=noise,
                                    generator=torch.Generator().manual_seed(1000))
         scored += score_pairs([(p, img) for img in images], guidance=guidance, geometry=geometry)
-    return {row.group: row.to_dict() for row in summarise(scored, total=False)}
+        errors.setdefault(p.group, []).extend(color_errors(images, p.target["color"], geometry))
+    rows = {row.group: row.to_dict() for row in summarise(scored, total=False)}
+    for group, row in rows.items():
+        row["delta_e"] = float(np.median(errors[group])) if errors[group] else math.nan
+    return rows
+
+
+def color_errors(images: Any, color: str, geometry: Any) -> list[float]:
+    """CIELAB ΔE*ab (CIE 1976) between the drawn shape colour of each image (where the analyser
+    finds a shape) and the palette RGB of ``color``: how close a colour comes, where the
+    analyser's nearest-colour name only says which palette colour is closest."""
+    from ldm.data.shapes_vocab import PALETTE
+    from ldm.eval.shapes import analyse_shape, srgb_to_lab
+
+    target = srgb_to_lab(np.asarray(PALETTE[color]) / 255.0)
+    found = [analyse_shape(image, geometry) for image in images]
+    return [float(np.linalg.norm(srgb_to_lab(np.asarray(a.features["rgb"])) - target))
+            for a in found if a.found]
 
 
 def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -> dict[str, Any]:
@@ -105,7 +123,6 @@ def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -
     import io
     import tarfile
 
-    import numpy as np
     from PIL import Image
 
     from ldm import build
@@ -123,7 +140,8 @@ def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -
     with torch.no_grad():
         decoded = model.decode_latents(model.encode_images(x))
     hits = [analyse_shape(image, geometry).color == color for image in decoded]
-    return {"count": len(hits), "color": sum(hits) / len(hits)}
+    return {"count": len(hits), "color": sum(hits) / len(hits),
+            "delta_e": float(np.median(color_errors(decoded, color, geometry)))}
 
 
 def tensor_count(path: Path, prefix: str = "", skip: str | None = None) -> int:
@@ -139,15 +157,17 @@ def tensor_count(path: Path, prefix: str = "", skip: str | None = None) -> int:
 def format_table(rows: list[dict[str, Any]], concept: str) -> str:
     """The report's table: one line per model (before, LoRA, full)."""
     header = (f"{'model':<10}{'trainable':>11}{'train s':>9}{'file':>10}"
-              f"{concept + ' colour':>14}{concept + ' all':>11}{'old colour':>12}{'old all':>9}")
+              f"{concept + ' colour':>14}{'ΔE':>6}{concept + ' all':>11}{'old colour':>12}{'ΔE':>6}"
+              f"{'old all':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         size = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1024:.1f} KB"
         train = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         trainable = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         lines.append(f"{r['model']:<10}{trainable:>11}{train:>9}{size:>10}"
-                     f"{r['new']['color']:>14.2f}{r['new']['all']:>11.2f}"
-                     f"{r['old']['color']:>12.2f}{r['old']['all']:>9.2f}")
+                     f"{r['new']['color']:>14.2f}{r['new']['delta_e']:>6.1f}"
+                     f"{r['new']['all']:>11.2f}{r['old']['color']:>12.2f}"
+                     f"{r['old']['delta_e']:>6.1f}{r['old']['all']:>9.2f}")
     return "\n".join(lines)
 
 
@@ -261,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{concept}", "", "```", table, "```", "",
              f"ceiling: real {concept} images through the frozen autoencoder (encode, decode) "
              f"keep their colour in {report['autoencoder_round_trip']['color']:.2f} of "
-             f"{report['autoencoder_round_trip']['count']}", "", "stage wall times:"]
+             f"{report['autoencoder_round_trip']['count']}, median ΔE*ab "
+             f"{report['autoencoder_round_trip']['delta_e']:.1f} from the true {concept}; ΔE: "
+             "median CIELAB distance of the drawn colour from the asked one", "",
+             "stage wall times:"]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")

@@ -71,6 +71,7 @@ def test_demo_finetune_quick_reports_before_and_after(quick_demo: Path, tmp_path
     for name, row in rows.items():
         for group in ("new", "old"):
             assert 0.0 <= row[group]["color"] <= 1.0 and row[group]["count"] > 0, (name, group)
+            assert "delta_e" in row[group]
         assert (row["train_seconds"] is None) == (name == "before")
     base = quick_demo / "ldm" / "checkpoints" / "last.safetensors"
     for mode in ("lora", "full"):
@@ -78,6 +79,7 @@ def test_demo_finetune_quick_reports_before_and_after(quick_demo: Path, tmp_path
         assert cfg.model.init_from.path == str(base) and cfg.model.init_from.fingerprint
         assert (cfg.model.lora.rank > 0) == (mode == "lora")
     assert "brown colour" in (out / "report.md").read_text()
+    assert 0.0 <= report["autoencoder_round_trip"]["color"] <= 1.0
 
 
 def test_demo_finetune_needs_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
