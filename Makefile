@@ -1,12 +1,13 @@
 # make test  – create .venv if needed, install (CPU torch pinned), run ruff + pytest
 # make demo  – create .venv if needed, install, run the CPU demo (FRESH=1 starts over)
+# make demo-finetune – after make demo: teach its model a new colour (LoRA and full fine-tuning)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-finetune bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ test: install lint
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m ldm.demo $(if $(FRESH),--fresh,)
+
+# Opt-in second act (a few minutes more than make demo's budget); needs make demo's demo_runs/.
+demo-finetune: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m ldm.demo_finetune $(if $(FRESH),--fresh,)
 
 bench: install
 	$(BIN)/python bench/autoencoder.py

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -39,6 +39,8 @@ from ldm.data.shapes_vocab import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
     COLORS,
+    EXTRA_COLORS,
+    PALETTE,
     PARTIAL_TEMPLATES,
     SIZES,
     VOCABULARY,
@@ -89,6 +91,11 @@ class ShapesConfig:
         radii: Half-extent of a ``small`` and a ``large`` shape as a fraction of the side
             (``0 < small < large <= MAX_RADIUS``). At low resolution, raise ``small`` so a small
             circle stays distinguishable from a small square after an autoencoder.
+        extra_colors: Opt-in colours from ``EXTRA_COLORS`` (e.g. ``[pink]``) that a model
+            trained on the default data has never seen; empty (the default) leaves every sample
+            as it was, byte for byte.
+        extra_color_fraction: With ``extra_colors``: the fraction of train/val samples recoloured
+            with one of them (chosen uniformly); the rest keep the six default colours.
     """
 
     image_size: int = 64
@@ -106,6 +113,8 @@ class ShapesConfig:
     workers: int = 2
     partial_captions: float = 0.0
     radii: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RADII))
+    extra_colors: list[str] = field(default_factory=list)
+    extra_color_fraction: float = 0.5
 
 
 def check_radii(radii: Mapping[str, float]) -> None:
@@ -143,7 +152,7 @@ def render_image(
     fx, fy = _CENTERS[attrs.position]
     cx, cy = (fx + offset[0]) * side, (fy + offset[1]) * side
     r = (DEFAULT_RADII if radii is None else radii)[attrs.size] * side
-    color = COLORS[attrs.color]
+    color = PALETTE[attrs.color]
     if attrs.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
     elif attrs.shape == "square":
@@ -176,6 +185,8 @@ def make_sample(
     rng = make_rng(cfg.seed, _SPLIT_IDS[split], index)
     specs = parse_held_out(cfg.held_out) if specs is None else specs
     attrs = sample_split_attributes(rng, split, specs, cfg.backgrounds)
+    if split != "heldout" and cfg.extra_colors and rng.random() < cfg.extra_color_fraction:
+        attrs = replace(attrs, color=rng.choice(cfg.extra_colors))
     offset = (rng.uniform(-cfg.jitter, cfg.jitter), rng.uniform(-cfg.jitter, cfg.jitter))
     template = rng.randrange(len(CAPTION_TEMPLATES))
     caption = render_caption(attrs, template)
@@ -232,6 +243,13 @@ def generate(cfg: ShapesConfig, out_dir: str) -> dict[str, Any]:
     if not 0.0 <= cfg.partial_captions <= 1.0:
         raise ValueError(f"partial_captions is a fraction in [0, 1], got {cfg.partial_captions}")
     check_radii(cfg.radii)
+    unknown = set(cfg.extra_colors) - set(EXTRA_COLORS)
+    if unknown:
+        raise ValueError(
+            f"unknown extra_colors {sorted(unknown)}; choose from {list(EXTRA_COLORS)}")
+    if not 0.0 <= cfg.extra_color_fraction <= 1.0:
+        raise ValueError(
+            f"extra_color_fraction is a fraction in [0, 1], got {cfg.extra_color_fraction}")
     jobs = [(cfg, *job) for job in _shard_jobs(cfg, out_dir)]
     start = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:
@@ -243,7 +261,8 @@ def generate(cfg: ShapesConfig, out_dir: str) -> dict[str, Any]:
     shards = {s: sum(1 for job in jobs if job[1] == s) for s in SPLITS}
     metadata = {
         "config": asdict(cfg),
-        "vocabulary": {k: list(v) for k, v in VOCABULARY.items()},
+        "vocabulary": {k: list(v) for k, v in VOCABULARY.items()}
+        | {"color": [*COLORS, *cfg.extra_colors]},
         "held_out": [
             {"entry": e, "attributes": s} for e, s in zip(cfg.held_out, specs, strict=True)
         ],

@@ -28,6 +28,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 180),
     "orange": (250, 130, 20),
 }
+#: Opt-in colours (``ShapesConfig.extra_colors``), never drawn by default: a concept a model
+#: trained on the default data has never seen (``ldm.demo_finetune`` teaches it). Each is far
+#: in CIELAB from COLORS and BACKGROUNDS (nearest: pink 47 ΔE*ab from purple; brown 54 from
+#: orange, 55 from red).
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"pink": (240, 100, 170), "brown": (130, 70, 30)}
+#: Every colour a sample may show: COLORS, then EXTRA_COLORS.
+PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
@@ -59,10 +66,9 @@ class ShapeAttributes:
 
     def __post_init__(self) -> None:
         for name in ATTRIBUTES:
-            if getattr(self, name) not in VOCABULARY[name]:
-                raise ValueError(
-                    f"{name} must be one of {VOCABULARY[name]}, got {getattr(self, name)!r}"
-                )
+            allowed = tuple(PALETTE) if name == "color" else VOCABULARY[name]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, str]:
         """Plain dict of the five attributes."""
@@ -130,7 +136,8 @@ def parse_attributes(text: str) -> dict[str, str]:
         norm = norm.replace(f" {old} ", f" {new} ")
     found: dict[str, str] = {}
     for name in ("background", "color", "shape", "size", "position"):
-        for value in sorted(VOCABULARY[name], key=len, reverse=True):
+        values = PALETTE if name == "color" else VOCABULARY[name]
+        for value in sorted(values, key=len, reverse=True):
             if f" {value} " in norm:
                 found[name] = value
                 norm = norm.replace(f" {value} ", " ")

@@ -26,7 +26,7 @@ import math
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +246,12 @@ def demo_prompts_from_metadata(
 
 def geometry_from_metadata(metadata: Mapping[str, Any] | str | Path) -> ShapeGeometry:
     """The analyser's geometry for a generated dataset: its ``config.radii`` (metadata written
-    before that setting existed used the default radii)."""
-    return shape_geometry(_read_metadata(metadata).get("config", {}).get("radii"))
+    before that setting existed used the default radii), and the six colours plus the
+    ``config.extra_colors`` it lists."""
+    config = _read_metadata(metadata).get("config", {})
+    geometry = shape_geometry(config.get("radii"))
+    extra = tuple(c for c in config.get("extra_colors") or () if c not in geometry.colors)
+    return replace(geometry, colors=geometry.colors + extra) if extra else geometry
 
 
 @dataclass(frozen=True)

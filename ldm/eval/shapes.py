@@ -47,7 +47,15 @@ from typing import Any
 import numpy as np
 
 from ldm.data.shapes import DEFAULT_RADII, check_radii, render_image
-from ldm.data.shapes_vocab import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes
+from ldm.data.shapes_vocab import (
+    BACKGROUNDS,
+    COLORS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapeAttributes,
+)
 
 #: The attributes the analyser recovers and adherence scores.
 SCORED_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
@@ -65,11 +73,14 @@ class ShapeGeometry:
         centers: Position name -> shape centre ``(x, y)`` as fractions of the side.
         areas: ``(shape, size)`` -> shape area as a fraction of the image area.
         prototypes: Shape kind -> normalised complex moments ``(c3, c4)``.
+        colors: Colour names the analyser chooses from: the six default colours, plus the
+            dataset's opt-in ``extra_colors`` (:func:`ldm.eval.adherence.geometry_from_metadata`).
     """
 
     centers: dict[str, tuple[float, float]]
     areas: dict[tuple[str, str], float]
     prototypes: dict[str, tuple[float, float]]
+    colors: tuple[str, ...] = tuple(COLORS)
 
 
 @dataclass(frozen=True)
@@ -307,12 +318,14 @@ def _nearest(table: dict[str, Any], value: np.ndarray, scale: Any = None) -> tup
     return names[int(np.argmin(distances))], _margin(distances)
 
 
-@functools.lru_cache(maxsize=1)
-def _named_colors_lab() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """CIELAB of the palette and of the backgrounds."""
-    named = {**COLORS, **BACKGROUNDS}
+@functools.lru_cache(maxsize=4)
+def _named_colors_lab(
+    colors: tuple[str, ...] = tuple(COLORS),
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """CIELAB of the palette colours ``colors`` and of the backgrounds."""
+    named = {**{n: PALETTE[n] for n in colors}, **BACKGROUNDS}
     lab = {name: srgb_to_lab(np.asarray(c) / 255.0) for name, c in named.items()}
-    return {n: lab[n] for n in COLORS}, {n: lab[n] for n in BACKGROUNDS}
+    return {n: lab[n] for n in colors}, {n: lab[n] for n in BACKGROUNDS}
 
 
 def _segment(rgb: np.ndarray, geometry: ShapeGeometry) -> tuple[Any, ...] | str:
@@ -377,7 +390,7 @@ def analyse_shape(image: Any, geometry: ShapeGeometry | None = None) -> ShapeAna
     if area_fraction > 2 * max(geometry.areas.values()):
         return ShapeAnalysis(reason="foreground too large for a shape")
 
-    palette_lab, backgrounds_lab = _named_colors_lab()
+    palette_lab, backgrounds_lab = _named_colors_lab(tuple(geometry.colors))
     color_name, color_margin = _nearest(palette_lab, srgb_to_lab(color))
     background_name, _ = _nearest(backgrounds_lab, srgb_to_lab(background))
 

@@ -131,7 +131,7 @@ def test_every_phrasing_parses_back() -> None:
     with pytest.raises(ValueError):
         parse_held_out(["nothing known here"])
     with pytest.raises(ValueError):
-        ShapeAttributes("pink", "circle", "small", "center")
+        ShapeAttributes("teal", "circle", "small", "center")  # pink is an opt-in extra colour
 
 
 def test_rendered_colours_are_recoverable() -> None:
