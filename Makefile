@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev,demo]'
 	# torch-fidelity (reference FID Inception for a parity test) needs torchvision as a package,
 	# not for its Inception: installed without dependencies, outside the import path.
-	$(PIP) install -q --no-deps --target $(VENV)/reference torch-fidelity==0.4.0
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/reference torch-fidelity==0.4.0
 	@touch $(STAMP)
 
 install: $(STAMP)
