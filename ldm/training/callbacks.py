@@ -193,6 +193,10 @@ class SafetensorsCheckpoint(pl.Callback):
                 self._save_at_epoch_end = True
             else:
                 self.save(trainer, pl_module)
+        if trainer.received_sigterm and _at_last_batch(trainer):
+            # Lightning raises SIGTERMException only once this epoch is counted complete, a
+            # state a resume would misread: save when the epoch ends, as above.
+            self._save_at_epoch_end = True
         if self._stop_signal:
             log.warning("%s: saving a checkpoint at step %d and stopping", self._stop_signal, step)
             if _at_last_batch(trainer):  # as above: saved once the epoch has ended
