@@ -119,8 +119,8 @@ def _fit_until_signal(trainer: Any, module: Any, datamodule: Any, resume_ckpt: P
     try:
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
-    except SIGTERMException:  # the checkpoint callback saved in on_exception
-        return "SIGTERM"
+    except SIGTERMException as stop:  # the checkpoint callback saved in on_exception
+        return getattr(stop, "signal_name", "SIGTERM")  # SIGINT/SIGUSR1 while waiting for data
     saver = next((c for c in trainer.callbacks if isinstance(c, SafetensorsCheckpoint)), None)
     return saver.stop_signal if saver is not None else None
 

@@ -325,6 +325,10 @@ class DataConfig:
     min_size: int = opt(0, "Drop images whose shorter side is smaller.")
     max_aspect: float | None = opt(None, "Drop images with a larger aspect ratio.")
     cached: bool = opt(False, "Shards hold precomputed latents and text embeddings.")
+    read_timeout_s: float = opt(
+        300.0, "Kill a `pipe:` (or http/curl) shard reader that gives no bytes for this many "
+        "seconds, with a one-line error naming the shard; 0 waits forever."
+    )
     buckets: BucketConfig = section(BucketConfig, "Aspect-ratio buckets (off by default).")
 
 

@@ -24,13 +24,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from ldm.data.buckets import BucketSet, bucket_set
 from ldm.data.cached import empty_prompt_location, load_empty_prompt
 from ldm.data.precompute import MANIFEST_FILE
 from ldm.data.reader import NoUsableDataError, ShardDataset
-from ldm.data.shards import expand_shards, ignore_stop_signals, local_path
+from ldm.data.shards import defer_stop_signals, expand_shards, local_path
 
 logger = logging.getLogger("ldm.data")
 
@@ -49,13 +50,53 @@ class PositionedLoader(DataLoader):
             if self.position_fn is not None:
                 epoch, step, skip = self.position_fn()
                 dataset.set_position(epoch, step)
-        iterator = super().__iter__()
+        iterator = _interruptible(super().__iter__())
         if skip:
             logger.info("resuming mid-epoch: skipping %d consumed batches", skip)
             return _skipped(iterator, skip)
         if self.position_fn is not None and isinstance(dataset, ShardDataset):
             return _watched(iterator, dataset)
         return iterator
+
+
+_fetch_depth = 0
+_stop_pending: str | None = None
+
+
+class StopRequested(SIGTERMException):
+    """A stop signal arrived while the run waited for data, or before it began to: raised there,
+    so a wait that may never end (a hanging ``pipe:`` reader) ends now; the run saves and stops
+    (with the state of the last trained batch)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__()
+        self.signal_name = signal_name
+
+
+def request_stop(signal_name: str | None) -> None:
+    """Called by a stop signal's handler in the main process (None: forget a pending stop):
+    raises :class:`StopRequested` if a batch is being waited for, else the next wait raises."""
+    global _stop_pending
+    _stop_pending = signal_name
+    if signal_name and _fetch_depth > 0:
+        raise StopRequested(signal_name)
+
+
+def _interruptible(iterator: Iterator[Any]) -> Iterator[Any]:
+    """Mark each wait for a batch, so a stop signal's handler can end a wait that may never
+    return (a hanging ``pipe:`` reader) by raising, instead of waiting for the next batch."""
+    global _fetch_depth
+    while True:
+        if _stop_pending:
+            raise StopRequested(_stop_pending)
+        _fetch_depth += 1
+        try:
+            batch = next(iterator, _END)
+        finally:
+            _fetch_depth -= 1
+        if batch is _END:
+            return
+        yield batch
 
 
 def _watched(iterator: Iterator[Any], dataset: ShardDataset) -> Iterator[Any]:
@@ -131,6 +172,8 @@ class ShardDataModule(pl.LightningDataModule):
         buckets: Aspect-ratio buckets: the ``data.buckets`` options (a mapping, see
             :func:`ldm.data.buckets.bucket_set`) or a :class:`BucketSet`; None or
             ``enabled: false`` trains on ``image_size`` squares.
+        read_timeout_s: Kill a ``pipe:`` (or curl...) shard reader that gives no bytes for
+            this many seconds, with a one-line error naming the shard (0: wait forever).
         rank: Rank override (default: torch.distributed at loader creation).
         world_size: World size override.
     """
@@ -158,6 +201,7 @@ class ShardDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         empty_prompt_path: str | None = None,
         buckets: BucketSet | dict[str, Any] | None = None,
+        read_timeout_s: float = 300.0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -185,6 +229,7 @@ class ShardDataModule(pl.LightningDataModule):
             world_size=world_size,
             num_slots=num_workers + 1,
             buckets=buckets,
+            read_timeout_s=read_timeout_s,
         )
         self.train_dataset = ShardDataset(
             list(train_shards),
@@ -249,7 +294,7 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
-            worker_init_fn=ignore_stop_signals,  # the main process handles SIGTERM/SIGINT
+            worker_init_fn=defer_stop_signals,  # the main process handles SIGTERM/SIGINT
             # Its own generator: creating an iterator then draws no number from the global RNG,
             # which would shift the training noise of a resumed run.
             generator=torch.Generator().manual_seed(dataset.seed),

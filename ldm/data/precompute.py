@@ -32,7 +32,7 @@ from ldm.data.shards import (
     ShardSpec,
     assign_shards,
     check_shards_exist,
-    ignore_stop_signals,
+    defer_stop_signals,
     resolve_rank,
     worker_info,
 )
@@ -259,7 +259,7 @@ def precompute(
     spec = ImageSpec(image_size, False, False, min_size, max_aspect)
     dataset = _ShardBatches(todo, spec, caption_key, batch_size, num_workers + 1, buckets)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                        worker_init_fn=ignore_stop_signals)
+                        worker_init_fn=defer_stop_signals)
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
     for item in show_progress(loader, f"cache rank {rank}", enabled=progress):

@@ -173,6 +173,9 @@ class ShardDataset(IterableDataset):
         buckets: Aspect-ratio buckets (:mod:`ldm.data.buckets`): batches of one bucket each,
             from per-bucket buffers on each worker; ``image_size`` is then unused. With
             ``cached=True`` the cached latents are batched by their shape.
+        read_timeout_s: A subprocess reader (``pipe:``, curl...) that gives no bytes for this
+            long is killed and the read fails with :class:`ldm.data.pipe.ShardReadTimeout`
+            (0: wait forever).
         max_consecutive_skips: Resampled mode only, which never ends by itself: raise after
             this many skipped samples in a row (a misconfiguration such as a wrong
             ``caption_key``, not bad input). An exact pass just ends; its summary shows the skips.
@@ -203,6 +206,7 @@ class ShardDataset(IterableDataset):
         num_slots: int = 33,
         buckets: BucketSet | None = None,
         max_consecutive_skips: int = 10_000,
+        read_timeout_s: float = 300.0,
         name: str = "data",
     ) -> None:
         super().__init__()
@@ -229,6 +233,7 @@ class ShardDataset(IterableDataset):
         self.buckets = buckets
         self.last_batcher: BucketBatcher | None = None  # this process's latest (peak memory)
         self.max_consecutive_skips = max_consecutive_skips
+        self.read_timeout_s = read_timeout_s
         self.counter = SkipCounter(num_slots=num_slots, name=name)
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, step)
 
@@ -303,7 +308,7 @@ class ShardDataset(IterableDataset):
         empty_streak = 0
         for url in urls:
             count = 0
-            for raw in iter_tar_samples(url, self.counter):
+            for raw in iter_tar_samples(url, self.counter, self.read_timeout_s):
                 count += 1
                 yield raw
             empty_streak = 0 if count else empty_streak + 1

@@ -22,9 +22,13 @@ from typing import IO
 from urllib.parse import urlparse
 
 import torch
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe as WdsPipe
 from webdataset.gopen import gopen as wds_gopen
 from webdataset.gopen import gopen_schemes as wds_gopen_schemes
 from webdataset.shardlists import expand_urls as wds_expand_urls
+
+from ldm.data.pipe import WatchedPipe, request_stop
 
 ShardSpec = str | Sequence[str]
 
@@ -93,15 +97,22 @@ def check_shards_exist(spec: ShardSpec) -> list[str]:
     return urls
 
 
-def open_url(url: str) -> IO[bytes]:
+def open_url(url: str, read_timeout_s: float = 0.0) -> IO[bytes]:
     """Open a shard for binary reading.
 
     Local paths, ``pipe:`` and the schemes webdataset knows go through ``webdataset.gopen``;
-    other schemes go through fsspec when it is installed.
+    other schemes go through fsspec when it is installed. A shard read from a subprocess
+    (``pipe:``, and webdataset's curl/gsutil schemes) is a :class:`ldm.data.pipe.WatchedPipe`:
+    it kills a command that produces no bytes for ``read_timeout_s`` seconds (0: never).
     """
     scheme = urlparse(url).scheme
+    if url.startswith("pipe:") and not wds_utils.enforce_security:
+        return WatchedPipe.command(url, read_timeout_s)  # type: ignore[return-value]
     if url.startswith("pipe:") or scheme in ("", "file") or scheme in wds_gopen_schemes:
-        return wds_gopen(url, "rb")
+        stream = wds_gopen(url, "rb")
+        if isinstance(stream, WdsPipe):
+            return WatchedPipe(stream, url, read_timeout_s)  # type: ignore[return-value]
+        return stream
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec ships with our deps
@@ -181,16 +192,18 @@ def assign_shards(
     return order[rank::world_size][worker::num_workers]
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT.
+def defer_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT do not kill a worker; they only end the
+    shard read it may be blocked in (:func:`ldm.data.pipe.request_stop`).
 
     ``timeout``, SLURM, Kubernetes and Ctrl+C signal the whole process group. A worker that dies
     of the signal makes the main process fail at its next fetch ("DataLoader worker ... is killed
-    by signal") before it can save; ignoring the signal here lets the main process handle it
-    (save, stop), after which it shuts its workers down as usual. Workers also exit by themselves
-    when the main process is gone (PyTorch's parent watchdog).
+    by signal") before it can save; surviving it lets the main process handle it (save, stop),
+    after which it shuts its workers down as usual, and a worker stuck on a hanging ``pipe:``
+    command is free to exit. Workers also exit by themselves when the main process is gone
+    (PyTorch's parent watchdog).
     """
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)

@@ -217,19 +217,25 @@ def iter_tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+def iter_tar_samples(url: str, counter: SkipCounter, read_timeout_s: float = 0.0
+                     ) -> Iterator[RawSample]:
     """Yield the raw samples of one shard; problems are counted, never raised.
 
     Args:
         url: Shard URL (anything :func:`ldm.data.shards.open_url` opens).
         counter: Where ``open_error``, ``bad_tar`` and ``truncated_tar`` are counted. A
             duplicated member marks the sample ``"__bad__"`` so the decoder counts it once.
+        read_timeout_s: A subprocess reader (``pipe:``...) that gives no bytes for this long is
+            killed (0: wait forever).
 
     Yields:
         Raw samples in tar order.
+
+    Raises:
+        ldm.data.pipe.ShardReadTimeout: The reader stalled (a misconfiguration or a dead source).
     """
     try:
-        stream = open_url(url)
+        stream = open_url(url, read_timeout_s)
     except Exception as exc:  # any opener failure is a skipped shard
         counter.skip("open_error", url=url, detail=repr(exc))
         return

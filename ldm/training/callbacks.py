@@ -18,8 +18,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint.format import save_checkpoint
+from ldm.data.datamodule import request_stop
+from ldm.data.pipe import ShardReadTimeout
 from ldm.images import caption_grid, make_grid, save_png
 from ldm.training.nonfinite import ADVICE, NonFiniteLossError, non_finite_tensors
 
@@ -72,9 +75,11 @@ class SafetensorsCheckpoint(pl.Callback):
     written. A save due at an epoch's last batch is written when the epoch has ended, so a
     resume from it starts the next epoch instead of replaying an empty one. On SIGTERM (e.g.
     SLURM preemption; Lightning raises ``SIGTERMException`` at the next batch boundary), SIGINT
-    or SIGUSR1, the state is saved before the process exits; DataLoader workers ignore SIGTERM
-    and SIGINT (:func:`ldm.data.shards.ignore_stop_signals`), so a signal to the whole process
-    group saves too.
+    or SIGUSR1, the state is saved before the process exits; DataLoader workers survive SIGTERM
+    and SIGINT (:func:`ldm.data.shards.defer_stop_signals`), so a signal to the whole process
+    group saves too. A signal that arrives while the run waits for a batch (which a hanging
+    ``pipe:`` reader may never deliver) raises :class:`ldm.data.datamodule.StopRequested` there
+    and saves at once.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int,
@@ -98,8 +103,13 @@ class SafetensorsCheckpoint(pl.Callback):
         # SIGTERM is Lightning's: it raises SIGTERMException at the next batch (on_exception).
         if trainer.is_global_zero:
             remove_stale_temporaries(self.dirpath)
-        self._previous_sigint = None
+        self._previous_sigint = self._previous_sigterm = None
+        self._fitting = True
+        request_stop(None)
         try:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                # Lightning adds its handler in front of this one (it keeps existing handlers).
+                self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
             if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGUSR1, lambda *_: self._request_stop("SIGUSR1"))
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -114,21 +124,35 @@ class SafetensorsCheckpoint(pl.Callback):
 
     def _request_stop(self, name: str) -> None:
         self._stop_signal = name
+        request_stop(name)  # raises StopRequested if waiting for data, perhaps forever
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_signal == "SIGINT":  # the second Ctrl+C
             raise KeyboardInterrupt
         self._request_stop("SIGINT")
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if not getattr(self, "_fitting", False):  # after fit: the default (or earlier) handler
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        request_stop("SIGTERM")  # Lightning's handler ran first and noted it
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
 
-        if getattr(self, "_previous_sigint", None) is not None:
-            try:
-                signal.signal(signal.SIGINT, self._previous_sigint)
-            except ValueError:
-                pass
-            self._previous_sigint = None
+        self._fitting = False
+        request_stop(None)
+        for signum, name in ((signal.SIGINT, "_previous_sigint"),
+                             (signal.SIGTERM, "_previous_sigterm")):
+            if getattr(self, name, None) is not None:
+                try:
+                    signal.signal(signum, getattr(self, name))
+                except ValueError:
+                    pass
+                setattr(self, name, None)
 
     def save_resume_state(self, trainer: pl.Trainer) -> Path:
         """Write the full training state to ``resume.ckpt`` (all ranks call; rank 0 writes)."""
@@ -193,6 +217,10 @@ class SafetensorsCheckpoint(pl.Callback):
                 self._save_at_epoch_end = True
             else:
                 self.save(trainer, pl_module)
+        if trainer.received_sigterm and _at_last_batch(trainer):
+            # Lightning raises SIGTERMException only once this epoch is counted complete, a
+            # state a resume would misread: save when the epoch ends, as above.
+            self._save_at_epoch_end = True
         if self._stop_signal:
             log.warning("%s: saving a checkpoint at step %d and stopping", self._stop_signal, step)
             if _at_last_batch(trainer):  # as above: saved once the epoch has ended
@@ -213,10 +241,13 @@ class SafetensorsCheckpoint(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        if isinstance(exception, SIGTERMException) and not trainer.fast_dev_run:
-            log.warning("SIGTERM: saving a checkpoint at step %d before exiting",
+        self._fitting = False  # Lightning's teardown puts our SIGTERM handler back alone
+        request_stop(None)
+        if isinstance(exception, SIGTERMException | ShardReadTimeout) and not trainer.fast_dev_run:
+            what = getattr(exception, "signal_name", "SIGTERM")
+            if isinstance(exception, ShardReadTimeout):
+                what = "a stalled shard reader"
+            log.warning("%s: saving a checkpoint at step %d before exiting", what,
                         trainer.global_step)
             self.save(trainer, pl_module)
         if isinstance(exception, NonFiniteLossError) and not trainer.fast_dev_run:

@@ -108,3 +108,44 @@ def run_killed_in_save(args: list[str], name: str, count: int) -> subprocess.Com
     script = STAGE_KILLER.format(name=name, count=count, args=args)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+RECORDER = """
+import json, os, signal, sys
+import pytorch_lightning as pl
+import ldm.build as build
+import train
+
+class Record(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == {signal_at}:
+            os.killpg(os.getpgrp(), signal.{signum})  # the whole group, as SLURM and timeout do
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        with open({record!r}, "a") as f:
+            f.write(json.dumps({{"step": trainer.global_step, "keys": batch["key"],
+                                "loss": float(outputs["loss"])}}) + "\\n")
+
+original = build.build_trainer
+build.build_trainer = lambda cfg, path, extra_callbacks=None, **kw: original(
+    cfg, path, [*(extra_callbacks or []), Record()], **kw)
+sys.exit(train.main({args!r}))
+"""
+
+
+def run_recorded(args: list[str], record: Path, signal_at: int = -1, signum: str = "SIGTERM",
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``train.main(args)`` in a subprocess of its own process group that appends each
+    step's ``{"step", "keys", "loss"}`` to ``record`` (JSON lines) and, when ``global_step ==
+    signal_at`` at a batch start, sends ``signum`` to its whole process group."""
+    script = RECORDER.format(signal_at=signal_at, signum=signum, record=str(record), args=args)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          start_new_session=True, timeout=timeout)
+
+
+def read_record(record: Path) -> list[dict]:
+    """The JSON lines :func:`run_recorded` wrote."""
+    import json
+
+    return [json.loads(line) for line in record.read_text().splitlines()]
