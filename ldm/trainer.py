@@ -66,14 +66,9 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     """
     import pytorch_lightning as pl
 
-    from ldm.training.callbacks import (
-        DataSkipLogger,
-        ImageLogger,
-        RNGState,
-        SafetensorsCheckpoint,
-        ThroughputMonitor,
-    )
+    from ldm.training.callbacks import RNGState, SafetensorsCheckpoint
     from ldm.training.loggers import build_logger, define_step_metrics
+    from ldm.training.monitors import DataSkipLogger, ImageLogger, ThroughputMonitor
     from ldm.training.progress import progress_callbacks
     from ldm.training.quiet import quiet_expected_warnings
     from ldm.training.strategy import ExecutionOptions, build_strategy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ldm.training.callbacks import DataSkipLogger
+from ldm.training.monitors import DataSkipLogger
 
 
 def test_data_skip_logger_reports_counts_per_reason() -> None:
