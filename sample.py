@@ -39,11 +39,18 @@ from ldm.diffusion import SAMPLER_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint file or diffusers folder")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                   help="config for checkpoints that carry none (original SD files)")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config for checkpoints that carry none (original SD files)",
+    )
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
     p.add_argument("--from-file", help="text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: config)")
@@ -58,40 +65,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward batch")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
-    p.add_argument("--aspect", default=None, metavar="W:H",
-                   help="aspect ratio such as 3:2 (width:height): with --height or --width the "
-                        "other side follows, else about the training area; sides snap to the "
-                        "model's size step")
-    p.add_argument("--init-image", default=None, metavar="PNG",
-                   help="img2img (SDEdit): start from this image noised to --strength; its size "
-                        "is the output size (a multiple of the autoencoder factor)")
-    p.add_argument("--strength", type=float, default=0.6,
-                   help="img2img: fraction of --steps that run, in (0, 1]; 1 ignores the image's "
-                        "content, small values keep it (default 0.6)")
-    p.add_argument("--mask", default=None, metavar="PNG",
-                   help="inpainting (with --init-image): white repaints, black keeps; same size "
-                        "as the init image (regular 4-channel U-Nets: latent blending)")
-    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="SDXL micro-conditioning: original image size (default: the image size)")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
-                   help="SDXL micro-conditioning: crop top-left (default: 0 0)")
-    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="SDXL micro-conditioning: target size (default: the image size)")
-    p.add_argument("--aesthetic-score", type=float, default=None, metavar="S",
-                   help="SDXL refiner: aesthetic score of the prompts (default 6.0, as diffusers)")
-    p.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="S",
-                   help="SDXL refiner: aesthetic score of the negative prompts (default 2.5)")
+    p.add_argument(
+        "--aspect",
+        default=None,
+        metavar="W:H",
+        help="aspect ratio such as 3:2 (width:height): with --height or --width the "
+        "other side follows, else about the training area; sides snap to the "
+        "model's size step",
+    )
+    p.add_argument(
+        "--init-image",
+        default=None,
+        metavar="PNG",
+        help="img2img (SDEdit): start from this image noised to --strength; its size "
+        "is the output size (a multiple of the autoencoder factor)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.6,
+        help="img2img: fraction of --steps that run, in (0, 1]; 1 ignores the image's "
+        "content, small values keep it (default 0.6)",
+    )
+    p.add_argument(
+        "--mask",
+        default=None,
+        metavar="PNG",
+        help="inpainting (with --init-image): white repaints, black keeps; same size "
+        "as the init image (regular 4-channel U-Nets: latent blending)",
+    )
+    p.add_argument(
+        "--original-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="SDXL micro-conditioning: original image size (default: the image size)",
+    )
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs=2,
+        metavar=("TOP", "LEFT"),
+        default=None,
+        help="SDXL micro-conditioning: crop top-left (default: 0 0)",
+    )
+    p.add_argument(
+        "--target-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="SDXL micro-conditioning: target size (default: the image size)",
+    )
+    p.add_argument(
+        "--aesthetic-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SDXL refiner: aesthetic score of the prompts (default 6.0, as diffusers)",
+    )
+    p.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SDXL refiner: aesthetic score of the negative prompts (default 2.5)",
+    )
     p.add_argument("--outdir", default="samples", help="output directory")
-    p.add_argument("--save-latents", metavar="FILE", default=None,
-                   help="also write the final latents (N, C, h, w; key 'latents', in prompt "
-                        "order, with their 'seeds') to this safetensors file")
+    p.add_argument(
+        "--save-latents",
+        metavar="FILE",
+        default=None,
+        help="also write the final latents (N, C, h, w; key 'latents', in prompt "
+        "order, with their 'seeds') to this safetensors file",
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net weights")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA file (ldm, diffusers/peft or kohya layout) merged into the U-Net "
-                        "(and text encoder) at SCALE (default 1); repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA file (ldm, diffusers/peft or kohya layout) merged into the U-Net "
+        "(and text encoder) at SCALE (default 1); repeatable",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="U-Net dtype (the autoencoder stays float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="U-Net dtype (the autoencoder stays float32)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)
 
@@ -137,25 +201,31 @@ def check_args(args: argparse.Namespace, prompts: list[str]) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and not 1 <= value <= MAX_SIDE:
             raise UsageError(f"{flag} must be between 1 and {MAX_SIDE} pixels, got {value}")
-    for flag, number in (("--guidance", args.guidance), ("--guidance-rescale",
-                         args.guidance_rescale), ("--eta", args.eta)):
+    for flag, number in (
+        ("--guidance", args.guidance),
+        ("--guidance-rescale", args.guidance_rescale),
+        ("--eta", args.eta),
+    ):
         if number is not None and not math.isfinite(number):
             raise UsageError(f"{flag} must be a finite number, got {number}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED - args.n * len(prompts):
-        raise UsageError(f"--seed must be between 0 and 2**63 - 1 minus the number of samples, "
-                         f"got {args.seed}")
+        raise UsageError(
+            f"--seed must be between 0 and 2**63 - 1 minus the number of samples, got {args.seed}"
+        )
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
-            raise UsageError(f"prompt {i + 1} is blank: give it text (--prompt TEXT); for an "
-                             "unguided sample use --guidance 1")
+            raise UsageError(
+                f"prompt {i + 1} is blank: give it text (--prompt TEXT); for an "
+                "unguided sample use --guidance 1"
+            )
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N "
-                         "or mps") from None
+        raise UsageError(
+            f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N or mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use "
-                         "--device cpu")
+        raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"--outdir {outdir} is a file, not a folder: name a folder")
@@ -173,8 +243,9 @@ def read_init_image(path: str, flag: str = "--init-image") -> torch.Tensor:
     try:
         return load_image(path)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{flag} {path} is not a readable image ({type(e).__name__}); "
-                         "pass a PNG or JPEG") from None
+        raise ValueError(
+            f"{flag} {path} is not a readable image ({type(e).__name__}); pass a PNG or JPEG"
+        ) from None
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -207,19 +278,26 @@ def micro_conditioning_flags(args: argparse.Namespace) -> dict[str, tuple[int, i
     """
     import math
 
-    scores = {"aesthetic_score": args.aesthetic_score,
-              "negative_aesthetic_score": args.negative_aesthetic_score}
+    scores = {
+        "aesthetic_score": args.aesthetic_score,
+        "negative_aesthetic_score": args.negative_aesthetic_score,
+    }
     for key, score in scores.items():
         if score is not None and not math.isfinite(score):
             raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {score}")
-    flags = {"original_size": args.original_size, "crop_top_left": args.crop,
-             "target_size": args.target_size}
+    flags = {
+        "original_size": args.original_size,
+        "crop_top_left": args.crop,
+        "target_size": args.target_size,
+    }
     given = {k: (int(v[0]), int(v[1])) for k, v in flags.items() if v is not None}
     for key, value in given.items():
         if min(value) < 0 or (key != "crop_top_left" and min(value) == 0):
             flag = "--crop" if key == "crop_top_left" else "--" + key.replace("_", "-")
-            raise ValueError(f"{flag} {value[0]} {value[1]}: sizes must be positive and crop "
-                             "offsets non-negative (pixels)")
+            raise ValueError(
+                f"{flag} {value[0]} {value[1]}: sizes must be positive and crop "
+                "offsets non-negative (pixels)"
+            )
     return {**given, **{k: float(v) for k, v in scores.items() if v is not None}}
 
 
@@ -232,15 +310,21 @@ def set_micro_conditioning(given: dict[str, tuple[int, int] | float], model: obj
     if not given:
         return
     if not hasattr(model, "crop_top_left"):
-        raise ValueError("--original-size, --crop, --target-size and --aesthetic-score need an "
-                         "SDXL model "
-                         "(this checkpoint has no size/crop micro-conditioning)")
+        raise ValueError(
+            "--original-size, --crop, --target-size and --aesthetic-score need an "
+            "SDXL model "
+            "(this checkpoint has no size/crop micro-conditioning)"
+        )
     if "target_size" in given and getattr(model, "is_refiner", False):
-        raise ValueError("--target-size: the SDXL refiner conditions on --aesthetic-score "
-                         "instead of a target size")
+        raise ValueError(
+            "--target-size: the SDXL refiner conditions on --aesthetic-score "
+            "instead of a target size"
+        )
     if any("aesthetic" in k for k in given) and not getattr(model, "is_refiner", False):
-        raise ValueError("--aesthetic-score and --negative-aesthetic-score need an SDXL refiner "
-                         "(a U-Net taking five numbers: original size, crop, score)")
+        raise ValueError(
+            "--aesthetic-score and --negative-aesthetic-score need an SDXL refiner "
+            "(a U-Net taking five numbers: original size, crop, score)"
+        )
     for key, value in given.items():
         setattr(model, key, value)
 
@@ -250,22 +334,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.sampler is not None and args.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler '{args.sampler}'; choose one of "
-                             f"{', '.join(SAMPLER_NAMES)}")
+            raise ValueError(
+                f"unknown sampler '{args.sampler}'; choose one of {', '.join(SAMPLER_NAMES)}"
+            )
         prompts = read_prompts(args)
         check_args(args, prompts)
         micro = micro_conditioning_flags(args)
         from ldm import build
 
-        model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
-                                             use_ema=not args.no_ema)
+        model, cfg = build.load_for_sampling(
+            args.ckpt, args.config, args.overrides, use_ema=not args.no_ema
+        )
         if args.lora:
             from ldm.pretrained import apply_lora_files
 
             apply_lora_files(model, cfg.model.unet, args.lora)
         s = cfg.sampling
-        sampler = build.build_sampler(s, steps=args.steps, sampler=args.sampler,
-                                      karras=args.karras, eta=args.eta, disable_progress=True)
+        sampler = build.build_sampler(
+            s,
+            steps=args.steps,
+            sampler=args.sampler,
+            karras=args.karras,
+            eta=args.eta,
+            disable_progress=True,
+        )
         height, width = image_size(args, cfg, model)
         init = None
         if args.init_image is not None:
@@ -282,14 +374,17 @@ def main(argv: list[str] | None = None) -> int:
 
             pixels = read_init_image(args.mask, "--mask")[:, :1] * 0.5 + 0.5  # (1, 1, H, W)
             if pixels.shape[-2:] != init.shape[-2:]:
-                raise ValueError(f"--mask is {pixels.shape[-1]}x{pixels.shape[-2]} but "
-                                 f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
-                                 "give a mask of the image's size")
+                raise ValueError(
+                    f"--mask is {pixels.shape[-1]}x{pixels.shape[-2]} but "
+                    f"--init-image is {init.shape[-1]}x{init.shape[-2]}; "
+                    "give a mask of the image's size"
+                )
             mask = latent_mask(pixels, model.downsample_factor)
         inpainting_unet = model.unet_in_channels == model.latent_channels + 5
         if inpainting_unet and mask is None:
-            raise ValueError("this is an SD inpainting U-Net (9 input channels): pass "
-                             "--init-image and --mask")
+            raise ValueError(
+                "this is an SD inpainting U-Net (9 input channels): pass --init-image and --mask"
+            )
         set_micro_conditioning(micro, model)
         model.latent_shape(1, height, width)  # validates the size before any work
         sampler.grid(model.schedule)  # validates the grid (e.g. Karras for a sampler without)
@@ -326,8 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         init_latents = noise = masked = None
         if init is not None:  # diffusers' per-sample draws: image posterior, noise, masked image
             init_latents, noise, masked = model.image_inputs(
-                init.to(args.device), generators, args.strength,
-                None if mask is None else (pixels < 0.5).to(args.device))
+                init.to(args.device),
+                generators,
+                args.strength,
+                None if mask is None else (pixels < 0.5).to(args.device),
+            )
         last = [-1]
 
         def tick(info: dict, last: list[int] = last) -> None:
@@ -336,41 +434,75 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(i - last[0])
                 last[0] = i
 
-        out, z = model.generate([p for p, _ in chunk], sampler, guidance=guidance,
-                                negative_prompts=negative, guidance_rescale=rescale,
-                                height=height, width=width, generator=generators, callback=tick,
-                                latents=noise, init_latents=init_latents, strength=args.strength,
-                                mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1),
-                                masked_latents=masked)
+        out, z = model.generate(
+            [p for p, _ in chunk],
+            sampler,
+            guidance=guidance,
+            negative_prompts=negative,
+            guidance_rescale=rescale,
+            height=height,
+            width=width,
+            generator=generators,
+            callback=tick,
+            latents=noise,
+            init_latents=init_latents,
+            strength=args.strength,
+            mask=None if mask is None else mask.expand(len(chunk), -1, -1, -1),
+            masked_latents=masked,
+        )
         latents.append(z.float().cpu())
         bar.update(max(0, sampler.steps - 1 - last[0]))
         for j, ((prompt, sd), arr) in enumerate(zip(chunk, to_uint8(out), strict=True)):
-            meta = {"prompt": prompt, "negative_prompt": negative, "seed": sd,
-                    **({"init_image": args.init_image, "strength": args.strength}
-                       if init is not None else {}),
-                    **({"mask": args.mask} if mask is not None else {}),
-                    "sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
-                    "karras": sampler.karras, "eta": sampler.eta,
-                    "timestep_spacing": sampler.timestep_spacing, "grid": sampler.grid_kind,
-                    "guidance_rescale": rescale, "checkpoint": str(args.ckpt)}
+            meta = {
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "seed": sd,
+                **(
+                    {"init_image": args.init_image, "strength": args.strength}
+                    if init is not None
+                    else {}
+                ),
+                **({"mask": args.mask} if mask is not None else {}),
+                "sampler": sampler.sampler,
+                "steps": sampler.steps,
+                "guidance": guidance,
+                "karras": sampler.karras,
+                "eta": sampler.eta,
+                "timestep_spacing": sampler.timestep_spacing,
+                "grid": sampler.grid_kind,
+                "guidance_rescale": rescale,
+                "checkpoint": str(args.ckpt),
+            }
             name = f"{len(images):04d}-{slug(prompt)}-s{sd}.png"
-            save_png(arr, outdir / name, {**{k: str(v) for k, v in meta.items()},
-                                          "parameters": json.dumps(meta)})
+            save_png(
+                arr,
+                outdir / name,
+                {**{k: str(v) for k, v in meta.items()}, "parameters": json.dumps(meta)},
+            )
             images.append(out[j : j + 1].cpu())
     bar.close()
     grid = torch.cat(images)
     nrow = args.n if args.n > 1 else min(len(grid), 4)
-    grid_path = save_png(make_grid(grid, nrow=nrow), outdir / "grid.png",
-                         {"captions": caption_grid([p for p, _ in jobs], nrow)})
+    grid_path = save_png(
+        make_grid(grid, nrow=nrow),
+        outdir / "grid.png",
+        {"captions": caption_grid([p for p, _ in jobs], nrow)},
+    )
     if args.save_latents:
         from safetensors.torch import save_file
 
         from ldm.checkpoint.format import atomic_write
 
-        tensors = {"latents": torch.cat(latents).contiguous(),
-                   "seeds": torch.tensor([sd for _, sd in jobs])}
-        atomic_write(args.save_latents, lambda tmp: save_file(
-            tensors, tmp, metadata={"prompts": json.dumps([p for p, _ in jobs])}))
+        tensors = {
+            "latents": torch.cat(latents).contiguous(),
+            "seeds": torch.tensor([sd for _, sd in jobs]),
+        }
+        atomic_write(
+            args.save_latents,
+            lambda tmp: save_file(
+                tensors, tmp, metadata={"prompts": json.dumps([p for p, _ in jobs])}
+            ),
+        )
         print(f"wrote latents to {args.save_latents}")
     print(f"wrote {len(images)} images and {grid_path}")
     return 0

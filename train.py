@@ -24,16 +24,32 @@ from ldm.config import ConfigError, load, to_yaml
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                        help="config file; repeat to merge several, later ones win")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
-    parser.add_argument("--resume", metavar="RUN_DIR|CKPT",
-                        help="continue a run from its directory (or its resume.ckpt)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="local grid sweep axis (repeat for a product of axes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config file; repeat to merge several, later ones win",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR|CKPT",
+        help="continue a run from its directory (or its resume.ckpt)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="local grid sweep axis (repeat for a product of axes)",
+    )
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-") and "=" not in r]
     if unknown:
@@ -50,8 +66,9 @@ def resume_paths(target: str) -> tuple[Path, Path]:
     run_dir = ckpt.parent.parent
     config = run_dir / "config.yaml"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no resume checkpoint at {ckpt} (runs save one every "
-                                "trainer.ckpt_every_n_steps steps)")
+        raise FileNotFoundError(
+            f"no resume checkpoint at {ckpt} (runs save one every trainer.ckpt_every_n_steps steps)"
+        )
     if not config.is_file():
         raise FileNotFoundError(f"no run config at {config}")
     check_resume_checkpoint(ckpt)
@@ -103,22 +120,30 @@ def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, floa
     trainer = build.build_trainer(cfg, path, resuming=resume_ckpt is not None, **extra)
     stopped_by = _fit_until_signal(trainer, module, datamodule, resume_ckpt)
     if stopped_by:
-        print(f"{stopped_by}: saved a resumable checkpoint at step {trainer.global_step}; "
-              f"continue with: python train.py --resume {path}", flush=True)
+        print(
+            f"{stopped_by}: saved a resumable checkpoint at step {trainer.global_step}; "
+            f"continue with: python train.py --resume {path}",
+            flush=True,
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return path, metrics
 
 
-def _fit_until_signal(trainer: Any, module: Any, datamodule: Any, resume_ckpt: Path | None
-                      ) -> str | None:
+def _fit_until_signal(
+    trainer: Any, module: Any, datamodule: Any, resume_ckpt: Path | None
+) -> str | None:
     """``trainer.fit``; returns the signal that stopped it after saving (None: it finished)."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.training.callbacks import SafetensorsCheckpoint
 
     try:
-        trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(resume_ckpt) if resume_ckpt else None,
+            weights_only=True,
+        )
     except SIGTERMException as stop:  # the checkpoint callback saved in on_exception
         return getattr(stop, "signal_name", "SIGTERM")  # SIGINT/SIGUSR1 while waiting for data
     saver = next((c for c in trainer.callbacks if isinstance(c, SafetensorsCheckpoint)), None)

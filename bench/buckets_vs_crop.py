@@ -38,8 +38,10 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.models.unet import UNetModel
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220)}
-ASPECTS = {"landscape": ((16, 24), ("left", "centre", "right")),
-           "portrait": ((24, 16), ("top", "centre", "bottom"))}  # (h, w), positions
+ASPECTS = {
+    "landscape": ((16, 24), ("left", "centre", "right")),
+    "portrait": ((24, 16), ("top", "centre", "bottom")),
+}  # (h, w), positions
 CLASSES = [(a, p, c) for a, (_, ps) in ASPECTS.items() for p in ps for c in COLORS]
 FRACTIONS = (0.2, 0.5, 0.8)  # disc centre along the long side, per position
 RADIUS = 3.0  # px
@@ -181,8 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pattern, images = write_data(Path(tmp), args.train_samples, seed=0)
         common = dict(batch_size=args.batch, shuffle_buffer=256, seed=0, rank=0, world_size=1)
-        bucketed = ShardDataset(pattern, buckets=bucket_set(
-            {"enabled": True, "sizes": [[16, 24], [24, 16]], "step": 8}), **common)
+        bucketed = ShardDataset(
+            pattern,
+            buckets=bucket_set({"enabled": True, "sizes": [[16, 24], [24, 16]], "step": 8}),
+            **common,
+        )
         cropped = ShardDataset(pattern, image_size=16, **common)
         nets = {}
         for name, ds in (("bucketed", bucketed), ("centre crop", cropped)):

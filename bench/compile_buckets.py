@@ -28,8 +28,11 @@ from ldm.config import load
 def main(argv: list[str] | None = None) -> list[int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default="configs/ldm/tiny.yaml")
-    parser.add_argument("--buckets", default="6x10,8x8,10x6,12x4",
-                        help="latent buckets HxW (pixels / autoencoder factor), comma-separated")
+    parser.add_argument(
+        "--buckets",
+        default="6x10,8x8,10x6,12x4",
+        help="latent buckets HxW (pixels / autoencoder factor), comma-separated",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--device", default="cpu")
@@ -53,8 +56,11 @@ def main(argv: list[str] | None = None) -> list[int]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         graphs.append(int(counters["stats"]["unique_graphs"]))
-        print(f"batch {batch:3d} latent {h:3d}x{w:<3d}  graphs so far {graphs[-1]:2d}  "
-              f"step {time.perf_counter() - start:7.2f} s", flush=True)
+        print(
+            f"batch {batch:3d} latent {h:3d}x{w:<3d}  graphs so far {graphs[-1]:2d}  "
+            f"step {time.perf_counter() - start:7.2f} s",
+            flush=True,
+        )
     print(f"{len(sizes)} buckets, {len(steps)} steps: {graphs[-1]} graphs ({args.backend})")
     return graphs
 

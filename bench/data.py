@@ -189,12 +189,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  ours / webdataset ref. (JPEG):   "
           f"{results['jpeg_ours'] / results['jpeg_webdataset']:6.2f}x")  # fmt: skip
     print(f"\naspect buckets ({args.size}^2 px area, step 64, aspect <= 2) vs square crops:")
-    print(f"  bucketed JPEG (ours)         {results['jpeg_bucketed']:8.1f} img/s/core  "
-          f"= {results['jpeg_bucketed'] / results['jpeg_ours']:4.2f}x square")
-    print(f"  batcher memory per worker: peak {results['batcher_peak_samples']:.0f} samples "
-          f"(<= {results['batcher_peak_mib']:.1f} MiB uint8), cap "
-          f"{results['batcher_cap_samples']:.0f}, {results['batcher_forced']:.0f} batches "
-          "emitted early at the cap")
+    print(
+        f"  bucketed JPEG (ours)         {results['jpeg_bucketed']:8.1f} img/s/core  "
+        f"= {results['jpeg_bucketed'] / results['jpeg_ours']:4.2f}x square"
+    )
+    print(
+        f"  batcher memory per worker: peak {results['batcher_peak_samples']:.0f} samples "
+        f"(<= {results['batcher_peak_mib']:.1f} MiB uint8), cap "
+        f"{results['batcher_cap_samples']:.0f}, {results['batcher_forced']:.0f} batches "
+        "emitted early at the cap"
+    )
     return results
 
 

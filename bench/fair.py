@@ -59,11 +59,18 @@ def use_cpu_clock() -> None:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """``--settings``, ``--threads`` and ``--clock`` (U-Net and autoencoder benches)."""
-    parser.add_argument("--settings", default="fp32,fp32-cl,bf16",
-                        help="comma list of <fp32|bf16|fp16>[-cl] (-cl: channels-last)")
+    parser.add_argument(
+        "--settings",
+        default="fp32,fp32-cl,bf16",
+        help="comma list of <fp32|bf16|fp16>[-cl] (-cl: channels-last)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="cpu: process CPU time, steadier on a busy machine with --threads 1")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: process CPU time, steadier on a busy machine with --threads 1",
+    )
 
 
 def apply_common_args(args: argparse.Namespace) -> list[Setting]:
@@ -131,8 +138,10 @@ def autocast(device: torch.device, setting: Setting) -> torch.autocast:
 def print_header(device: torch.device, peaks: dict[str, float], what: str) -> None:
     """The run's context line and the measured matmul peaks."""
     clock = "process CPU time" if CLOCK[0] is time.process_time else "wall time"
-    print(f"{what}; device={device} threads={torch.get_num_threads()} torch={torch.__version__}, "
-          f"{clock}")
+    print(
+        f"{what}; device={device} threads={torch.get_num_threads()} torch={torch.__version__}, "
+        f"{clock}"
+    )
     print("measured matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print("ratio = median over interleaved rounds of diffusers time / ours (> 1: ours faster); "
           "util = achieved GFLOP/s / measured matmul peak of the setting's dtype")  # fmt: skip

@@ -39,8 +39,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SD1_TRAIN_GFLOP_PER_SAMPLE = 537.0  # forward + backward, SD1 U-Net at 32x32 latents
-DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
-                         "L40S": 362.0, "A10": 125.0}
+DATASHEET_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 UNET_CASES = [(ckpt, comp) for comp in (False, True) for ckpt in (False, True)]
 
 
@@ -63,8 +69,13 @@ def part_peak(dry: bool) -> dict[str, Any]:
     tflops = 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
     name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    return {"device": name, "torch": torch.__version__, "matmul": f"{n}^3 {dtype}",
-            "measured_tflops": round(tflops, 4), "datasheet_tflops": datasheet}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "matmul": f"{n}^3 {dtype}",
+        "measured_tflops": round(tflops, 4),
+        "datasheet_tflops": datasheet,
+    }
 
 
 def part_unet(dry: bool, model: str, checkpointing: bool, compiled: bool) -> dict[str, Any]:
@@ -110,9 +121,15 @@ def part_unet(dry: bool, model: str, checkpointing: bool, compiled: bool) -> dic
         step()
     sync(cuda)
     seconds = (time.perf_counter() - start) / iters
-    row = {"model": model, "checkpointing": checkpointing, "compile": compiled,
-           "size": size, "batch": batch, "ms_per_step": round(seconds * 1e3, 2),
-           "images_per_s": round(batch / seconds, 1)}
+    row = {
+        "model": model,
+        "checkpointing": checkpointing,
+        "compile": compiled,
+        "size": size,
+        "batch": batch,
+        "ms_per_step": round(seconds * 1e3, 2),
+        "images_per_s": round(batch / seconds, 1),
+    }
     if cuda:
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["tflops"] = round(SD1_TRAIN_GFLOP_PER_SAMPLE * 1e9 * batch / seconds / 1e12, 1)
@@ -129,31 +146,51 @@ def part_train(dry: bool, strategy: str, work: Path) -> dict[str, Any]:
     config = ROOT / "configs" / "ldm" / f"{size[0]}.yaml"
     run_root = work / "runs"
     overrides = [
-        f"data.train_shards={data}", f"data.image_size={size[1]}", "data.num_workers=2",
+        f"data.train_shards={data}",
+        f"data.image_size={size[1]}",
+        "data.num_workers=2",
         "data.batch_size=2" if dry else "data.batch_size=32",
-        "model.text_encoder.kind=clip", f"model.text_encoder.name_or_path={encoder}",
-        "model.text_encoder.max_length=77", "logging.logger=csv",
-        "logging.image_every_n_steps=0", "trainer.log_every_n_steps=1",
+        "model.text_encoder.kind=clip",
+        f"model.text_encoder.name_or_path={encoder}",
+        "model.text_encoder.max_length=77",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.log_every_n_steps=1",
         f"trainer.strategy={strategy}",
-        f"trainer.max_steps={3 if dry else 30}", "trainer.ckpt_every_n_steps=1000",
-        "trainer.enable_progress_bar=false", f"run.root={run_root}", f"run.name={strategy}",
+        f"trainer.max_steps={3 if dry else 30}",
+        "trainer.ckpt_every_n_steps=1000",
+        "trainer.enable_progress_bar=false",
+        f"run.root={run_root}",
+        f"run.name={strategy}",
     ]
     if dry:
         overrides += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32"]
     else:
-        overrides += ["trainer.accelerator=gpu", "trainer.devices=1",
-                      "trainer.precision=bf16-mixed"]
+        overrides += [
+            "trainer.accelerator=gpu",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+        ]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", str(config), *overrides],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-c", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"train.py exited {proc.returncode}: {tail(proc.stderr)}")
     rows = list(csv.DictReader((run_root / strategy / "logs" / "metrics.csv").open()))
-    last = {k: v for r in rows[len(rows) // 2:] for k, v in r.items() if v}  # after warm-up
-    return {"strategy": strategy, "wall_s": round(wall, 1), "steps": 3 if dry else 30,
-            "images_per_s": last.get("perf/images_per_s"), "mfu": last.get("perf/mfu"),
-            "peak_mem_gib": last.get("perf/peak_mem_gb")}
+    last = {k: v for r in rows[len(rows) // 2 :] for k, v in r.items() if v}  # after warm-up
+    return {
+        "strategy": strategy,
+        "wall_s": round(wall, 1),
+        "steps": 3 if dry else 30,
+        "images_per_s": last.get("perf/images_per_s"),
+        "mfu": last.get("perf/mfu"),
+        "peak_mem_gib": last.get("perf/peak_mem_gb"),
+    }
 
 
 def part_tests(dry: bool) -> dict[str, Any]:
@@ -193,9 +230,16 @@ def make_shards(out: Path, dry: bool) -> str:
     from ldm.data.shapes import ShapesConfig, generate
 
     if not (out / "metadata.json").is_file():
-        cfg = ShapesConfig(image_size=32 if dry else 256, num_train=32 if dry else 1280,
-                           num_val=8, num_heldout=8, samples_per_shard=16 if dry else 320,
-                           seed=0, workers=2, supersample=1)
+        cfg = ShapesConfig(
+            image_size=32 if dry else 256,
+            num_train=32 if dry else 1280,
+            num_val=8,
+            num_heldout=8,
+            samples_per_shard=16 if dry else 320,
+            seed=0,
+            workers=2,
+            supersample=1,
+        )
         generate(cfg, str(out))
     meta = json.loads((out / "metadata.json").read_text())
     return meta["splits"]["train"]["shards"]
@@ -215,9 +259,16 @@ def make_text_encoder(out: Path, width: int) -> Path:
     tokenizer = transformers.CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
     tokenizer.save_pretrained(out)
     config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=1, num_attention_heads=8, max_position_embeddings=77,
-        bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        max_position_embeddings=77,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
     transformers.CLIPTextModel(config).save_pretrained(out)
     return out
 
@@ -229,8 +280,9 @@ def plan() -> list[tuple[str, list[str], int]]:
     for ckpt, comp in UNET_CASES:
         for model in ("ours", "diffusers"):
             name = f"unet {model} ckpt={'on' if ckpt else 'off'} compile={'on' if comp else 'off'}"
-            parts.append((name, ["unet", model, str(int(ckpt)), str(int(comp))],
-                          240 if comp else 120))
+            parts.append(
+                (name, ["unet", model, str(int(ckpt)), str(int(comp))], 240 if comp else 120)
+            )
     parts += [(f"train {s}", ["train", s], 240) for s in ("ddp", "fsdp")]  # fsdp: GPU only
     parts.append(("gpu tests", ["tests"], 300))
     return parts
@@ -255,8 +307,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         values = {k: v for k, v in r.items() if k not in ("part", "status") and v is not None}
         if "tflops" in values:
-            for label, key in (("mfu_measured", "measured_tflops"),
-                               ("mfu_datasheet", "datasheet_tflops")):
+            for label, key in (
+                ("mfu_measured", "measured_tflops"),
+                ("mfu_datasheet", "datasheet_tflops"),
+            ):
                 if peak.get(key):
                     values[label] = f"{values['tflops'] / peak[key]:.1%}"
         text = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -268,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu-report", help="folder for gpu.md and gpu.jsonl")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="start no part after this many seconds (default 480)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="start no part after this many seconds (default 480)",
+    )
     p.add_argument("--only", default="", help="comma list of part-name prefixes to run")
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -291,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("error: no CUDA device; use --dry-run to check the script on a CPU",
-                  file=sys.stderr)
+            print(
+                "error: no CUDA device; use --dry-run to check the script on a CPU", file=sys.stderr
+            )
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,16 +37,26 @@ if str(ROOT) not in sys.path:
 
 # name -> (training overrides, sampler overrides for ldm.demo.evaluate)
 OBJECTIVES: dict[str, tuple[list[str], dict[str, Any]]] = {
-    "eps": (["model.diffusion.prediction=eps"],
-            {"sampler": "dpmpp_2m", "karras": True}),
-    "v+zsnr": (["model.diffusion.prediction=v", "model.diffusion.zero_terminal_snr=true",
-                "sampling.sampler=ddim", "sampling.karras=false",
-                "sampling.timestep_spacing=trailing"],
-               {"sampler": "ddim", "karras": False, "timestep_spacing": "trailing"}),
-    "flow": (["model.diffusion.objective=flow",
-              "model.diffusion.flow_timestep_sampling=logit_normal",
-              "sampling.sampler=euler", "sampling.karras=false"],
-             {"sampler": "euler", "karras": False}),
+    "eps": (["model.diffusion.prediction=eps"], {"sampler": "dpmpp_2m", "karras": True}),
+    "v+zsnr": (
+        [
+            "model.diffusion.prediction=v",
+            "model.diffusion.zero_terminal_snr=true",
+            "sampling.sampler=ddim",
+            "sampling.karras=false",
+            "sampling.timestep_spacing=trailing",
+        ],
+        {"sampler": "ddim", "karras": False, "timestep_spacing": "trailing"},
+    ),
+    "flow": (
+        [
+            "model.diffusion.objective=flow",
+            "model.diffusion.flow_timestep_sampling=logit_normal",
+            "sampling.sampler=euler",
+            "sampling.karras=false",
+        ],
+        {"sampler": "euler", "karras": False},
+    ),
 }
 GROUPS = ("seen", "held-out", "paraphrase", "all")
 
@@ -61,13 +71,22 @@ def final_train_loss(run: Path, tail: int = 50) -> float | None:
     return sum(values[-tail:]) / len(values[-tail:]) if values else None
 
 
-def score(path: Path, ckpt: Path, metadata: Path, guidance: float, n: int,
-          step_counts: list[int], sampler: dict[str, Any]) -> int:
+def score(
+    path: Path,
+    ckpt: Path,
+    metadata: Path,
+    guidance: float,
+    n: int,
+    step_counts: list[int],
+    sampler: dict[str, Any],
+) -> int:
     """Adherence rows at each step count (`ldm.demo.evaluate`), written to ``path``."""
     from ldm.demo import evaluate
 
-    rows = {str(k): evaluate(ckpt, metadata, [guidance], n, steps=k, **sampler)["rows"]
-            for k in step_counts}
+    rows = {
+        str(k): evaluate(ckpt, metadata, [guidance], n, steps=k, **sampler)["rows"]
+        for k in step_counts
+    }
     path.write_text(json.dumps(rows))
     return 0
 
@@ -106,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.objectives.split(",") if n]
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        print(f"error: unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}",
+            file=sys.stderr,
+        )
         return 2
     step_counts = [int(s) for s in args.steps.split(",")]
     steps = 5 if args.quick else args.max_steps
@@ -116,34 +137,58 @@ def main(argv: list[str] | None = None) -> int:
     ldm_cfg = args.configs / "ldm.yaml"
     guidance = float(load([ldm_cfg]).sampling.guidance)
     metadata = out / "data" / "metadata.json"
-    budget = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-              f"trainer.ckpt_every_n_steps={steps}", "logging.image_every_n_steps=0",
-              "logging.logger=csv", f"optim.warmup_steps={min(100, steps // 5)}"]
-    results: dict[str, Any] = {"max_steps": steps, "guidance": guidance,
-                               "samples_per_prompt": n, "adherence": {}, "train_loss": {},
-                               "train_seconds": {}}
+    budget = [
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"trainer.ckpt_every_n_steps={steps}",
+        "logging.image_every_n_steps=0",
+        "logging.logger=csv",
+        f"optim.warmup_steps={min(100, steps // 5)}",
+    ]
+    results: dict[str, Any] = {
+        "max_steps": steps,
+        "guidance": guidance,
+        "samples_per_prompt": n,
+        "adherence": {},
+        "train_loss": {},
+        "train_seconds": {},
+    }
     for name in names:
         run = out / f"{name.replace('+', '_')}_{steps}"  # a budget's runs are reused, not mixed
         ckpt = run / "checkpoints" / "last.safetensors"
         overrides, sampler = OBJECTIVES[name]
-        train_args = ["-c", str(ldm_cfg), *prepared["ldm_data"], f"run.name={run.name}",
-                      *budget, *overrides]
+        train_args = [
+            "-c",
+            str(ldm_cfg),
+            *prepared["ldm_data"],
+            f"run.name={run.name}",
+            *budget,
+            *overrides,
+        ]
         stages.run(f"train {run.name}", ckpt, partial(train.main, train_args))
         scored = out / f"adherence_{run.name}.json"
-        stages.run(f"evaluate {run.name}", scored, partial(
-            score, scored, ckpt, metadata, guidance, n, step_counts, sampler))
+        stages.run(
+            f"evaluate {run.name}",
+            scored,
+            partial(score, scored, ckpt, metadata, guidance, n, step_counts, sampler),
+        )
         results["adherence"][name] = json.loads(scored.read_text())
         results["train_loss"][name] = final_train_loss(run)
         results["train_seconds"][name] = stages.times.get(f"train {run.name}")
     (out / f"results_{steps}.json").write_text(json.dumps(results, indent=2))
-    text = (f"{steps} U-Net steps each (batch 32, configs/demo/ldm.yaml), guidance {guidance:g}, "
-            f"{n} seeds per demo prompt; cells: fraction with every attribute right\n\n"
-            + table(results) + "\n")
+    text = (
+        f"{steps} U-Net steps each (batch 32, configs/demo/ldm.yaml), guidance {guidance:g}, "
+        f"{n} seeds per demo prompt; cells: fraction with every attribute right\n\n"
+        + table(results)
+        + "\n"
+    )
     (out / f"results_{steps}.md").write_text(text)
     print(text)
     for name in names:
-        print(f"{name}: train {results['train_seconds'][name]} s, final train loss "
-              f"{results['train_loss'][name]} (own target units)")
+        print(
+            f"{name}: train {results['train_seconds'][name]} s, final train loss "
+            f"{results['train_loss'][name]} (own target units)"
+        )
     return 0
 
 

@@ -25,15 +25,35 @@ from ldm.models.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (config file, latent side, default batch on CPU)
-SIZES = {"sd1": (ROOT / "configs/ldm/unet-sd1.yaml", 32, 1),
-         "demo": (ROOT / "configs/demo/ldm.yaml", 8, 32)}
+SIZES = {
+    "sd1": (ROOT / "configs/ldm/unet-sd1.yaml", 32, 1),
+    "demo": (ROOT / "configs/demo/ldm.yaml", 8, 32),
+}
 KINDS = [  # (kind, substrings of op names), first match wins
     ("convolution", ("conv", "mkldnn_convolution", "slow_conv")),
     ("group norm", ("group_norm", "native_group_norm")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
     ("matmul", ("addmm", "mm", "bmm", "matmul", "linear")),
-    ("elementwise", ("add", "mul", "silu", "gelu", "sigmoid", "div", "sub", "copy_", "fill_",
-                     "threshold", "cat", "neg", "pow", "sum", "mean")),
+    (
+        "elementwise",
+        (
+            "add",
+            "mul",
+            "silu",
+            "gelu",
+            "sigmoid",
+            "div",
+            "sub",
+            "copy_",
+            "fill_",
+            "threshold",
+            "cat",
+            "neg",
+            "pow",
+            "sum",
+            "mean",
+        ),
+    ),
 ]
 
 
@@ -70,8 +90,7 @@ def main() -> None:
 
 def report(size: str, args: argparse.Namespace, device: torch.device) -> None:
     """Profile one training step of ``size`` and print its self time by kind and top ops."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     net, kw, latent, batch = build(size, device)
     batch = args.batch or batch
     x = torch.randn(batch, kw["in_channels"], latent, latent, device=device)
@@ -88,20 +107,25 @@ def report(size: str, args: argparse.Namespace, device: torch.device) -> None:
     with profile(activities=activities) as prof:
         step()
     use_cuda = device.type == "cuda"
-    self_time = {e.key: (e.self_device_time_total if use_cuda else e.self_cpu_time_total)
-                 for e in prof.key_averages()}
+    self_time = {
+        e.key: (e.self_device_time_total if use_cuda else e.self_cpu_time_total)
+        for e in prof.key_averages()
+    }
     total = sum(self_time.values()) or 1.0
     by_kind: dict[str, float] = defaultdict(float)
     for name, us in self_time.items():
         by_kind[kind_of(name)] += us
-    print(f"\n{size}: batch {batch}, {latent}x{latent} latents, {args.dtype}, {device}, "
-          f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms self time")
+    print(
+        f"\n{size}: batch {batch}, {latent}x{latent} latents, {args.dtype}, {device}, "
+        f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms self time"
+    )
     print(f"{'kind':14s} {'share':>7s} {'ms':>9s}")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{kind:14s} {us / total:7.1%} {us / 1e3:9.1f}")
     print(f"top {args.top} ops:")
     for name, us in sorted(self_time.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {us / total:6.1%}  {name}")
+
 
 if __name__ == "__main__":
     main()

@@ -48,8 +48,9 @@ def tiny_clip(root: Path, width: int) -> Path:
     root.mkdir(parents=True)
     (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"),
-                                           model_max_length=77)
+    tokenizer = transformers.CLIPTokenizer(
+        str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77
+    )
     config = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
@@ -104,12 +105,34 @@ def main() -> None:
         out = Path(tmp) / "samples"
 
         def ours() -> None:
-            argv = ["--ckpt", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-                    "--n", str(args.batch), "--batch-size", str(args.batch), "--steps",
-                    str(args.steps), "--guidance", str(args.guidance), "--sampler", "ddim",
-                    "--height", str(args.size), "--device", "cpu", "--outdir", str(out)]
-            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(
-                    io.StringIO()):
+            argv = [
+                "--ckpt",
+                str(folder),
+                "--prompt",
+                PROMPT,
+                "--negative-prompt",
+                NEGATIVE,
+                "--n",
+                str(args.batch),
+                "--batch-size",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--guidance",
+                str(args.guidance),
+                "--sampler",
+                "ddim",
+                "--height",
+                str(args.size),
+                "--device",
+                "cpu",
+                "--outdir",
+                str(out),
+            ]
+            with (
+                contextlib.redirect_stderr(io.StringIO()),
+                contextlib.redirect_stdout(io.StringIO()),
+            ):
                 assert sample.main(argv) == 0
 
         def theirs() -> None:
@@ -117,9 +140,15 @@ def main() -> None:
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
             with torch.no_grad():
-                pipe([PROMPT] * args.batch, negative_prompt=[NEGATIVE] * args.batch,
-                     height=args.size, width=args.size, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, output_type="pil")
+                pipe(
+                    [PROMPT] * args.batch,
+                    negative_prompt=[NEGATIVE] * args.batch,
+                    height=args.size,
+                    width=args.size,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    output_type="pil",
+                )
 
         ours(), theirs()  # warm-up: imports, first-call allocations
         wall: dict[str, list[float]] = {"ours": [], "theirs": []}
@@ -132,8 +161,10 @@ def main() -> None:
                 cpu[name].append(time.process_time() - start_cpu)
     a, b = statistics.median(wall["ours"]), statistics.median(wall["theirs"])
     ca, cb = statistics.median(cpu["ours"]), statistics.median(cpu["theirs"])
-    print(f"size={args.size} steps={args.steps} batch={args.batch} guidance={args.guidance} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"size={args.size} steps={args.steps} batch={args.batch} guidance={args.guidance} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"{'path':28s} {'median s':>9s} {'CPU s':>9s}")
     print(f"{'sample.py (ours)':28s} {a:9.3f} {ca:9.3f}")
     print(f"{'StableDiffusionPipeline':28s} {b:9.3f} {cb:9.3f}")

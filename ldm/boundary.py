@@ -39,14 +39,19 @@ def _first_line(text: str) -> str:
 def _os_message(exc: OSError) -> str | None:
     where = f" {exc.filename}" if exc.filename else " a file"
     if exc.errno in _DISK_FULL:
-        return (f"disk full writing{where}: free space, or point run.root / --outdir at a disk "
-                "with room (nothing partial was kept)")
+        return (
+            f"disk full writing{where}: free space, or point run.root / --outdir at a disk "
+            "with room (nothing partial was kept)"
+        )
     if exc.errno in _NOT_WRITABLE:
-        return (f"cannot write{where} ({exc.strerror}): point run.root / --outdir at a folder "
-                "you can write")
+        return (
+            f"cannot write{where} ({exc.strerror}): point run.root / --outdir at a folder "
+            "you can write"
+        )
     if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
-        return _first_line(str(exc)) if exc.filename is None else (
-            f"{exc.strerror}: {exc.filename}")
+        return (
+            _first_line(str(exc)) if exc.filename is None else (f"{exc.strerror}: {exc.filename}")
+        )
     return None
 
 
@@ -55,8 +60,10 @@ def _lightning_message(exc: BaseException) -> str | None:
     if module is None:  # Lightning was never imported (sample.py), so this is none of its errors
         return None
     if isinstance(exc, module.MisconfigurationException):
-        return (f"invalid trainer setting: {_first_line(str(exc))} (see the trainer.* keys in "
-                "the README's config reference)")
+        return (
+            f"invalid trainer setting: {_first_line(str(exc))} (see the trainer.* keys in "
+            "the README's config reference)"
+        )
     return None
 
 
@@ -76,15 +83,19 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, SafetensorError):
         return f"not a readable safetensors file ({_first_line(str(exc))})"
     if isinstance(exc, pickle.UnpicklingError):
-        return ("refusing to load a file that is pickled or damaged (checkpoints load with "
-                "safetensors or torch.load(weights_only=True)): " + _first_line(str(exc))[:200])
+        return (
+            "refusing to load a file that is pickled or damaged (checkpoints load with "
+            "safetensors or torch.load(weights_only=True)): " + _first_line(str(exc))[:200]
+        )
     from ldm.training.nonfinite import NonFiniteLossError
 
     if isinstance(exc, NonFiniteLossError):
         return _first_line(str(exc))
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return ("out of memory: lower data.batch_size / --batch-size or the image size, or use "
-                "a device with more memory")
+        return (
+            "out of memory: lower data.batch_size / --batch-size or the image size, or use "
+            "a device with more memory"
+        )
     if isinstance(exc, ValueError):  # our modules raise ValueError for bad input, with a message
         return _first_line(str(exc)) or type(exc).__name__
     return None

@@ -73,7 +73,8 @@ def load_autoencoder(path: str | Path, section: Any | None = None) -> Autoencode
     from ldm import pretrained
 
     return pretrained.load_autoencoder(  # type: ignore[return-value]
-        path, None if section is None else kwargs(section))
+        path, None if section is None else kwargs(section)
+    )
 
 
 def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
@@ -88,8 +89,9 @@ def autoencoder_from_checkpoint(ckpt: Checkpoint) -> AutoencoderKL:
     return model
 
 
-def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
-                 assign: bool = False) -> None:
+def load_weights(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False
+) -> None:
     """``module.load_state_dict(state, strict=True)`` (or `assign_weights`), a mismatch in one line.
 
     Raises:
@@ -121,6 +123,7 @@ def build_text_encoder(section: Any) -> torch.nn.Module:
     args = kwargs(section)
     if args["kind"] == "sdxl":
         from ldm.build_sdxl import build_conditioner
+
         return build_conditioner(args)
     return build(args.pop("kind"), **args)
 
@@ -133,11 +136,18 @@ def build_schedule(section: Any) -> NoiseSchedule:
     if d.get("objective", "ddpm") == "flow":
         from ldm.diffusion.flow import FlowSchedule
 
-        return FlowSchedule(num_timesteps=d["num_timesteps"], shift=d["flow_shift"],
-                            shift_base_size=d["flow_shift_base_size"])
-    return NoiseSchedule(schedule=d["schedule"], num_timesteps=d["num_timesteps"],
-                         beta_start=d["beta_start"], beta_end=d["beta_end"],
-                         zero_terminal_snr=d["zero_terminal_snr"])
+        return FlowSchedule(
+            num_timesteps=d["num_timesteps"],
+            shift=d["flow_shift"],
+            shift_base_size=d["flow_shift_base_size"],
+        )
+    return NoiseSchedule(
+        schedule=d["schedule"],
+        num_timesteps=d["num_timesteps"],
+        beta_start=d["beta_start"],
+        beta_end=d["beta_end"],
+        zero_terminal_snr=d["zero_terminal_snr"],
+    )
 
 
 def build_diffusion_loss(section: Any) -> DiffusionLoss:
@@ -148,12 +158,20 @@ def build_diffusion_loss(section: Any) -> DiffusionLoss:
     if d.get("objective", "ddpm") == "flow":
         from ldm.diffusion.flow_loss import FlowLoss
 
-        return FlowLoss(timestep_sampling=d["flow_timestep_sampling"],
-                        logit_mean=d["flow_logit_mean"], logit_std=d["flow_logit_std"],
-                        mode_scale=d["flow_mode_scale"], offset_noise=d["offset_noise"])
-    return DiffusionLoss(prediction=d["prediction"], loss_weighting=d["loss_weighting"],
-                         min_snr_gamma=d["min_snr_gamma"], offset_noise=d["offset_noise"],
-                         timestep_sampling=d["timestep_sampling"])
+        return FlowLoss(
+            timestep_sampling=d["flow_timestep_sampling"],
+            logit_mean=d["flow_logit_mean"],
+            logit_std=d["flow_logit_std"],
+            mode_scale=d["flow_mode_scale"],
+            offset_noise=d["offset_noise"],
+        )
+    return DiffusionLoss(
+        prediction=d["prediction"],
+        loss_weighting=d["loss_weighting"],
+        min_snr_gamma=d["min_snr_gamma"],
+        offset_noise=d["offset_noise"],
+        timestep_sampling=d["timestep_sampling"],
+    )
 
 
 def build_sampler(section: Any, disable_progress: bool = False, **override: Any) -> Sampler:
@@ -161,12 +179,19 @@ def build_sampler(section: Any, disable_progress: bool = False, **override: Any)
     from ldm.diffusion import Sampler
 
     s = {**kwargs(section), **{k: v for k, v in override.items() if v is not None}}
-    return Sampler(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], karras=s["karras"],
-                   timestep_spacing=s["timestep_spacing"], steps_offset=s["steps_offset"],
-                   final_sigma=s["final_sigma"], grid=s["grid"],
-                   set_alpha_to_one=s["set_alpha_to_one"],
-                   clip_sample=s["clip_sample_range"] if s["clip_sample"] else None,
-                   disable_progress=disable_progress)
+    return Sampler(
+        sampler=s["sampler"],
+        steps=s["steps"],
+        eta=s["eta"],
+        karras=s["karras"],
+        timestep_spacing=s["timestep_spacing"],
+        steps_offset=s["steps_offset"],
+        final_sigma=s["final_sigma"],
+        grid=s["grid"],
+        set_alpha_to_one=s["set_alpha_to_one"],
+        clip_sample=s["clip_sample_range"] if s["clip_sample"] else None,
+        disable_progress=disable_progress,
+    )
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
@@ -178,14 +203,21 @@ def resolve(cfg: DictConfig) -> DictConfig:
         from ldm.config import load
 
         section, where = pretrained.autoencoder_section(
-            cfg.model.autoencoder_ckpt, kwargs(cfg.model.autoencoder),
-            cfg.model.autoencoder_scale_factor)
+            cfg.model.autoencoder_ckpt,
+            kwargs(cfg.model.autoencoder),
+            cfg.model.autoencoder_scale_factor,
+        )
         source = load(base={"model": {"autoencoder": section}})
         cfg.model.autoencoder = source.model.autoencoder
-        log.warning("model.autoencoder_ckpt %s: scale_factor %.6g from %s",
-                    cfg.model.autoencoder_ckpt, cfg.model.autoencoder.scale_factor, where)
+        log.warning(
+            "model.autoencoder_ckpt %s: scale_factor %.6g from %s",
+            cfg.model.autoencoder_ckpt,
+            cfg.model.autoencoder.scale_factor,
+            where,
+        )
     if cfg.task == "ldm" and cfg.model.text_encoder.kind == "sdxl":
         from ldm.build_sdxl import check_encoder_folder
+
         check_encoder_folder(cfg.model.text_encoder.name_or_path)
     if cfg.task == "ldm" and cfg.model.init_from.path:
         from ldm import pretrained
@@ -194,8 +226,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None = None,
-                           empty_weights: bool = False) -> LatentDiffusion:
+def build_latent_diffusion(
+    cfg: DictConfig, autoencoder: torch.nn.Module | None = None, empty_weights: bool = False
+) -> LatentDiffusion:
     """``model`` → ``LatentDiffusion``. The autoencoder is, in order: the one given, the one in
     ``model.autoencoder_ckpt``, or a fresh one from ``model.autoencoder``. ``empty_weights``:
     fresh ones on the meta device, unset, for a caller that `assign_weights` them all next."""
@@ -214,6 +247,7 @@ def build_latent_diffusion(cfg: DictConfig, autoencoder: torch.nn.Module | None 
         add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.targets))
     if m.text_encoder.kind == "sdxl":  # two encoders, vector conditioning: ldm/build_sdxl.py
         from ldm import build_sdxl
+
         return build_sdxl.sdxl_latent_diffusion(cfg, unet, autoencoder, build_schedule(m.diffusion))
     return LatentDiffusion(
         unet=unet,
@@ -233,10 +267,12 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
         raise CheckpointError(f"a '{ckpt.kind}' checkpoint holds no diffusion model")
     cfg = load(base=ckpt.config)
     empty = cfg.model.lora.rank == 0  # a LoRA U-Net's adapters are built on its weights
-    model = build_latent_diffusion(cfg, autoencoder=autoencoder_from_checkpoint(ckpt),
-                                   empty_weights=empty)
-    unet_key = "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) \
-        else "unet"
+    model = build_latent_diffusion(
+        cfg, autoencoder=autoencoder_from_checkpoint(ckpt), empty_weights=empty
+    )
+    unet_key = (
+        "unet_ema" if use_ema and any(k.startswith("unet_ema.") for k in ckpt.tensors) else "unet"
+    )
     load_weights(model.unet, ckpt.module_state(unet_key), "U-Net", assign=empty)
     if cfg.model.init_from.path and cfg.model.init_from.text_encoder:  # the run's base encoder
         from ldm import pretrained
@@ -247,7 +283,9 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
 
 
 def load_for_sampling(
-    path: str | Path, config_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+    path: str | Path,
+    config_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
     use_ema: bool = True,
 ) -> tuple[LatentDiffusion, DictConfig]:
     """A ``LatentDiffusion`` (eval mode) and its config from any supported checkpoint.
@@ -308,8 +346,9 @@ def load_for_sampling(
             )
         cfg = load(config_files, overrides)
         if is_sdxl_file(path):
-            model = load_sdxl_single_file(path, cfg, cfg.model.text_encoder.name_or_path,
-                                          use_ema=use_ema)
+            model = load_sdxl_single_file(
+                path, cfg, cfg.model.text_encoder.name_or_path, use_ema=use_ema
+            )
         else:
             check_not_sd_file_for_sdxl_config(path, cfg)
             model = load_sd_single_file(path, cfg, use_ema=use_ema)
@@ -340,8 +379,9 @@ def learning_rate(cfg: DictConfig) -> float:
     elif not isinstance(devices, int):
         devices = len(devices)
     global_batch = cfg.data.batch_size * max(devices, 1) * t.num_nodes * t.accumulate_grad_batches
-    log.warning("optim.scale_lr: lr %.3g x global batch %d = %.3g", lr, global_batch,
-                lr * global_batch)
+    log.warning(
+        "optim.scale_lr: lr %.3g x global batch %d = %.3g", lr, global_batch, lr * global_batch
+    )
     return lr * global_batch
 
 

@@ -61,8 +61,9 @@ def check_encoder_folder(name_or_path: str) -> Path:
     return root
 
 
-def sdxl_latent_diffusion(cfg: Any, unet: nn.Module, autoencoder: nn.Module,
-                          schedule: Any) -> SDXLLatentDiffusion:
+def sdxl_latent_diffusion(
+    cfg: Any, unet: nn.Module, autoencoder: nn.Module, schedule: Any
+) -> SDXLLatentDiffusion:
     """The SDXL composite of a ``kind: sdxl`` config, with its encoders' weights from the
     folder or from ``model.init_from`` (see the module docstring)."""
     from ldm.config import to_container
@@ -77,8 +78,9 @@ def sdxl_latent_diffusion(cfg: Any, unet: nn.Module, autoencoder: nn.Module,
     return model
 
 
-def text_states(path: str | Path, conditioner: SDXLConditioner
-                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def text_states(
+    path: str | Path, conditioner: SDXLConditioner
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """An SDXL source's two encoders' weights, keyed for ``conditioner.text_encoder`` and
     ``conditioner.text_encoder_2``.
 
@@ -91,33 +93,40 @@ def text_states(path: str | Path, conditioner: SDXLConditioner
     path = Path(path)
     kind = source_kind(path)
     if kind == "ours":
-        raise CheckpointError(f"{path} is one of our checkpoints, which keep no text encoders: "
-                              "set model.init_from.text_encoder=false (the run's "
-                              "model.text_encoder folder gives them)")
+        raise CheckpointError(
+            f"{path} is one of our checkpoints, which keep no text encoders: "
+            "set model.init_from.text_encoder=false (the run's "
+            "model.text_encoder folder gives them)"
+        )
     if kind == "sd":
         from ldm.checkpoint.sdxl_single_file import encoder_states, is_sdxl_state_dict
         from ldm.checkpoint.stable_diffusion import read_state_dict
 
         state = read_state_dict(path)
         if not is_sdxl_state_dict(state):
-            raise CheckpointError(f"{path} holds no SDXL text encoders "
-                                  "(conditioner.embedders.0/1): it is not an SDXL file")
+            raise CheckpointError(
+                f"{path} holds no SDXL text encoders "
+                "(conditioner.embedders.0/1): it is not an SDXL file"
+            )
         try:
             return encoder_states(state, conditioner)
         except KeyError as e:
-            raise CheckpointError(f"{path}: key {e} of the SDXL text encoders is missing"
-                                  ) from None
+            raise CheckpointError(f"{path}: key {e} of the SDXL text encoders is missing") from None
     from safetensors.torch import load_file
 
     from ldm.checkpoint.text_keys import keys_for_model
 
     states = []
-    for part, module in (("text_encoder", conditioner.text_encoder),
-                         ("text_encoder_2", conditioner.text_encoder_2)):
+    for part, module in (
+        ("text_encoder", conditioner.text_encoder),
+        ("text_encoder_2", conditioner.text_encoder_2),
+    ):
         files = sorted((path / part).glob("*.safetensors")) if (path / part).is_dir() else []
         if not files:
-            raise CheckpointError(f"{path / part} holds no .safetensors weights (an SDXL "
-                                  "folder has text_encoder/ and text_encoder_2/)")
+            raise CheckpointError(
+                f"{path / part} holds no .safetensors weights (an SDXL "
+                "folder has text_encoder/ and text_encoder_2/)"
+            )
         states.append(keys_for_model({k: v for f in files for k, v in load_file(str(f)).items()},
                                      module))  # fmt: skip
     return states[0], states[1]
@@ -142,8 +151,10 @@ def unet_state(path: Path, unet_kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
     try:
         return sdxl_unet_diffusers_to_ldm(read_weights(path / "unet"), unet_kwargs)
     except KeyError as e:
-        raise CheckpointError(f"{path / 'unet'}: key {e} is outside the SDXL U-Net key map "
-                              "(not a U-Net of the configured shape?)") from None
+        raise CheckpointError(
+            f"{path / 'unet'}: key {e} is outside the SDXL U-Net key map "
+            "(not a U-Net of the configured shape?)"
+        ) from None
 
 
 def check_source_family(path: str | Path, cfg: Any) -> None:
@@ -165,10 +176,14 @@ def check_source_family(path: str | Path, cfg: Any) -> None:
     elif kind == "diffusers" and (path / "unet").is_dir():
         sdxl_source = is_sdxl_folder(path)
         if sdxl_config and not sdxl_source:
-            raise CheckpointError(f"{path} is an SD 1.x/2.x diffusers folder but the config is "
-                                  "SDXL's; use -c configs/ldm/sd1.yaml or sd2.yaml for it")
+            raise CheckpointError(
+                f"{path} is an SD 1.x/2.x diffusers folder but the config is "
+                "SDXL's; use -c configs/ldm/sd1.yaml or sd2.yaml for it"
+            )
     else:
         return
     if sdxl_source and not sdxl_config:
-        raise CheckpointError(f"{path} is an SDXL source but the config's U-Net is not SDXL's "
-                              "(no adm_in_channels): use -c configs/ldm/sdxl.yaml")
+        raise CheckpointError(
+            f"{path} is an SDXL source but the config's U-Net is not SDXL's "
+            "(no adm_in_channels): use -c configs/ldm/sdxl.yaml"
+        )

@@ -27,9 +27,15 @@ from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError, load
 
 
-def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_size: int = 64,
-                 device: str = "cpu", num_workers: int = 0, progress: bool = True
-                 ) -> dict[str, object]:
+def cache_shards(
+    cfg: object,
+    out: str | Path,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, object]:
     """Cache the config's train (and val) shards into ``out``; returns per-split summaries."""
     from ldm import build
     from ldm.data.buckets import bucket_set
@@ -61,10 +67,18 @@ def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_siz
         if not shards:
             continue
         summaries[split] = precompute(
-            list(shards), os.path.join(str(out), split), encode_images, encode_texts,
-            image_size=data.image_size, batch_size=batch_size, caption_key=data.caption_key,
-            dtype=dtype, min_size=data.min_size, max_aspect=data.max_aspect,
-            num_workers=num_workers, progress=progress,
+            list(shards),
+            os.path.join(str(out), split),
+            encode_images,
+            encode_texts,
+            image_size=data.image_size,
+            batch_size=batch_size,
+            caption_key=data.caption_key,
+            dtype=dtype,
+            min_size=data.min_size,
+            max_aspect=data.max_aspect,
+            num_workers=num_workers,
+            progress=progress,
             buckets=bucket_set(build.kwargs(data.buckets)),  # latents at each bucket's size
         )
     return summaries
@@ -72,25 +86,47 @@ def cache_shards(cfg: object, out: str | Path, dtype: str = "float16", batch_siz
 
 def cached_patterns(shards: list[str], out: str | Path, split: str) -> list[str]:
     """Where the cached copies of ``shards`` (brace patterns kept) are: ``<out>/<split>/<name>``."""
-    return [os.path.join(str(out), split, os.path.basename(str(spec).split("?", 1)[0]))
-            for spec in shards]
+    return [
+        os.path.join(str(out), split, os.path.basename(str(spec).split("?", 1)[0]))
+        for spec in shards
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", action="append", default=[], required=True,
-                        help="the config you train the LDM with (repeat to merge several)")
-    parser.add_argument("--train-shards", action="append", default=[], metavar="PATTERN",
-                        help="image shards to cache (default: the config's data.train_shards "
-                             "when it reads images)")
-    parser.add_argument("--val-shards", action="append", default=[], metavar="PATTERN",
-                        help="validation image shards to cache")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        required=True,
+        help="the config you train the LDM with (repeat to merge several)",
+    )
+    parser.add_argument(
+        "--train-shards",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="image shards to cache (default: the config's data.train_shards when it reads images)",
+    )
+    parser.add_argument(
+        "--val-shards",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="validation image shards to cache",
+    )
     parser.add_argument("--out", required=True, help="output directory (train/ and val/)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                        help="storage dtype of the cached tensors")
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="storage dtype of the cached tensors",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="DataLoader workers decoding shards")
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers decoding shards"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
@@ -102,16 +138,19 @@ def main(argv: list[str] | None = None) -> int:
                 "to cache with --train-shards 'data/train-{000000..000009}.tar'"
             )
         train_shards, val_shards = list(cfg.data.train_shards), list(cfg.data.val_shards)
-        summaries = cache_shards(cfg, args.out, args.dtype, args.batch_size, args.device,
-                                 args.num_workers)
+        summaries = cache_shards(
+            cfg, args.out, args.dtype, args.batch_size, args.device, args.num_workers
+        )
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, s in summaries.items():
         skipped = ", ".join(f"{k}: {v}" for k, v in s.skipped.items()) or "none"
-        print(f"{split}: {s.samples} samples cached in {len(s.shards)} new shards "
-              f"({len(s.existing)} already there; {s.captions_encoded} distinct captions encoded); "
-              f"skipped: {skipped}")
+        print(
+            f"{split}: {s.samples} samples cached in {len(s.shards)} new shards "
+            f"({len(s.existing)} already there; {s.captions_encoded} distinct captions encoded); "
+            f"skipped: {skipped}"
+        )
     train = cached_patterns(train_shards, args.out, "train")
     val = cached_patterns(val_shards, args.out, "val")
     line = f"data.cached=true data.train_shards={_shell(train)}"
@@ -121,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _shell(patterns: list[str]) -> str:
     """A shard list as one shell word that ``train.py`` reads back as that list."""
-    return f"'{patterns[0]}'" if len(patterns) == 1 else f"\"{_listed(patterns)}\""
+    return f"'{patterns[0]}'" if len(patterns) == 1 else f'"{_listed(patterns)}"'
 
 
 def _shard_overrides(args: argparse.Namespace) -> list[str]:

@@ -113,9 +113,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
             if info.key == key:
                 expected = info.type
         shown = f"'{value}' ({type(value).__name__})" if value is not None else "this value"
-        return ConfigError(
-            f"config key '{key}' in {source} got {shown}; expected {expected}"
-        )
+        return ConfigError(f"config key '{key}' in {source} got {shown}; expected {expected}")
     first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
     return ConfigError(f"config error at '{key}' in {source}: {first_line}")
 
@@ -166,7 +164,9 @@ def _listify(item: str) -> str:
 
 
 def load(
-    files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: Any | None = None,
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: Any | None = None,
     consistency: bool = True,
 ) -> DictConfig:
     """Load a config: schema defaults, then each YAML file in order, then dotlist overrides.

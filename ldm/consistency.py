@@ -90,8 +90,11 @@ def text_encoder_width(name_or_path: str) -> int | None:
     if name_or_path in KNOWN_WIDTHS:
         return KNOWN_WIDTHS[name_or_path]
     folder = _alias_dir(name_or_path) or Path(name_or_path)
-    for candidate in (folder / "config.json", folder / "text_encoder" / "config.json",
-                      folder / "open_clip_config.json"):
+    for candidate in (
+        folder / "config.json",
+        folder / "text_encoder" / "config.json",
+        folder / "open_clip_config.json",
+    ):
         if candidate.is_file():
             return _width_from_config_json(candidate)
     if "/" in name_or_path and not os.path.exists(name_or_path):
@@ -157,13 +160,18 @@ def _check_sdxl(cfg: DictConfig) -> None:
     if unet.adm_in_channels is None:
         raise ConsistencyError(
             "model.text_encoder.kind=sdxl conditions the U-Net's vector input, but "
-            "model.unet.adm_in_channels is null: use an SDXL U-Net (configs/ldm/sdxl.yaml)")
+            "model.unet.adm_in_channels is null: use an SDXL U-Net (configs/ldm/sdxl.yaml)"
+        )
     if m.use_context_mask:
-        raise ConsistencyError("model.use_context_mask=true: SDXL's CLIP encoders attend to "
-                               "their padding and give no mask; set model.use_context_mask=false")
+        raise ConsistencyError(
+            "model.use_context_mask=true: SDXL's CLIP encoders attend to "
+            "their padding and give no mask; set model.use_context_mask=false"
+        )
     if str(m.text_encoder.layer) not in ("last", "penultimate"):
-        raise ConsistencyError(f"model.text_encoder.layer={m.text_encoder.layer}: SDXL takes "
-                               "both encoders' penultimate states; leave layer unset")
+        raise ConsistencyError(
+            f"model.text_encoder.layer={m.text_encoder.layer}: SDXL takes "
+            "both encoders' penultimate states; leave layer unset"
+        )
     root = Path(os.path.expanduser(str(m.text_encoder.name_or_path)))
     if not root.is_dir():
         return  # reported in one line when built
@@ -174,27 +182,31 @@ def _check_sdxl(cfg: DictConfig) -> None:
             raise ConsistencyError(
                 f"model.text_encoder.name_or_path {root} has no {part}/config.json: SDXL needs "
                 "both encoders (text_encoder/ CLIP ViT-L, text_encoder_2/ OpenCLIP ViT-bigG "
-                "with projection); point it at a complete diffusers SDXL folder")
+                "with projection); point it at a complete diffusers SDXL folder"
+            )
         widths.append(json.loads(config.read_text()))
     context = sum(int(w.get("hidden_size", 0)) for w in widths)
     pooled = int(widths[1].get("projection_dim", 0))
     if unet.context_dim != context:
         raise ConsistencyError(
             f"model.unet.context_dim is {unet.context_dim} but the SDXL encoders of {root} give "
-            f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}")
+            f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}"
+        )
     numbers, rest = divmod(unet.adm_in_channels - pooled, SIZE_EMBED_DIM)
     if numbers == 5 and not rest:
         raise ConsistencyError(
             f"model.unet.adm_in_channels {unet.adm_in_channels} is the SDXL refiner's (pooled "
             f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
             "--aesthetic-score) but does not train here; train the base layout "
-            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)")
+            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)"
+        )
     if numbers != 6 or rest:
         raise ConsistencyError(
             f"model.unet.adm_in_channels is {unet.adm_in_channels} but SDXL's vector input is "
             f"the pooled text ({pooled}) + 6 size/crop numbers x {SIZE_EMBED_DIM} = "
             f"{pooled + 6 * SIZE_EMBED_DIM}: set model.unet.adm_in_channels="
-            f"{pooled + 6 * SIZE_EMBED_DIM}")
+            f"{pooled + 6 * SIZE_EMBED_DIM}"
+        )
 
 
 def _check_text_width(cfg: DictConfig) -> None:
@@ -236,8 +248,11 @@ def _check_latent_channels(cfg: DictConfig) -> None:
 
 
 def _check_image_size(cfg: DictConfig) -> None:
-    section, source = _autoencoder_section(cfg) if cfg.task == "ldm" else (
-        dict(cfg.model.autoencoder), "model.autoencoder")
+    section, source = (
+        _autoencoder_section(cfg)
+        if cfg.task == "ldm"
+        else (dict(cfg.model.autoencoder), "model.autoencoder")
+    )
     levels = len(section.get("ch_mult") or [1])
     factor = 2 ** (levels - 1)
     size = cfg.data.image_size
@@ -260,8 +275,7 @@ def _check_cached(cfg: DictConfig) -> None:
         files = _local_files(list(data[key]))
         if not files:
             continue
-        has_cache_file = os.path.isfile(os.path.join(os.path.dirname(files[0]),
-                                                     EMPTY_PROMPT_FILE))
+        has_cache_file = os.path.isfile(os.path.join(os.path.dirname(files[0]), EMPTY_PROMPT_FILE))
         if data.cached and has_cache_file:
             _check_cached_width(cfg, os.path.join(os.path.dirname(files[0]), EMPTY_PROMPT_FILE))
         if data.cached and not has_cache_file:
@@ -294,7 +308,8 @@ def _check_cached_width(cfg: DictConfig, empty_prompt: str) -> None:
     if cfg.model.text_encoder.kind == "sdxl" and not pooled:
         raise ConsistencyError(
             f"the cache in {os.path.dirname(empty_prompt)} holds no pooled text embedding, "
-            "which SDXL's vector input needs: re-run python -m ldm.cache with this SDXL config")
+            "which SDXL's vector input needs: re-run python -m ldm.cache with this SDXL config"
+        )
     if width != context_dim:
         raise ConsistencyError(
             f"the cached text embeddings in {os.path.dirname(empty_prompt)} are {width} wide but "
@@ -328,13 +343,17 @@ def _check_text_training(cfg: DictConfig) -> None:
     """A trained text encoder (``ldm.text_tuning``): one way at a time, on uncached shards."""
     m = cfg.model
     if m.train_text_encoder and m.lora.text_encoder:
-        raise ConsistencyError("model.train_text_encoder and model.lora.text_encoder exclude "
-                               "each other: fine-tune the whole encoder or its adapters")
+        raise ConsistencyError(
+            "model.train_text_encoder and model.lora.text_encoder exclude "
+            "each other: fine-tune the whole encoder or its adapters"
+        )
     if m.lora.text_encoder and m.lora.rank <= 0:
         raise ConsistencyError("model.lora.text_encoder needs model.lora.rank > 0")
     if cfg.data.cached and (m.train_text_encoder or m.lora.text_encoder):
-        raise ConsistencyError("data.cached shards hold the frozen encoder's text embeddings: "
-                               "train the text encoder on uncached shards (data.cached=false)")
+        raise ConsistencyError(
+            "data.cached shards hold the frozen encoder's text embeddings: "
+            "train the text encoder on uncached shards (data.cached=false)"
+        )
 
 
 def check_consistency(cfg: DictConfig) -> None:

@@ -25,8 +25,15 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def progress_line(step: int, total: int | None, loss: float | None, rate: float,
-                  elapsed: float, unit: str = "step", rate_unit: str = "it/s") -> str:
+def progress_line(
+    step: int,
+    total: int | None,
+    loss: float | None,
+    rate: float,
+    elapsed: float,
+    unit: str = "step",
+    rate_unit: str = "it/s",
+) -> str:
     """One progress line: ``step 120/500  loss 0.1234  3.21 it/s  elapsed 0:00:37  ETA 0:01:58``."""
     parts = [f"{unit} {step}/{total}" if total else f"{unit} {step}"]
     if loss is not None:
@@ -52,8 +59,9 @@ class Counter:
         every_s: Longest silence between lines when not on a terminal.
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "step",
-                 every_s: float = 30.0) -> None:
+    def __init__(
+        self, total: int | None, desc: str, unit: str = "step", every_s: float = 30.0
+    ) -> None:
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.n = self._printed = 0
         self._bar = None
@@ -83,13 +91,24 @@ class Counter:
     def _report(self) -> None:
         now = time.perf_counter()
         rate = self.n / (now - self._start) if now > self._start else 0.0
-        print(f"{self.desc}: " + progress_line(self.n, self.total, None, rate, now - self._start,
-                                               self.unit, f"{self.unit}/s"), flush=True)
+        print(
+            f"{self.desc}: "
+            + progress_line(
+                self.n, self.total, None, rate, now - self._start, self.unit, f"{self.unit}/s"
+            ),
+            flush=True,
+        )
         self._last, self._printed = now, self.n
 
 
-def progress(iterable: Iterable[T], desc: str, unit: str = "batch", total: int | None = None,
-             enabled: bool = True, every_s: float = 30.0) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    desc: str,
+    unit: str = "batch",
+    total: int | None = None,
+    enabled: bool = True,
+    every_s: float = 30.0,
+) -> Iterator[T]:
     """Iterate with progress (a :class:`Counter` advanced once per item)."""
     if not enabled:
         yield from iterable

@@ -49,8 +49,14 @@ CONCEPT = "brown"
 SAMPLES_PER_PROMPT = 8
 NEW_PROMPTS = 10
 #: --quick: toy scale, to check the pipeline in well under a minute.
-QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.ckpt_every_n_steps=4",
-         "logging.image_every_n_steps=4", "optim.warmup_steps=1", "sampling.steps=3"]
+QUICK = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "trainer.ckpt_every_n_steps=4",
+    "logging.image_every_n_steps=4",
+    "optim.warmup_steps=1",
+    "sampling.steps=3",
+]
 
 
 def concept_prompts(color: str, count: int) -> list[Any]:
@@ -59,8 +65,15 @@ def concept_prompts(color: str, count: int) -> list[Any]:
     from ldm.data.shapes_vocab import POSITIONS, SHAPES, SIZES, ShapeAttributes, render_caption
     from ldm.eval.adherence import DemoPrompt
 
-    combos = itertools.islice(zip(itertools.cycle(SHAPES), itertools.cycle(SIZES),
-                                  itertools.cycle(POSITIONS), strict=False), count)
+    combos = itertools.islice(
+        zip(
+            itertools.cycle(SHAPES),
+            itertools.cycle(SIZES),
+            itertools.cycle(POSITIONS),
+            strict=False,
+        ),
+        count,
+    )
     out = []
     for shape, size, position in combos:
         attrs = ShapeAttributes(color, shape, size, position)
@@ -73,12 +86,16 @@ def old_prompts(metadata: Path) -> list[Any]:
     """The demo's own seen and held-out prompts (its ``metadata.json``), in group ``"old"``."""
     from ldm.eval.adherence import DemoPrompt, demo_prompts_from_metadata
 
-    return [DemoPrompt(p.prompt, "old", p.target) for p in demo_prompts_from_metadata(metadata)
-            if p.group in ("seen", "held-out")]
+    return [
+        DemoPrompt(p.prompt, "old", p.target)
+        for p in demo_prompts_from_metadata(metadata)
+        if p.group in ("seen", "held-out")
+    ]
 
 
-def score(ckpt: Path, prompts: list[Any], geometry: Any, n: int, steps: int | None = None
-          ) -> dict[str, dict[str, Any]]:
+def score(
+    ckpt: Path, prompts: list[Any], geometry: Any, n: int, steps: int | None = None
+) -> dict[str, dict[str, Any]]:
     """Sample ``n`` images per prompt from ``ckpt`` at its configured guidance (fixed noise, the
     same for every model) and return the adherence row of each group by group name."""
     from ldm import build
@@ -91,10 +108,17 @@ def score(ckpt: Path, prompts: list[Any], geometry: Any, n: int, steps: int | No
     guidance = float(cfg.sampling.guidance)
     scored, errors = [], {}
     for p in prompts:
-        noise = torch.randn(model.latent_shape(n, cfg.data.image_size, cfg.data.image_size),
-                            generator=torch.Generator().manual_seed(1000))
-        images, _ = model.generate([p.prompt] * n, sampler, guidance=guidance, latents=noise,
-                                   generator=torch.Generator().manual_seed(1000))
+        noise = torch.randn(
+            model.latent_shape(n, cfg.data.image_size, cfg.data.image_size),
+            generator=torch.Generator().manual_seed(1000),
+        )
+        images, _ = model.generate(
+            [p.prompt] * n,
+            sampler,
+            guidance=guidance,
+            latents=noise,
+            generator=torch.Generator().manual_seed(1000),
+        )
         scored += score_pairs([(p, img) for img in images], guidance=guidance, geometry=geometry)
         errors.setdefault(p.group, []).extend(color_errors(images, p.target["color"], geometry))
     rows = {row.group: row.to_dict() for row in summarise(scored, total=False)}
@@ -112,8 +136,11 @@ def color_errors(images: Any, color: str, geometry: Any) -> list[float]:
 
     target = srgb_to_lab(np.asarray(PALETTE[color]) / 255.0)
     found = [analyse_shape(image, geometry) for image in images]
-    return [float(np.linalg.norm(srgb_to_lab(np.asarray(a.features["rgb"])) - target))
-            for a in found if a.found]
+    return [
+        float(np.linalg.norm(srgb_to_lab(np.asarray(a.features["rgb"])) - target))
+        for a in found
+        if a.found
+    ]
 
 
 def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -> dict[str, Any]:
@@ -140,8 +167,11 @@ def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -
     with torch.no_grad():
         decoded = model.decode_latents(model.encode_images(x, torch.Generator().manual_seed(0)))
     hits = [analyse_shape(image, geometry).color == color for image in decoded]
-    return {"count": len(hits), "color": sum(hits) / len(hits),
-            "delta_e": float(np.median(color_errors(decoded, color, geometry)))}
+    return {
+        "count": len(hits),
+        "color": sum(hits) / len(hits),
+        "delta_e": float(np.median(color_errors(decoded, color, geometry))),
+    }
 
 
 def tensor_count(path: Path, prefix: str = "", skip: str | None = None) -> int:
@@ -150,36 +180,47 @@ def tensor_count(path: Path, prefix: str = "", skip: str | None = None) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                   if k.startswith(prefix) and not (skip and k.endswith(skip)))
+        return sum(
+            math.prod(f.get_slice(k).get_shape())
+            for k in f.keys()
+            if k.startswith(prefix) and not (skip and k.endswith(skip))
+        )
 
 
 def format_table(rows: list[dict[str, Any]], concept: str) -> str:
     """The report's table: one line per model (before, LoRA, full)."""
-    header = (f"{'model':<10}{'trainable':>11}{'train s':>9}{'file':>10}"
-              f"{concept + ' colour':>14}{'ΔE':>6}{concept + ' all':>11}{'old colour':>12}{'ΔE':>6}"
-              f"{'old all':>9}")
+    header = (
+        f"{'model':<10}{'trainable':>11}{'train s':>9}{'file':>10}"
+        f"{concept + ' colour':>14}{'ΔE':>6}{concept + ' all':>11}{'old colour':>12}{'ΔE':>6}"
+        f"{'old all':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         size = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1024:.1f} KB"
         train = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         trainable = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
-        lines.append(f"{r['model']:<10}{trainable:>11}{train:>9}{size:>10}"
-                     f"{r['new']['color']:>14.2f}{r['new']['delta_e']:>6.1f}"
-                     f"{r['new']['all']:>11.2f}{r['old']['color']:>12.2f}"
-                     f"{r['old']['delta_e']:>6.1f}{r['old']['all']:>9.2f}")
+        lines.append(
+            f"{r['model']:<10}{trainable:>11}{train:>9}{size:>10}"
+            f"{r['new']['color']:>14.2f}{r['new']['delta_e']:>6.1f}"
+            f"{r['new']['all']:>11.2f}{r['old']['color']:>12.2f}"
+            f"{r['old']['delta_e']:>6.1f}{r['old']['all']:>9.2f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Teach the demo's model a new colour (LoRA and "
-                                     "full fine-tuning) and measure it. Run `make demo` first.")
+    parser = argparse.ArgumentParser(
+        description="Teach the demo's model a new colour (LoRA and "
+        "full fine-tuning) and measure it. Run `make demo` first."
+    )
     parser.add_argument("--demo", type=Path, default=DEMO, help="the finished `make demo` output")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output (default: DEMO/finetune-CONCEPT)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output (default: DEMO/finetune-CONCEPT)"
+    )
     parser.add_argument("--configs", type=Path, default=CONFIGS, help="config tree")
-    parser.add_argument("--concept", default=CONCEPT, choices=sorted(EXTRA_COLORS),
-                        help="the colour word to teach")
+    parser.add_argument(
+        "--concept", default=CONCEPT, choices=sorted(EXTRA_COLORS), help="the colour word to teach"
+    )
     parser.add_argument("--num-train", type=int, default=1024, help="fine-tuning images")
     parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT)
     parser.add_argument("--fresh", action="store_true", help="delete the output and start over")
@@ -192,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ae = demo / "autoencoder" / "checkpoints" / "last.safetensors"
     for needed in (base, ae, demo / "data" / "metadata.json"):
         if not needed.is_file():
-            print(f"error: {needed} not found; run `make demo` first (or pass --demo DIR)",
-                  file=sys.stderr)
+            print(
+                f"error: {needed} not found; run `make demo` first (or pass --demo DIR)",
+                file=sys.stderr,
+            )
             return 2
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -212,20 +255,56 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.eval.adherence import geometry_from_metadata
 
     data, cached = out / "data", out / "cached"
-    stages.run("1 data", data / "metadata.json", lambda: shapes.main(
-        ["--config", str(configs / "shapes.yaml"), "--out", str(data), f"num_train={num_train}",
-         "num_val=64", "num_heldout=0", f"samples_per_shard={num_train}", "seed=1",
-         f"extra_colors=[{concept}]", "extra_color_fraction=0.5"]) and 0)
+    stages.run(
+        "1 data",
+        data / "metadata.json",
+        lambda: (
+            shapes.main(
+                [
+                    "--config",
+                    str(configs / "shapes.yaml"),
+                    "--out",
+                    str(data),
+                    f"num_train={num_train}",
+                    "num_val=64",
+                    "num_heldout=0",
+                    f"samples_per_shard={num_train}",
+                    "seed=1",
+                    f"extra_colors=[{concept}]",
+                    "extra_color_fraction=0.5",
+                ]
+            )
+            and 0
+        ),
+    )
     ldm_cfg = configs / "ldm.yaml"
-    shards = [f"data.train_shards=[{data}/train/shapes-train-000000.tar]",
-              f"data.val_shards=[{data}/val/shapes-val-000000.tar]"]
-    stages.run("2 cache latents+text", cached / "train" / "manifest.json", lambda: cache.main(
-        ["-c", str(ldm_cfg), "--out", str(cached), "--dtype", "float16", "data.cached=false",
-         f"model.autoencoder_ckpt={ae}", *shards]))
+    shards = [
+        f"data.train_shards=[{data}/train/shapes-train-000000.tar]",
+        f"data.val_shards=[{data}/val/shapes-val-000000.tar]",
+    ]
+    stages.run(
+        "2 cache latents+text",
+        cached / "train" / "manifest.json",
+        lambda: cache.main(
+            [
+                "-c",
+                str(ldm_cfg),
+                "--out",
+                str(cached),
+                "--dtype",
+                "float16",
+                "data.cached=false",
+                f"model.autoencoder_ckpt={ae}",
+                *shards,
+            ]
+        ),
+    )
 
     geometry = geometry_from_metadata(data / "metadata.json")
-    prompts = concept_prompts(concept, 2 if args.quick else NEW_PROMPTS) + \
-        old_prompts(demo / "data" / "metadata.json")[: 2 if args.quick else None]
+    prompts = (
+        concept_prompts(concept, 2 if args.quick else NEW_PROMPTS)
+        + old_prompts(demo / "data" / "metadata.json")[: 2 if args.quick else None]
+    )
     scores_path = out / "scores.json"
     scores: dict[str, Any] = json.loads(scores_path.read_text()) if scores_path.exists() else {}
 
@@ -234,57 +313,112 @@ def main(argv: list[str] | None = None) -> int:
             scores[name] = score(ckpt, prompts, geometry, n, steps)
             scores_path.write_text(json.dumps(scores, indent=2))
             return 0
+
         return run
 
     stages.run("3 score before", scores_path, scored("before", base))
     ceiling_path = out / "autoencoder_round_trip.json"
-    stages.run("3 autoencoder ceiling", ceiling_path, lambda: ceiling_path.write_text(json.dumps(
-        autoencoder_round_trip(base, data / "val" / "shapes-val-000000.tar", concept, geometry)))
-        and 0)
-    common = [f"data.train_shards=[{cached}/train/shapes-train-000000.tar]",
-              f"data.val_shards=[{cached}/val/shapes-val-000000.tar]", f"run.root={out}",
-              f"model.autoencoder_ckpt={ae}", f"model.init_from.path={base}", *quick]
+    stages.run(
+        "3 autoencoder ceiling",
+        ceiling_path,
+        lambda: (
+            ceiling_path.write_text(
+                json.dumps(
+                    autoencoder_round_trip(
+                        base, data / "val" / "shapes-val-000000.tar", concept, geometry
+                    )
+                )
+            )
+            and 0
+        ),
+    )
+    common = [
+        f"data.train_shards=[{cached}/train/shapes-train-000000.tar]",
+        f"data.val_shards=[{cached}/val/shapes-val-000000.tar]",
+        f"run.root={out}",
+        f"model.autoencoder_ckpt={ae}",
+        f"model.init_from.path={base}",
+        *quick,
+    ]
     runs = {}
     for mode in ("lora", "full"):
         run_dir = out / f"finetune-{mode}"
         ckpt = run_dir / "checkpoints" / "last.safetensors"
-        overrides = ["-c", str(ldm_cfg), "-c", str(configs / f"finetune-{mode}.yaml"),
-                     *common, f"run.name=finetune-{mode}"]
+        overrides = [
+            "-c",
+            str(ldm_cfg),
+            "-c",
+            str(configs / f"finetune-{mode}.yaml"),
+            *common,
+            f"run.name=finetune-{mode}",
+        ]
         stages.run(f"4 fine-tune {mode}", ckpt, lambda o=overrides: train.main(o))
         runs[mode] = ckpt
     lora_file = out / f"lora-{concept}.safetensors"
-    stages.run("5 export LoRA", lora_file, lambda: lora_keys.main(
-        ["--ckpt", str(runs["lora"]), "--format", "ldm", "--out", str(lora_file)]) or 0)
+    stages.run(
+        "5 export LoRA",
+        lora_file,
+        lambda: (
+            lora_keys.main(
+                ["--ckpt", str(runs["lora"]), "--format", "ldm", "--out", str(lora_file)]
+            )
+            or 0
+        ),
+    )
     for mode, ckpt in runs.items():
         stages.run(f"6 score {mode}", scores_path, scored(mode, ckpt))
 
-    trainable = {"before": None, "lora": tensor_count(lora_file, skip="alpha"),
-                 "full": tensor_count(base, prefix="unet.")}
-    rows = [{"model": name, "trainable_params": trainable[name],
-             "train_seconds": stages.times.get(f"4 fine-tune {name}"),
-             "file_bytes": lora_file.stat().st_size if name == "lora" else None,
-             "new": scores[name]["new"], "old": scores[name]["old"]}
-            for name in ("before", "lora", "full")]
-    report = {"concept": concept, "samples_per_prompt": n,
-              "prompts": {"new": sum(p.group == "new" for p in prompts),
-                          "old": sum(p.group == "old" for p in prompts)},
-              "rows": rows, "autoencoder_round_trip": json.loads(ceiling_path.read_text()),
-              "stages": stages.times,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                         f"torch {torch.__version__}"}
+    trainable = {
+        "before": None,
+        "lora": tensor_count(lora_file, skip="alpha"),
+        "full": tensor_count(base, prefix="unet."),
+    }
+    rows = [
+        {
+            "model": name,
+            "trainable_params": trainable[name],
+            "train_seconds": stages.times.get(f"4 fine-tune {name}"),
+            "file_bytes": lora_file.stat().st_size if name == "lora" else None,
+            "new": scores[name]["new"],
+            "old": scores[name]["old"],
+        }
+        for name in ("before", "lora", "full")
+    ]
+    report = {
+        "concept": concept,
+        "samples_per_prompt": n,
+        "prompts": {
+            "new": sum(p.group == "new" for p in prompts),
+            "old": sum(p.group == "old" for p in prompts),
+        },
+        "rows": rows,
+        "autoencoder_round_trip": json.loads(ceiling_path.read_text()),
+        "stages": stages.times,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}",
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_table(rows, concept)
-    lines = [f"# make demo-finetune report: teaching the demo's model \"{concept}\"", "",
-             f"adherence at the demo's guidance, {n} samples per prompt: "
-             f"{report['prompts']['new']} {concept} prompts (new), {report['prompts']['old']} "
-             "seen and held-out demo prompts (old); analyser palette: six colours + "
-             f"{concept}", "", "```", table, "```", "",
-             f"ceiling: real {concept} images through the frozen autoencoder (encode, decode) "
-             f"keep their colour in {report['autoencoder_round_trip']['color']:.2f} of "
-             f"{report['autoencoder_round_trip']['count']}, median ΔE*ab "
-             f"{report['autoencoder_round_trip']['delta_e']:.1f} from the true {concept}; ΔE: "
-             "median CIELAB distance of the drawn colour from the asked one", "",
-             "stage wall times:"]
+    lines = [
+        f'# make demo-finetune report: teaching the demo\'s model "{concept}"',
+        "",
+        f"adherence at the demo's guidance, {n} samples per prompt: "
+        f"{report['prompts']['new']} {concept} prompts (new), {report['prompts']['old']} "
+        "seen and held-out demo prompts (old); analyser palette: six colours + "
+        f"{concept}",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        f"ceiling: real {concept} images through the frozen autoencoder (encode, decode) "
+        f"keep their colour in {report['autoencoder_round_trip']['color']:.2f} of "
+        f"{report['autoencoder_round_trip']['count']}, median ΔE*ab "
+        f"{report['autoencoder_round_trip']['delta_e']:.1f} from the true {concept}; ΔE: "
+        "median CIELAB distance of the drawn colour from the asked one",
+        "",
+        "stage wall times:",
+    ]
     for name, seconds in stages.times.items():
         note = " (reused)" if name in stages.reused else ""
         lines.append(f"  {name:<24} {seconds:7.1f} s{note}")

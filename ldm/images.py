@@ -121,8 +121,13 @@ def labelled_grid(
     font = _font(font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(int(measure.textlength(label, font=font)) for _, label, _ in rows) + 2 * padding
-    tiles = [[Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale),
-                                        Image.NEAREST) for a in images] for _, _, images in rows]
+    tiles = [
+        [
+            Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+            for a in images
+        ]
+        for _, _, images in rows
+    ]
     tile_h = max(t.height for row in tiles for t in row)
     tile_w = max(t.width for row in tiles for t in row)
     ncol = max(len(row) for row in tiles)
@@ -137,8 +142,12 @@ def labelled_grid(
         if i == 0 or rows[i - 1][0] != group:
             draw.text((padding, y + padding), group, fill=(0, 0, 0), font=font)
             y += header_h
-        draw.text((padding, y + padding + max(0, (tile_h - font_size) // 2)), label,
-                  fill=(40, 40, 40), font=font)
+        draw.text(
+            (padding, y + padding + max(0, (tile_h - font_size) // 2)),
+            label,
+            fill=(40, 40, 40),
+            font=font,
+        )
         for j, tile in enumerate(row):
             canvas.paste(tile, (text_w + j * (tile_w + padding), y + padding))
         y += tile_h + padding

@@ -55,8 +55,10 @@ def source_kind(path: str | Path) -> str:
     if path.is_dir():
         if (path / "model_index.json").is_file() or (path / "config.json").is_file():
             return "diffusers"
-        raise CheckpointError(f"{path} is a folder without model_index.json or config.json (not "
-                              "a diffusers pipeline or component folder)")
+        raise CheckpointError(
+            f"{path} is a folder without model_index.json or config.json (not "
+            "a diffusers pipeline or component folder)"
+        )
     if path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
         return "ours"
     return "sd"
@@ -71,8 +73,12 @@ def fingerprint(path: str | Path, components: tuple[str, ...] = ("unet",)) -> st
         files = [path]
     else:
         roots = [path / c for c in components if (path / c).is_dir()] or [path]
-        files = sorted(f for root in roots for f in root.iterdir()
-                       if f.is_file() and f.suffix in _WEIGHT_SUFFIXES)
+        files = sorted(
+            f
+            for root in roots
+            for f in root.iterdir()
+            if f.is_file() and f.suffix in _WEIGHT_SUFFIXES
+        )
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else file.name).encode())
         with open(file, "rb") as f:
@@ -92,13 +98,16 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: Path, w
     if missing or unexpected or shaped:
         if shaped:
             k = shaped[0]
-            detail = (f"key {k} has shape {tuple(state[k].shape)}, the configured {what} needs "
-                      f"{tuple(own[k].shape)}")
+            detail = (
+                f"key {k} has shape {tuple(state[k].shape)}, the configured {what} needs "
+                f"{tuple(own[k].shape)}"
+            )
         elif missing:
             detail = f"key {missing[0]} is missing ({len(missing)} in all)"
         else:
-            detail = f"key {unexpected[0]} is not in the configured {what} " \
-                     f"({len(unexpected)} in all)"
+            detail = (
+                f"key {unexpected[0]} is not in the configured {what} ({len(unexpected)} in all)"
+            )
         raise CheckpointError(f"{source}: {what} weights do not fit the config: {detail}")
     module.load_state_dict(state, strict=len(own) == len(module.state_dict()))
 
@@ -108,8 +117,9 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: Path, w
 # ---------------------------------------------------------------------------------------------
 
 
-def unet_state(path: str | Path, unet: nn.Module, unet_kwargs: Mapping[str, Any],
-               use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
+def unet_state(
+    path: str | Path, unet: nn.Module, unet_kwargs: Mapping[str, Any], use_ema: bool = True
+) -> tuple[dict[str, Tensor], str]:
     """A source's U-Net weights in our names, and which copy they are (``EMA``/``raw``).
 
     Args:
@@ -133,8 +143,9 @@ def unet_state(path: str | Path, unet: nn.Module, unet_kwargs: Mapping[str, Any]
             state, used_ema = unet_state_dict(read_state_dict(path), unet, use_ema)
         except CheckpointError as e:
             message = str(e)
-            raise CheckpointError(message if str(path) in message else f"{path}: {message}"
-                                  ) from None
+            raise CheckpointError(
+                message if str(path) in message else f"{path}: {message}"
+            ) from None
         return state, "EMA" if used_ema else "raw"
     from ldm.checkpoint.diffusers_layout import read_weights
     from ldm.checkpoint.sdxl_layout import is_sdxl_folder
@@ -146,12 +157,17 @@ def unet_state(path: str | Path, unet: nn.Module, unet_kwargs: Mapping[str, Any]
         return build_sdxl.unet_state(path, unet_kwargs), "diffusers"
     folder = path / "unet" if (path / "unet").is_dir() else path
     try:
-        state = unet_diffusers_to_ldm(read_weights(folder), unet_kwargs["channel_mult"],
-                                      unet_kwargs["num_res_blocks"],
-                                      unet_kwargs["attention_resolutions"])
+        state = unet_diffusers_to_ldm(
+            read_weights(folder),
+            unet_kwargs["channel_mult"],
+            unet_kwargs["num_res_blocks"],
+            unet_kwargs["attention_resolutions"],
+        )
     except KeyError as e:
-        raise CheckpointError(f"{folder}: key {e} is outside the U-Net key map (not a "
-                              "UNet2DConditionModel of the configured shape?)") from None
+        raise CheckpointError(
+            f"{folder}: key {e} is outside the U-Net key map (not a "
+            "UNet2DConditionModel of the configured shape?)"
+        ) from None
     return state, "diffusers"
 
 
@@ -167,12 +183,16 @@ def text_state(path: str | Path, text_encoder: nn.Module, layer: str) -> dict[st
     kind = source_kind(path)
     model = getattr(text_encoder, "model", None)
     if type(model).__name__ != "CLIPTextModel":
-        raise CheckpointError(f"{path}: its text encoder loads as a transformers CLIPTextModel: "
-                              "set model.text_encoder.kind=clip")
+        raise CheckpointError(
+            f"{path}: its text encoder loads as a transformers CLIPTextModel: "
+            "set model.text_encoder.kind=clip"
+        )
     if kind == "ours":
-        raise CheckpointError(f"{path} is one of our checkpoints, which keep no text encoder: "
-                              "set model.init_from.text_encoder=false and name the encoder in "
-                              "model.text_encoder")
+        raise CheckpointError(
+            f"{path} is one of our checkpoints, which keep no text encoder: "
+            "set model.init_from.text_encoder=false and name the encoder in "
+            "model.text_encoder"
+        )
     if kind == "sd":
         from ldm.checkpoint.stable_diffusion import read_state_dict, text_state_dict
 
@@ -202,8 +222,9 @@ def apply_init(model: nn.Module, init: Any, unet_kwargs: Mapping[str, Any]) -> N
     path = Path(init.path)
     state, which = unet_state(path, model.unet, unet_kwargs, use_ema=init.weights == "ema")
     _load_strict(model.unet, state, path, "U-Net")
-    log.warning("model.init_from: U-Net from %s (%s weights, %s)", path, which,
-                str(init.fingerprint)[:19])
+    log.warning(
+        "model.init_from: U-Net from %s (%s weights, %s)", path, which, str(init.fingerprint)[:19]
+    )
     if init.text_encoder:
         apply_text_init(model, init)
 
@@ -260,8 +281,9 @@ def _vae_folder(path: Path) -> Path:
     return path / "vae" if (path / "vae" / "config.json").is_file() else path
 
 
-def autoencoder_section(path: str | Path, configured: Mapping[str, Any],
-                        scale_factor: float | None = None) -> tuple[dict[str, Any], str]:
+def autoencoder_section(
+    path: str | Path, configured: Mapping[str, Any], scale_factor: float | None = None
+) -> tuple[dict[str, Any], str]:
     """``model.autoencoder`` for a source, and where its ``scale_factor`` came from.
 
     Ours: the section stored in the checkpoint. diffusers (a pipeline or its ``vae/``): from
@@ -286,8 +308,9 @@ def autoencoder_section(path: str | Path, configured: Mapping[str, Any],
         try:
             section = vae_config_diffusers_to_ldm(read_json(folder / "config.json"))
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{folder / 'config.json'}: not an AutoencoderKL config "
-                                  f"({e})") from None
+            raise CheckpointError(
+                f"{folder / 'config.json'}: not an AutoencoderKL config ({e})"
+            ) from None
         where = f"{folder / 'config.json'} scaling_factor"
     else:
         from ldm.checkpoint.sdxl_single_file import is_sdxl_file
@@ -327,8 +350,10 @@ def load_autoencoder(path: str | Path, section: Mapping[str, Any] | None = None)
         return model
     if section is None:
         if kind == "sd":
-            raise CheckpointError(f"{path} is an SD single file, which carries no autoencoder "
-                                  "config: pass the model.autoencoder section")
+            raise CheckpointError(
+                f"{path} is an SD single file, which carries no autoencoder "
+                "config: pass the model.autoencoder section"
+            )
         section, _ = autoencoder_section(path, {})
     from ldm.config import load
 
@@ -343,8 +368,9 @@ def load_autoencoder(path: str | Path, section: Mapping[str, Any] | None = None)
         try:
             state = vae_diffusers_to_ldm(read_weights(folder), scale_factor=scale)
         except KeyError as e:
-            raise CheckpointError(f"{folder}: key {e} is outside the AutoencoderKL key map"
-                                  ) from None
+            raise CheckpointError(
+                f"{folder}: key {e} is outside the AutoencoderKL key map"
+            ) from None
         _load_strict(model, state, folder, "autoencoder")
         return model
     from ldm.checkpoint.stable_diffusion import FIRST_STAGE_PREFIX, read_state_dict
@@ -408,6 +434,18 @@ def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
         log.warning("LoRA %s merged at scale %g (%s)", path, scale, counts)
 
 
-__all__ = ["SD_SCALE_FACTOR", "apply_init", "apply_lora_files", "apply_text_init",
-           "autoencoder_section", "fingerprint", "load_autoencoder", "lora_targets",
-           "parse_lora_spec", "resolve_init", "source_kind", "text_state", "unet_state"]
+__all__ = [
+    "SD_SCALE_FACTOR",
+    "apply_init",
+    "apply_lora_files",
+    "apply_text_init",
+    "autoencoder_section",
+    "fingerprint",
+    "load_autoencoder",
+    "lora_targets",
+    "parse_lora_spec",
+    "resolve_init",
+    "source_kind",
+    "text_state",
+    "unet_state",
+]

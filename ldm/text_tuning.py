@@ -27,15 +27,16 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
         return text_encoder
     model = getattr(text_encoder, "model", None)
     if not hasattr(model, "config"):
-        raise ValueError(f"training the text encoder needs a transformers model (kind clip, "
-                         f"hf or t5), not kind={m.text_encoder.kind}")
+        raise ValueError(
+            f"training the text encoder needs a transformers model (kind clip, "
+            f"hf or t5), not kind={m.text_encoder.kind}"
+        )
     if m.train_text_encoder:
         model.requires_grad_(True)
         return text_encoder
     from ldm.models.lora import add_lora
 
-    add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,
-             list(m.lora.text_encoder_targets))
+    add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.text_encoder_targets))
     return text_encoder
 
 
@@ -52,6 +53,8 @@ def load_text_encoder_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     own = model.text_encoder.state_dict()
     for key, value in state.items():
         if key not in own or own[key].shape != value.shape:
-            raise CheckpointError(f"checkpoint key text_encoder.{key} does not fit the text "
-                                  "encoder the config builds (model.text_encoder, model.lora)")
+            raise CheckpointError(
+                f"checkpoint key text_encoder.{key} does not fit the text "
+                "encoder the config builds (model.text_encoder, model.lora)"
+            )
     model.text_encoder.load_state_dict(state, strict=False)

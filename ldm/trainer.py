@@ -58,8 +58,9 @@ def build_quality_monitor(cfg: DictConfig) -> Any:
     return build_monitor(cfg, sampler)
 
 
-def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None,
-                  resuming: bool = False) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None = None, resuming: bool = False
+) -> pl.Trainer:
     """``trainer`` (+ ``logging``) → ``pytorch_lightning.Trainer`` with our callbacks.
 
     ``resuming``: the run continues from its resume checkpoint (wandb continues the same run).
@@ -77,10 +78,18 @@ def build_trainer(cfg: DictConfig, path: Path, extra_callbacks: list[Any] | None
     t = cfg.trainer
     check_precision(t.precision, t.accelerator, cfg.optim.eps)
     config = to_container(cfg)
-    strategy = build_strategy(t.strategy, find_unused_parameters=t.find_unused_parameters,
-                              fsdp_sharding=t.fsdp_sharding)
-    logger = build_logger(cfg.logging.logger, path, cfg.run.name, cfg.logging.project,
-                          cfg.logging.wandb_mode, config, resume=resuming)
+    strategy = build_strategy(
+        t.strategy, find_unused_parameters=t.find_unused_parameters, fsdp_sharding=t.fsdp_sharding
+    )
+    logger = build_logger(
+        cfg.logging.logger,
+        path,
+        cfg.run.name,
+        cfg.logging.project,
+        cfg.logging.wandb_mode,
+        config,
+        resume=resuming,
+    )
     define_step_metrics(logger)
     callbacks: list[Any] = [
         SafetensorsCheckpoint(path / "checkpoints", config, t.ckpt_every_n_steps, t.keep_last_k),

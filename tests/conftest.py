@@ -39,11 +39,18 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from ldm.data.shapes import ShapesConfig, generate
 
     out = tmp_path_factory.mktemp("shapes")
-    cfg = ShapesConfig(image_size=32, num_train=96, num_val=16, num_heldout=16,
-                       samples_per_shard=48, seed=0, workers=1, supersample=2)
+    cfg = ShapesConfig(
+        image_size=32,
+        num_train=96,
+        num_val=16,
+        num_heldout=16,
+        samples_per_shard=48,
+        seed=0,
+        workers=1,
+        supersample=2,
+    )
     meta = generate(cfg, str(out))
     return {split: info["shards"] for split, info in meta["splits"].items()}
-
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +79,11 @@ def mixed_aspect_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
             fmt = "JPEG" if i % 2 else "PNG"
             Image.fromarray(pixels.astype(np.uint8)).save(buffer, format=fmt)
             orient = "tall" if h > w else "wide" if w > h else "square"
-            writer.write({"__key__": key, "jpg" if fmt == "JPEG" else "png": buffer.getvalue(),
-                          "txt": f"a {orient} picture {i}"})
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg" if fmt == "JPEG" else "png": buffer.getvalue(),
+                    "txt": f"a {orient} picture {i}",
+                }
+            )
     return str(root / "mixed-{000000..000003}.tar")

@@ -19,8 +19,23 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_unet_bench_prints_fair_rows_and_peak() -> None:
-    proc = run("bench/unet.py", "--sizes", "tiny", "--latent", "8", "--warmup", "0", "--iters",
-               "2", "--settings", "fp32,fp32-cl", "--threads", "1", "--clock", "cpu")
+    proc = run(
+        "bench/unet.py",
+        "--sizes",
+        "tiny",
+        "--latent",
+        "8",
+        "--warmup",
+        "0",
+        "--iters",
+        "2",
+        "--settings",
+        "fp32,fp32-cl",
+        "--threads",
+        "1",
+        "--clock",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert re.search(r"measured matmul peak: fp32 [\d.]+ GFLOP/s", out)

@@ -23,15 +23,30 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
     # A compiled, checkpointed U-Net step, a train.py run and the gpu-test call: the parts whose
     # code differs; the other U-Net cases only change two flags.
     proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out),
-         "--only", "peak,unet ours ckpt=on compile=on,train,gpu tests"],
-        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
-        timeout=300)
+        [
+            "bash",
+            str(ROOT / "bench" / "gpu.sh"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--only",
+            "peak,unet ours ckpt=on compile=on,train,gpu tests",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
     by_part = {r["part"]: r for r in rows}
-    assert set(by_part) == {"peak", "unet ours ckpt=on compile=on", "train ddp", "train fsdp",
-                            "gpu tests"}
+    assert set(by_part) == {
+        "peak",
+        "unet ours ckpt=on compile=on",
+        "train ddp",
+        "train fsdp",
+        "gpu tests",
+    }
     assert by_part["peak"]["measured_tflops"] > 0
     unet = by_part["unet ours ckpt=on compile=on"]
     assert unet["status"] == "ok" and unet["checkpointing"] and unet["compile"]
@@ -45,9 +60,11 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
 
 
 def test_table_reads_mfu_against_both_peaks() -> None:
-    rows = [{"part": "peak", "status": "ok", "measured_tflops": 800.0, "datasheet_tflops": 989.0},
-            {"part": "unet ours", "status": "ok", "tflops": 400.0},
-            {"part": "train fsdp", "status": "timed out after 240 s"}]
+    rows = [
+        {"part": "peak", "status": "ok", "measured_tflops": 800.0, "datasheet_tflops": 989.0},
+        {"part": "unet ours", "status": "ok", "tflops": 400.0},
+        {"part": "train fsdp", "status": "timed out after 240 s"},
+    ]
     report = gpu.table(rows)
     assert "mfu_measured=50.0%" in report and "mfu_datasheet=40.4%" in report
     assert "| train fsdp | timed out after 240 s |" in report

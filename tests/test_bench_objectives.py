@@ -38,8 +38,10 @@ def test_each_objective_is_a_valid_demo_config(name: str) -> None:
 
 
 def test_table_and_bad_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = [{"group": g, "all": a} for g, a in
-            (("seen", 1.0), ("held-out", 0.5), ("paraphrase", 0.25), ("all", 0.6))]
+    rows = [
+        {"group": g, "all": a}
+        for g, a in (("seen", 1.0), ("held-out", 0.5), ("paraphrase", 0.25), ("all", 0.6))
+    ]
     text = bench.table({"adherence": {"flow": {"4": rows}}})
     assert "| flow | euler | 4 | 1.00 | 0.50 | 0.25 | 0.60 |" in text
     assert bench.main(["--out", str(tmp_path), "--objectives", "x0"]) == 2

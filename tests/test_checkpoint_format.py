@@ -18,8 +18,13 @@ from ldm.checkpoint.format import (
 
 def test_round_trip_with_config(tmp_path: Path) -> None:
     lin = torch.nn.Linear(3, 2)
-    path = save_checkpoint(tmp_path / "c.safetensors", {"unet": lin.state_dict()},
-                           {"task": "ldm", "optim": {"lr": 0.1}}, "ldm", extra={"step": 7})
+    path = save_checkpoint(
+        tmp_path / "c.safetensors",
+        {"unet": lin.state_dict()},
+        {"task": "ldm", "optim": {"lr": 0.1}},
+        "ldm",
+        extra={"step": 7},
+    )
     ckpt = load_checkpoint(path, expect_kind="ldm")
     assert ckpt.config["optim"]["lr"] == 0.1
     assert ckpt.metadata["step"] == "7"

@@ -33,14 +33,16 @@ from tests.test_sampling_parity import (  # noqa: F401  (fixtures)
 )
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:ClipTextEncoder. prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
 
 
 def diffusers_latents(pipe: Any, dtype: torch.dtype, clip: float) -> torch.Tensor:
     pipe = copy.deepcopy(pipe).to(dtype=dtype)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(
-        {**pipe.scheduler.config, "clip_sample": True, "clip_sample_range": clip})
+        {**pipe.scheduler.config, "clip_sample": True, "clip_sample_range": clip}
+    )
     seeds = [SEED] * len(PROMPTS)
     with torch.no_grad():
         return pipe(
@@ -52,12 +54,19 @@ def diffusers_latents(pipe: Any, dtype: torch.dtype, clip: float) -> torch.Tenso
 
 
 def test_ddim_clip_sample_with_guidance_is_within_float32s_error(
-        base: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811 (the imported fixture)
+    base: dict[str, Any],  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+) -> None:
     clip = 0.5
     exact = diffusers_latents(base["pipe"], torch.float64, clip)
     theirs = diffusers_latents(base["pipe"], torch.float32, clip)
-    mine = ours(base["folder"], tmp_path, 7, 5.0, ["sampling.clip_sample=true",
-                                                    f"sampling.clip_sample_range={clip}"]).double()
+    mine = ours(
+        base["folder"],
+        tmp_path,
+        7,
+        5.0,
+        ["sampling.clip_sample=true", f"sampling.clip_sample_range={clip}"],
+    ).double()
     scale = exact.abs().max().item()
     assert 0.4 < scale <= clip + 0.05  # the clamp holds the latents near its range
     their_err = (theirs - exact).abs().max().item()

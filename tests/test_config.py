@@ -92,7 +92,9 @@ def test_every_yaml_in_configs_loads() -> None:
 def test_print_config_cli() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--print-config", "optim.lr=0.5"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "lr: 0.5" in out and "task: autoencoder" in out
 
@@ -100,7 +102,8 @@ def test_print_config_cli() -> None:
 def test_cli_config_error_is_one_line_exit_2() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--print-config", "optim.lrr=1"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "optim.lr" in proc.stderr

@@ -20,22 +20,33 @@ def _train(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, st
     return code, capsys.readouterr().err
 
 
-def test_default_text_encoder_vs_default_context_dim(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_text_encoder_vs_default_context_dim(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, err = _train(["task=ldm", f"run.root={tmp_path}", "data.train_shards=x.tar"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "model.unet.context_dim is 768" in err and "set model.unet.context_dim=384" in err
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["task=ldm", "model.unet.context_dim=384", "model.unet.in_channels=3"],
-     "model.unet.in_channels is 3 but model.autoencoder makes 4-channel latents"),
-    (["task=ldm", "model.unet.context_dim=384", "model.autoencoder.embed_dim=8"],
-     "model.unet.out_channels is 4 but model.autoencoder makes 8-channel latents"),
-    (["data.image_size=100"], "data.image_size 100 is not a multiple of the downsampling factor 8"),
-    (["data.cached=true"], "task=autoencoder trains on images"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["task=ldm", "model.unet.context_dim=384", "model.unet.in_channels=3"],
+            "model.unet.in_channels is 3 but model.autoencoder makes 4-channel latents",
+        ),
+        (
+            ["task=ldm", "model.unet.context_dim=384", "model.autoencoder.embed_dim=8"],
+            "model.unet.out_channels is 4 but model.autoencoder makes 8-channel latents",
+        ),
+        (
+            ["data.image_size=100"],
+            "data.image_size 100 is not a multiple of the downsampling factor 8",
+        ),
+        (["data.cached=true"], "task=autoencoder trains on images"),
+    ],
+)
 def test_contradictions_fail_at_load(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load([], overrides)
@@ -55,11 +66,14 @@ def test_width_from_local_config_json(tmp_path: Path) -> None:
     assert text_encoder_width("some-org/unknown-model") is None
 
 
-def test_cached_flag_vs_shards(shapes_data: dict[str, str], tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cached_flag_vs_shards(
+    shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ConfigError, match="are not cached shards"):
-        load([ROOT / "configs" / "ldm" / "tiny.yaml"],
-             ["data.cached=true", f"data.train_shards={shapes_data['train']}"])
+        load(
+            [ROOT / "configs" / "ldm" / "tiny.yaml"],
+            ["data.cached=true", f"data.train_shards={shapes_data['train']}"],
+        )
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "a.tar").write_bytes(b"")
@@ -90,10 +104,14 @@ def test_cached_text_width_vs_context_dim(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "a.tar").write_bytes(b"")
-    save_file({"context": torch.zeros(8, 512), "context_mask": torch.ones(8, dtype=torch.bool)},
-              str(cache / "empty_prompt.safetensors"))
+    save_file(
+        {"context": torch.zeros(8, 512), "context_mask": torch.ones(8, dtype=torch.bool)},
+        str(cache / "empty_prompt.safetensors"),
+    )
     overrides = ["data.cached=true", f"data.train_shards={cache}/a.tar"]
     with pytest.raises(ConfigError, match="are 512 wide but model.unet.context_dim is 384"):
         load([ROOT / "configs" / "ldm" / "tiny.yaml"], overrides)
-    load([ROOT / "configs" / "ldm" / "tiny.yaml"],
-         [*overrides, "model.unet.context_dim=512", "model.text_encoder.name_or_path=t5-small"])
+    load(
+        [ROOT / "configs" / "ldm" / "tiny.yaml"],
+        [*overrides, "model.unet.context_dim=512", "model.text_encoder.name_or_path=t5-small"],
+    )

@@ -27,8 +27,9 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_demo_quick_runs_all_stages_and_reuses_them(quick_demo: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_quick_runs_all_stages_and_reuses_them(
+    quick_demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ldm import demo
     from ldm.config import load
 
@@ -62,8 +63,15 @@ def test_demo_finetune_quick_reports_before_and_after(quick_demo: Path, tmp_path
     from ldm.config import load
 
     out = tmp_path / "finetune"
-    args = ["--quick", "--demo", str(quick_demo), "--out", str(out),
-            "--configs", str(ROOT / "configs" / "demo")]
+    args = [
+        "--quick",
+        "--demo",
+        str(quick_demo),
+        "--out",
+        str(out),
+        "--configs",
+        str(ROOT / "configs" / "demo"),
+    ]
     assert demo_finetune.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["concept"] == "brown"

@@ -30,22 +30,25 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_clip_dir(tmp_path_factory.mktemp("clip") / "clip")
 
 
-@pytest.mark.parametrize(("steps", "strength", "shift"),
-                         [(10, 0.6, 1.0), (7, 0.3, 3.0), (5, 1.0, 3.0)])
+@pytest.mark.parametrize(
+    ("steps", "strength", "shift"), [(10, 0.6, 1.0), (7, 0.3, 3.0), (5, 1.0, 3.0)]
+)
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
-def test_flow_img2img_matches_flow_match_scheduler(clip_dir: Path, sampler: str, steps: int,
-                                                    strength: float, shift: float) -> None:
+def test_flow_img2img_matches_flow_match_scheduler(
+    clip_dir: Path, sampler: str, steps: int, strength: float, shift: float
+) -> None:
     model = tiny_model(flow_config(clip_dir, shift), seed=5)
     shape = (len(PROMPTS), 4, SIZE // 2, SIZE // 2)
     init = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(9))
-    cls = {"euler": "FlowMatchEulerDiscreteScheduler",
-           "heun": "FlowMatchHeunDiscreteScheduler"}[sampler]
+    cls = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}[
+        sampler
+    ]
     sch = getattr(diffusers, cls)(shift=shift)
     sch.set_timesteps(steps)
     # StableDiffusion3Img2ImgPipeline.get_timesteps, then scale_noise at the first of them
     t_start = steps - min(int(steps * strength), steps)
-    timesteps = sch.timesteps[t_start * sch.order:]
+    timesteps = sch.timesteps[t_start * sch.order :]
     if hasattr(sch, "set_begin_index"):
         sch.set_begin_index(t_start * sch.order)
     if sampler == "euler":
@@ -58,9 +61,14 @@ def test_flow_img2img_matches_flow_match_scheduler(clip_dir: Path, sampler: str,
         for t in timesteps:
             v = model.unet(x, t.expand(len(PROMPTS)).float(), **cond)
             x = sch.step(v, t, x).prev_sample
-        _, ours = model.generate(PROMPTS, Sampler(sampler, steps, disable_progress=True),
-                                 guidance=1.0, latents=noise, init_latents=init,
-                                 strength=strength)
+        _, ours = model.generate(
+            PROMPTS,
+            Sampler(sampler, steps, disable_progress=True),
+            guidance=1.0,
+            latents=noise,
+            init_latents=init,
+            strength=strength,
+        )
     err = float((ours - x).abs().max()) / float(x.abs().max())
     assert err <= 1e-4, err
     assert float((x - init).abs().max()) > 1e-2  # the sampler changed the init
@@ -82,9 +90,16 @@ def test_flow_img2img_stays_near_the_init_at_low_strength(clip_dir: Path) -> Non
     dist = {}
     for strength in (0.2, 0.9):
         starts.clear()
-        _, z = model.generate(["a b"], Sampler("euler_sde", 10, disable_progress=True),
-                              guidance=1.0, latents=noise, init_latents=init, strength=strength,
-                              generator=torch.Generator().manual_seed(4), callback=first)
+        _, z = model.generate(
+            ["a b"],
+            Sampler("euler_sde", 10, disable_progress=True),
+            guidance=1.0,
+            latents=noise,
+            init_latents=init,
+            strength=strength,
+            generator=torch.Generator().manual_seed(4),
+            callback=first,
+        )
         sigma = float(starts[0]["sigma"])
         t = sigma / (1 + sigma)
         assert abs(t - strength) < 0.1, (t, strength)

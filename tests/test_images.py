@@ -26,8 +26,11 @@ def test_labelled_grid_upscales_and_groups() -> None:
     from ldm.images import labelled_grid
 
     tile = np.zeros((2, 8, 8, 3), np.uint8)
-    rows = [("seen", "a red circle", tile), ("seen", "a blue square", tile),
-            ("held-out", "a red triangle", tile)]
+    rows = [
+        ("seen", "a red circle", tile),
+        ("seen", "a blue square", tile),
+        ("held-out", "a red triangle", tile),
+    ]
     grid = labelled_grid(rows, scale=4, padding=2, font_size=12)
     # Three rows of 32 px tiles and two group headers (font + padding each).
     assert grid.shape[0] == 2 * (12 + 4) + 3 * (32 + 2) + 2

@@ -30,8 +30,9 @@ from tests.test_sampling_parity import CLASSES, NEGATIVE, SD, SIZE, assert_close
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:ClipTextEncoder. prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
 
 PROMPTS = ["the red", "a b c"]
 N, SEED, GUIDANCE = 2, 40, 5.0  # two samples per prompt: seeds 40, 41 for each prompt
@@ -51,9 +52,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=32, sample_size=SIZE,
     )  # fmt: skip
-    parts = {"vae": vae, "scheduler": diffusers.DDIMScheduler(**SD),
-             "text_encoder": transformers.CLIPTextModel.from_pretrained(clip),
-             "tokenizer": transformers.CLIPTokenizer.from_pretrained(clip)}
+    parts = {
+        "vae": vae,
+        "scheduler": diffusers.DDIMScheduler(**SD),
+        "text_encoder": transformers.CLIPTextModel.from_pretrained(clip),
+        "tokenizer": transformers.CLIPTokenizer.from_pretrained(clip),
+    }
     out = {"root": root}
     for name, channels in (("pipe4", 4), ("pipe9", 9)):
         unet = diffusers.UNet2DConditionModel(
@@ -63,8 +67,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             cross_attention_dim=WIDTH, norm_num_groups=32,
         )  # fmt: skip
         diffusers.StableDiffusionPipeline(
-            unet=unet, **parts, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False).save_pretrained(root / name)
+            unet=unet,
+            **parts,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(root / name)
         out[name] = root / name
     pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / "init.png")
@@ -92,8 +100,15 @@ def with_scheduler(folders: dict[str, Path], pipe: str, sampler: str) -> Path:
     return folder
 
 
-def theirs(cls: str, folder: Path, folders: dict[str, Path], steps: int, strength: float,
-           eta: float = 0.0, inpaint: bool = False) -> torch.Tensor:
+def theirs(
+    cls: str,
+    folder: Path,
+    folders: dict[str, Path],
+    steps: int,
+    strength: float,
+    eta: float = 0.0,
+    inpaint: bool = False,
+) -> torch.Tensor:
     """diffusers' final latents: prompt i's j-th sample has seed SEED + j, as sample.py."""
     pipe = getattr(diffusers, cls).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -102,8 +117,11 @@ def theirs(cls: str, folder: Path, folders: dict[str, Path], steps: int, strengt
     image = [Image.open(folders["init"]).convert("RGB")] * len(prompts)  # once per sample
     extra: dict[str, Any] = {"eta": eta}
     if inpaint:
-        extra |= {"mask_image": [Image.open(folders["mask"])] * len(prompts), "height": SIZE,
-                  "width": SIZE}
+        extra |= {
+            "mask_image": [Image.open(folders["mask"])] * len(prompts),
+            "height": SIZE,
+            "width": SIZE,
+        }
     with torch.no_grad():
         return pipe(
             prompt=prompts, negative_prompt=[NEGATIVE] * len(prompts), image=image,
@@ -112,25 +130,51 @@ def theirs(cls: str, folder: Path, folders: dict[str, Path], steps: int, strengt
         ).images  # fmt: skip
 
 
-def sample_py(folders: dict[str, Path], folder: Path, tmp_path: Path, steps: int,
-              strength: float, eta: float = 0.0, inpaint: bool = False,
-              batch_size: int = 8) -> torch.Tensor:
+def sample_py(
+    folders: dict[str, Path],
+    folder: Path,
+    tmp_path: Path,
+    steps: int,
+    strength: float,
+    eta: float = 0.0,
+    inpaint: bool = False,
+    batch_size: int = 8,
+) -> torch.Tensor:
     args = ["--init-image", str(folders["init"]), "--strength", str(strength)]
     args += ["--mask", str(folders["mask"])] if inpaint else []
     args += ["--eta", str(eta)] if eta else []
-    return ours(folder, tmp_path, steps, GUIDANCE, args, batch_size=batch_size, seed=SEED,
-                prompts=PROMPTS, n=N)
+    return ours(
+        folder,
+        tmp_path,
+        steps,
+        GUIDANCE,
+        args,
+        batch_size=batch_size,
+        seed=SEED,
+        prompts=PROMPTS,
+        n=N,
+    )
 
 
-IMG2IMG = [("ddim", 10, 0.6), ("ddim", 7, 1.0), ("euler", 10, 0.6), ("euler", 5, 1.0),
-           ("dpmpp_2m", 10, 0.6), ("dpmpp_2m", 20, 0.45), ("heun", 6, 0.5),
-           ("euler_a", 8, 0.75), ("ddpm", 8, 0.5)]
+IMG2IMG = [
+    ("ddim", 10, 0.6),
+    ("ddim", 7, 1.0),
+    ("euler", 10, 0.6),
+    ("euler", 5, 1.0),
+    ("dpmpp_2m", 10, 0.6),
+    ("dpmpp_2m", 20, 0.45),
+    ("heun", 6, 0.5),
+    ("euler_a", 8, 0.75),
+    ("ddpm", 8, 0.5),
+]
 
 
-@pytest.mark.parametrize(("sampler", "steps", "strength"), IMG2IMG,
-                         ids=[f"{s}-{n}-{x:g}" for s, n, x in IMG2IMG])
-def test_img2img_matches_img2img_pipeline(folders: dict[str, Path], tmp_path: Path,
-                                          sampler: str, steps: int, strength: float) -> None:
+@pytest.mark.parametrize(
+    ("sampler", "steps", "strength"), IMG2IMG, ids=[f"{s}-{n}-{x:g}" for s, n, x in IMG2IMG]
+)
+def test_img2img_matches_img2img_pipeline(
+    folders: dict[str, Path], tmp_path: Path, sampler: str, steps: int, strength: float
+) -> None:
     folder = with_scheduler(folders, "pipe4", sampler)
     mine = sample_py(folders, folder, tmp_path, steps, strength)
     ref = theirs("StableDiffusionImg2ImgPipeline", folder, folders, steps, strength)
@@ -150,29 +194,42 @@ def test_img2img_ddim_eta_one(folders: dict[str, Path], tmp_path: Path) -> None:
     assert (alone - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
-INPAINT = [("pipe4", "ddim", 10, 0.6), ("pipe4", "ddim", 6, 1.0), ("pipe4", "euler", 10, 0.6),
-           ("pipe4", "euler", 6, 1.0), ("pipe4", "euler_a", 8, 0.8), ("pipe4", "heun", 5, 0.6),
-           ("pipe4", "heun", 4, 1.0), ("pipe4", "dpmpp_2m", 10, 0.6), ("pipe4", "dpmpp_2m", 8, 1.0),
-           ("pipe4", "dpmpp_2m", 20, 0.5),
-           ("pipe9", "ddim", 6, 1.0), ("pipe9", "ddim", 10, 0.6), ("pipe9", "euler", 6, 1.0),
-           ("pipe9", "euler_a", 6, 0.7), ("pipe9", "dpmpp_2m", 8, 1.0),
-           ("pipe9", "dpmpp_2m", 10, 0.6)]
+INPAINT = [
+    ("pipe4", "ddim", 10, 0.6),
+    ("pipe4", "ddim", 6, 1.0),
+    ("pipe4", "euler", 10, 0.6),
+    ("pipe4", "euler", 6, 1.0),
+    ("pipe4", "euler_a", 8, 0.8),
+    ("pipe4", "heun", 5, 0.6),
+    ("pipe4", "heun", 4, 1.0),
+    ("pipe4", "dpmpp_2m", 10, 0.6),
+    ("pipe4", "dpmpp_2m", 8, 1.0),
+    ("pipe4", "dpmpp_2m", 20, 0.5),
+    ("pipe9", "ddim", 6, 1.0),
+    ("pipe9", "ddim", 10, 0.6),
+    ("pipe9", "euler", 6, 1.0),
+    ("pipe9", "euler_a", 6, 0.7),
+    ("pipe9", "dpmpp_2m", 8, 1.0),
+    ("pipe9", "dpmpp_2m", 10, 0.6),
+]
 
 
-@pytest.mark.parametrize(("pipe", "sampler", "steps", "strength"), INPAINT,
-                         ids=[f"{p}-{s}-{n}-{x:g}" for p, s, n, x in INPAINT])
-def test_inpainting_matches_inpaint_pipeline(folders: dict[str, Path], tmp_path: Path, pipe: str,
-                                             sampler: str, steps: int, strength: float) -> None:
+@pytest.mark.parametrize(
+    ("pipe", "sampler", "steps", "strength"),
+    INPAINT,
+    ids=[f"{p}-{s}-{n}-{x:g}" for p, s, n, x in INPAINT],
+)
+def test_inpainting_matches_inpaint_pipeline(
+    folders: dict[str, Path], tmp_path: Path, pipe: str, sampler: str, steps: int, strength: float
+) -> None:
     """4-channel U-Nets (latent blending, the multistep dpmpp_2m included) and 9-channel SD
     inpainting U-Nets ([x, mask, masked-image latents] at every call)."""
     folder = with_scheduler(folders, pipe, sampler)
     mine = sample_py(folders, folder, tmp_path, steps, strength, inpaint=True)
-    ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength,
-                 inpaint=True)
+    ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength, inpaint=True)
     assert_close(mine, ref, f"inpaint {pipe} {sampler} {steps} steps strength {strength}")
     if sampler == "euler_a":  # stochastic: batches of 1 give the same latents
-        alone = sample_py(folders, folder, tmp_path, steps, strength, inpaint=True,
-                          batch_size=1)
+        alone = sample_py(folders, folder, tmp_path, steps, strength, inpaint=True, batch_size=1)
         assert (alone - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
     if pipe == "pipe4":  # the kept region is the init image's latents (the last blend)
         init = mine.new_tensor(np.asarray(Image.open(folders["mask"]))[None, None] >= 128)
@@ -195,37 +252,63 @@ def sd_inpainting_file(folders: dict[str, Path]) -> dict[str, Path]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model"]["text_encoder"]["name_or_path"] = str(folders["root"] / "clip")  # SD1
     root = folders["root"]
-    return {"file": save_sd_file(sd_layout(model), root / "sd-inpainting.safetensors"),
-            "yaml": write_yaml(config, root / "sd-inpainting.yaml")}
+    return {
+        "file": save_sd_file(sd_layout(model), root / "sd-inpainting.safetensors"),
+        "yaml": write_yaml(config, root / "sd-inpainting.yaml"),
+    }
 
 
-@pytest.mark.parametrize(("sampler", "steps", "strength"), [("ddim", 6, 1.0),
-                                                            ("euler", 8, 0.6)])
-def test_sd_inpainting_single_file(folders: dict[str, Path], sd_inpainting_file: dict[str, Path],
-                                   tmp_path: Path, sampler: str, steps: int,
-                                   strength: float) -> None:
+@pytest.mark.parametrize(("sampler", "steps", "strength"), [("ddim", 6, 1.0), ("euler", 8, 0.6)])
+def test_sd_inpainting_single_file(
+    folders: dict[str, Path],
+    sd_inpainting_file: dict[str, Path],
+    tmp_path: Path,
+    sampler: str,
+    steps: int,
+    strength: float,
+) -> None:
     """An SD inpainting single file loads strict and inpaints as diffusers' pipeline on the
     folder it was written from."""
     folder = with_scheduler(folders, "pipe9", sampler)
-    args = ["-c", str(sd_inpainting_file["yaml"]), "--sampler", sampler, "--init-image",
-            str(folders["init"]), "--strength", str(strength), "--mask", str(folders["mask"]),
-            # the YAML has the DDIM folder's spacing; EulerDiscreteScheduler's default is this
-            *(["sampling.timestep_spacing=linspace"] if sampler == "euler" else [])]
-    mine = ours(sd_inpainting_file["file"], tmp_path, steps, GUIDANCE, args, seed=SEED,
-                prompts=PROMPTS, n=N)
-    ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength,
-                 inpaint=True)
+    args = [
+        "-c",
+        str(sd_inpainting_file["yaml"]),
+        "--sampler",
+        sampler,
+        "--init-image",
+        str(folders["init"]),
+        "--strength",
+        str(strength),
+        "--mask",
+        str(folders["mask"]),
+        # the YAML has the DDIM folder's spacing; EulerDiscreteScheduler's default is this
+        *(["sampling.timestep_spacing=linspace"] if sampler == "euler" else []),
+    ]
+    mine = ours(
+        sd_inpainting_file["file"], tmp_path, steps, GUIDANCE, args, seed=SEED, prompts=PROMPTS, n=N
+    )
+    ref = theirs("StableDiffusionInpaintPipeline", folder, folders, steps, strength, inpaint=True)
     assert_close(mine, ref, f"SD inpainting file, {sampler} {steps} steps strength {strength}")
 
 
-def test_sd_inpainting_file_with_a_4_channel_config(sd_inpainting_file: dict[str, Path],
-                                                    tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_sd_inpainting_file_with_a_4_channel_config(
+    sd_inpainting_file: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
 
-    code = sample.main(["--ckpt", str(sd_inpainting_file["file"]), "-c",
-                        str(sd_inpainting_file["yaml"]), "model.unet.in_channels=4",
-                        "--prompt", "x", "--outdir", str(tmp_path / "out")])
+    code = sample.main(
+        [
+            "--ckpt",
+            str(sd_inpainting_file["file"]),
+            "-c",
+            str(sd_inpainting_file["yaml"]),
+            "model.unet.in_channels=4",
+            "--prompt",
+            "x",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(err) == 1, err
     assert "SD inpainting checkpoint" in err[0] and "model.unet.in_channels=9" in err[0], err

@@ -52,8 +52,9 @@ def test_bad_strength_is_refused(tmp_path: Path, strength: float) -> None:
     model = tiny_model(config)
     init = torch.zeros(1, 4, SIZE // 2, SIZE // 2)
     with pytest.raises(ValueError, match="strength"):
-        model.generate(["x"], Sampler("ddim", 10, disable_progress=True), init_latents=init,
-                       strength=strength)
+        model.generate(
+            ["x"], Sampler("ddim", 10, disable_progress=True), init_latents=init, strength=strength
+        )
 
 
 @pytest.fixture
@@ -61,8 +62,7 @@ def folder(tmp_path: Path) -> Path:
     from ldm.checkpoint.diffusers_layout import export_diffusers_folder
 
     config = tiny_config(tiny_clip_dir(tmp_path / "clip"))
-    return export_diffusers_folder(tiny_model(config, seed=2), load(base=config),
-                                   tmp_path / "pipe")
+    return export_diffusers_folder(tiny_model(config, seed=2), load(base=config), tmp_path / "pipe")
 
 
 def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
@@ -74,9 +74,27 @@ def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "init.png")
     out = tmp_path / "out"
-    assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--n", "2", "--steps", "5",
-                        "--init-image", str(tmp_path / "init.png"), "--strength", "0.6",
-                        "--outdir", str(out)]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "--prompt",
+                "a b",
+                "--n",
+                "2",
+                "--steps",
+                "5",
+                "--init-image",
+                str(tmp_path / "init.png"),
+                "--strength",
+                "0.6",
+                "--outdir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     first = Image.open(next(out.glob("0000-*.png")))
     assert first.size == (20, 24)
     assert first.text["strength"] == "0.6" and first.text["init_image"].endswith("init.png")
@@ -85,9 +103,27 @@ def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
     mask[4:12, 6:14] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "inpainted"
-    assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--steps", "4",
-                        "--init-image", str(tmp_path / "init.png"), "--mask",
-                        str(tmp_path / "mask.png"), "--strength", "1", "--outdir", str(out)]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "--prompt",
+                "a b",
+                "--steps",
+                "4",
+                "--init-image",
+                str(tmp_path / "init.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--strength",
+                "1",
+                "--outdir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(next(out.glob("0000-*.png"))).size == (20, 24)
 
 
@@ -100,9 +136,14 @@ def test_sample_cli_img2img(folder: Path, tmp_path: Path) -> None:
     ("text", [], "is not a readable image"),
     ("odd", [], "multiples of 2"),
 ])  # fmt: skip
-def test_sample_cli_img2img_bad_input(folder: Path, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str], make: str | None,
-                                      extra: list[str], message: str) -> None:
+def test_sample_cli_img2img_bad_input(
+    folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make: str | None,
+    extra: list[str],
+    message: str,
+) -> None:
     import numpy as np
     from PIL import Image
 
@@ -120,7 +161,20 @@ def test_sample_cli_img2img_bad_input(folder: Path, tmp_path: Path,
         mask = tmp_path / "mask.png"
         Image.fromarray(np.zeros((8 if make == "mask-size" else 16,) * 2, np.uint8)).save(mask)
         flags = ["--mask", str(mask)] + ([] if make == "mask-only" else flags)
-    assert sample.main(["--ckpt", str(folder), "--prompt", "x", *flags,
-                        *extra, "--outdir", str(tmp_path / "out")]) == 2
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "--prompt",
+                "x",
+                *flags,
+                *extra,
+                "--outdir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and message in err[0], err

@@ -92,8 +92,9 @@ def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path: Path) -> None:
     assert err <= 1e-4 * scale, f"final latents differ by {err:.2e} (scale {scale:.2f})"
 
 
-def test_sample_cli_with_an_inpainting_folder(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_cli_with_an_inpainting_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import numpy as np
     from PIL import Image
 
@@ -102,16 +103,35 @@ def test_sample_cli_with_an_inpainting_folder(tmp_path: Path,
 
     config = tiny_config(tiny_clip_dir(tmp_path / "clip"))
     config["model"]["unet"]["in_channels"] = 9
-    folder = export_diffusers_folder(tiny_model(config, seed=1), load(base=config),
-                                     tmp_path / "pipe")
+    folder = export_diffusers_folder(
+        tiny_model(config, seed=1), load(base=config), tmp_path / "pipe"
+    )
     Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(tmp_path / "init.png")
     mask = np.zeros((16, 16), np.uint8)
     mask[:8] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "out"
-    assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--steps", "3", "--init-image",
-                        str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
-                        "--strength", "1", "--outdir", str(out)]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "--prompt",
+                "a b",
+                "--steps",
+                "3",
+                "--init-image",
+                str(tmp_path / "init.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--strength",
+                "1",
+                "--outdir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(next(out.glob("0000-*.png"))).size == (16, 16)
     capsys.readouterr()
     assert sample.main(["--ckpt", str(folder), "--prompt", "a b", "--outdir", str(out)]) == 2

@@ -30,8 +30,9 @@ from tests.test_pretrained import run_args
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:ClipTextEncoder. prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
 
 PROMPT, NEGATIVE, SEED, SIZE, STEPS, GUIDANCE = "the red", "a b", 5, 16, 4, 5.0
 FORMATS = ("ldm", "diffusers", "kohya")
@@ -47,12 +48,22 @@ def base(tmp_path_factory: pytest.TempPathFactory, shapes_data: dict) -> dict[st
     clip = tiny_clip_dir(root / "clip")
     config = tiny_config(clip)
     folder = export_diffusers_folder(tiny_model(config, seed=1), load(base=config), root / "pipe")
-    args = run_args(write_yaml(config, root / "sd1.yaml"), shapes_data["train"], root, "lora",
-                    f"model.init_from.path={folder}", f"model.autoencoder_ckpt={folder}",
-                    "optim.lr=3e-2", "trainer.max_steps=2", "model.lora.rank=2",
-                    "model.lora.alpha=6", "model.lora.targets=['*.to_q','*.to_k','*.to_v',"
-                    "'*.to_out.0','*.ff.net.0.proj','*.ff.net.2']", "model.lora.text_encoder=true",
-                    "model.lora.text_encoder_targets=['*.q_proj','*.v_proj','*.fc1']")
+    args = run_args(
+        write_yaml(config, root / "sd1.yaml"),
+        shapes_data["train"],
+        root,
+        "lora",
+        f"model.init_from.path={folder}",
+        f"model.autoencoder_ckpt={folder}",
+        "optim.lr=3e-2",
+        "trainer.max_steps=2",
+        "model.lora.rank=2",
+        "model.lora.alpha=6",
+        "model.lora.targets=['*.to_q','*.to_k','*.to_v',"
+        "'*.to_out.0','*.ff.net.0.proj','*.ff.net.2']",
+        "model.lora.text_encoder=true",
+        "model.lora.text_encoder_targets=['*.q_proj','*.v_proj','*.fc1']",
+    )
     assert train.main(args) == 0
     ckpt = root / "lora" / "checkpoints" / "last.safetensors"
     files = {}
@@ -71,9 +82,26 @@ def ours(base: dict[str, Any], tmp: Path, *loras: Path | str) -> torch.Tensor:
     import sample
 
     out = tmp / "latents.safetensors"
-    argv = ["--ckpt", str(base["folder"]), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-            "--guidance", str(GUIDANCE), "--steps", str(STEPS), "--seed", str(SEED),
-            "--height", str(SIZE), "--outdir", str(tmp / "out"), "--save-latents", str(out)]
+    argv = [
+        "--ckpt",
+        str(base["folder"]),
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        NEGATIVE,
+        "--guidance",
+        str(GUIDANCE),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        str(SEED),
+        "--height",
+        str(SIZE),
+        "--outdir",
+        str(tmp / "out"),
+        "--save-latents",
+        str(out),
+    ]
     for lora in loras:
         argv += ["--lora", str(lora)]
     assert sample.main(argv) == 0
@@ -88,9 +116,16 @@ def pipeline(base: dict[str, Any]) -> Any:
 
 def theirs(pipe: Any) -> torch.Tensor:
     with torch.no_grad():
-        return pipe(prompt=[PROMPT], negative_prompt=[NEGATIVE], height=SIZE, width=SIZE,
-                    num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                    latents=initial_latents(), output_type="latent").images
+        return pipe(
+            prompt=[PROMPT],
+            negative_prompt=[NEGATIVE],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            latents=initial_latents(),
+            output_type="latent",
+        ).images
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
@@ -100,8 +135,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
     return err
 
 
-def test_our_lora_in_each_format_gives_diffusers_sample(base: dict[str, Any],
-                                                        tmp_path: Path) -> None:
+def test_our_lora_in_each_format_gives_diffusers_sample(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
     plain = ours(base, tmp_path)
     assert_close(plain, theirs(pipeline(base)), "no LoRA")
     files = base["files"]
@@ -111,8 +147,11 @@ def test_our_lora_in_each_format_gives_diffusers_sample(base: dict[str, Any],
     expected = theirs(pipe)
     assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()  # the LoRA matters
     for fmt in FORMATS:  # U-Net and text-encoder adapters
-        assert_close(ours(base, tmp_path, files[fmt]), expected,
-                     f"ours with the {fmt} file vs diffusers with the diffusers file")
+        assert_close(
+            ours(base, tmp_path, files[fmt]),
+            expected,
+            f"ours with the {fmt} file vs diffusers with the diffusers file",
+        )
     # two halves add up to the whole
     half = ours(base, tmp_path, f"{files['kohya']}:0.5", f"{files['ldm']}:0.5")
     assert_close(half, expected, "two half-scale files")
@@ -137,16 +176,23 @@ def randomise_lora_b(module: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.2)
 
 
-def test_a_lora_written_by_diffusers_and_peft_loads_into_ours(base: dict[str, Any],
-                                                             tmp_path: Path) -> None:
+def test_a_lora_written_by_diffusers_and_peft_loads_into_ours(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     pipe = pipeline(base)
-    unet_config = LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v", "proj_in"],
-                             rank_pattern={"attn2.to_q": 3}, alpha_pattern={"attn1.to_v": 1.5})
-    text_config = LoraConfig(r=2, lora_alpha=2, use_rslora=True,
-                             target_modules=["q_proj", "out_proj", "fc1"])
+    unet_config = LoraConfig(
+        r=2,
+        lora_alpha=6,
+        target_modules=["to_q", "to_v", "proj_in"],
+        rank_pattern={"attn2.to_q": 3},
+        alpha_pattern={"attn1.to_v": 1.5},
+    )
+    text_config = LoraConfig(
+        r=2, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "out_proj", "fc1"]
+    )
     pipe.unet.add_adapter(unet_config)
     # (transformers' own add_adapter wants peft >= 0.22; diffusers injects with peft itself)
     inject_adapter_in_model(text_config, pipe.text_encoder)
@@ -154,10 +200,12 @@ def test_a_lora_written_by_diffusers_and_peft_loads_into_ours(base: dict[str, An
     randomise_lora_b(pipe.text_encoder, 2)
     expected = theirs(pipe)
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        tmp_path / "peft",
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
         unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict())
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
     (file,) = (tmp_path / "peft").glob("*.safetensors")
     keys = load_file(str(file))
     assert any(k.startswith("text_encoder.") for k in keys)
@@ -167,33 +215,59 @@ def test_a_lora_written_by_diffusers_and_peft_loads_into_ours(base: dict[str, An
     assert_close(ours(base, tmp_path, file), expected, "peft's file in ours")
 
 
-def run_bad(base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture,
-            file: Path) -> str:
+def run_bad(base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture, file: Path) -> str:
     import sample
 
     capsys.readouterr()
-    assert sample.main(["--ckpt", str(base["folder"]), "--prompt", PROMPT, "--steps", "1",
-                        "--outdir", str(tmp_path / "bad"), "--lora", str(file)]) == 2
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(base["folder"]),
+                "--prompt",
+                PROMPT,
+                "--steps",
+                "1",
+                "--outdir",
+                str(tmp_path / "bad"),
+                "--lora",
+                str(file),
+            ]
+        )
+        == 2
+    )
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert len(errors) == 1 and str(file) in errors[0], errors
     return errors[0]
 
 
-def test_bad_lora_files_fail_in_one_line(base: dict[str, Any], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_bad_lora_files_fail_in_one_line(
+    base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     kohya = load_file(str(base["files"]["kohya"]))
     peft_file = load_file(str(base["files"]["diffusers"]))
     down = next(k for k in kohya if k.endswith(".lora_down.weight"))
     cases = {
-        "unknown_key": ({**kohya, "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a":
-                         torch.zeros(2, 2)}, "hada_w1_a"),
-        "other_base": ({**kohya, "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight":
-                        torch.zeros(2, 64)}, "lora_unet_down_blocks_3_attentions_0_proj_in"),
-        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
-                  torch.zeros(2, 2)}, "SDXL"),
+        "unknown_key": (
+            {**kohya, "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)},
+            "hada_w1_a",
+        ),
+        "other_base": (
+            {
+                **kohya,
+                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 64),
+            },
+            "lora_unet_down_blocks_3_attentions_0_proj_in",
+        ),
+        "sdxl": (
+            {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2)},
+            "SDXL",
+        ),
         "shape": ({**kohya, down: torch.zeros(2, 7)}, down.removesuffix(".lora_down.weight")),
-        "half_pair": ({k: v for k, v in peft_file.items() if not k.endswith("lora_B.weight")},
-                      "no matching up"),
+        "half_pair": (
+            {k: v for k, v in peft_file.items() if not k.endswith("lora_B.weight")},
+            "no matching up",
+        ),
         "not_lora": ({"weight": torch.zeros(1)}, "'weight'"),
     }
     for name, (tensors, needle) in cases.items():
@@ -212,7 +286,8 @@ def text_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
-        base: dict[str, Any], tmp_path: Path) -> None:
+    base: dict[str, Any], tmp_path: Path
+) -> None:
     import train
     from ldm import build
 
@@ -220,10 +295,10 @@ def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
     assert straight and all(".lora_" in k for k in straight)  # the adapters only, not the base
     assert any(v.abs().sum() > 0 for k, v in straight.items() if ".lora_up." in k)
     args = [a for a in base["args"] if not a.startswith(("run.root=", "run.name="))]
-    assert train.main([*args, f"run.root={tmp_path}", "run.name=half",
-                       "trainer.max_steps=1"]) == 0
-    resume = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt",
-                        weights_only=True)["state_dict"]
+    assert train.main([*args, f"run.root={tmp_path}", "run.name=half", "trainer.max_steps=1"]) == 0
+    resume = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     text_keys = {k for k in resume if k.startswith("model.text_encoder.")}
     assert text_keys == {"model.text_encoder." + k for k in straight}  # frozen base left out
     assert train.main(["--resume", str(tmp_path / "half"), "trainer.max_steps=2"]) == 0
@@ -238,14 +313,23 @@ def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
 
 
 def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
-        base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import train
     from ldm import build
 
-    args = [a for a in base["args"] if not a.startswith(("run.root=", "run.name=", "model.lora",
-                                                          "optim.lr="))]
-    args += [f"run.root={tmp_path}", "run.name=full", "optim.lr=0",
-             "optim.text_encoder_lr=1e-2", "model.train_text_encoder=true"]
+    args = [
+        a
+        for a in base["args"]
+        if not a.startswith(("run.root=", "run.name=", "model.lora", "optim.lr="))
+    ]
+    args += [
+        f"run.root={tmp_path}",
+        "run.name=full",
+        "optim.lr=0",
+        "optim.text_encoder_lr=1e-2",
+        "model.train_text_encoder=true",
+    ]
     assert train.main(args) == 0
     run = tmp_path / "full"
     from ldm.checkpoint.format import load_checkpoint
@@ -265,10 +349,11 @@ def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
         assert torch.equal(model.text_encoder.state_dict()[k], v), k
 
     capsys.readouterr()
-    for bad, needle in ((["model.lora.text_encoder=true", "model.lora.rank=2"], "exclude"),
-                        (["data.cached=true"], "on uncached shards"),
-                        (["model.train_text_encoder=false", "model.lora.text_encoder=true"],
-                         "rank > 0")):
+    for bad, needle in (
+        (["model.lora.text_encoder=true", "model.lora.rank=2"], "exclude"),
+        (["data.cached=true"], "on uncached shards"),
+        (["model.train_text_encoder=false", "model.lora.text_encoder=true"], "rank > 0"),
+    ):
         assert train.main([*args, "run.name=bad", *bad]) == 2
         errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
         assert len(errors) == 1 and needle in errors[0], errors

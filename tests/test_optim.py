@@ -37,7 +37,15 @@ def test_lr_is_never_scaled_silently() -> None:
     from ldm.config import load
 
     assert learning_rate(load([], ["optim.lr=1e-4", "data.batch_size=8"])) == pytest.approx(1e-4)
-    cfg = load([], ["optim.lr=1e-4", "optim.scale_lr=true", "data.batch_size=8",
-                    "trainer.devices=4", "trainer.num_nodes=2",
-                    "trainer.accumulate_grad_batches=2"])
+    cfg = load(
+        [],
+        [
+            "optim.lr=1e-4",
+            "optim.scale_lr=true",
+            "data.batch_size=8",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "trainer.accumulate_grad_batches=2",
+        ],
+    )
     assert learning_rate(cfg) == pytest.approx(1e-4 * 8 * 4 * 2 * 2)

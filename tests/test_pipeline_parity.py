@@ -36,9 +36,15 @@ def diffusers_pipeline(model: Any, cfg: Any, clip_dir: Path) -> Any:
     """diffusers' StableDiffusionPipeline holding ``model``'s weights (built in memory)."""
     unet_kw = to_container(cfg.model.unet)
     unet = diffusers.UNet2DConditionModel(**unet_kwargs_to_diffusers_config(unet_kw))
-    unet.load_state_dict(unet_ldm_to_diffusers(
-        model.unet.state_dict(), unet_kw["channel_mult"], unet_kw["num_res_blocks"],
-        unet_kw["attention_resolutions"]), strict=True)
+    unet.load_state_dict(
+        unet_ldm_to_diffusers(
+            model.unet.state_dict(),
+            unet_kw["channel_mult"],
+            unet_kw["num_res_blocks"],
+            unet_kw["attention_resolutions"],
+        ),
+        strict=True,
+    )
     ae_kw = to_container(cfg.model.autoencoder)
     vae = diffusers.AutoencoderKL(**vae_config_ldm_to_diffusers(**ae_kw))
     vae.load_state_dict(vae_ldm_to_diffusers(model.autoencoder.state_dict()), strict=True)
@@ -64,8 +70,9 @@ def test_generate_matches_stable_diffusion_pipeline(tmp_path: Path, prediction: 
     model = tiny_model(config, seed=42)
     pipe = diffusers_pipeline(model, cfg, clip_dir)
     pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn(len(PROMPTS), 4, SIZE // 2, SIZE // 2,
-                        generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(
+        len(PROMPTS), 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(7)
+    )
 
     with torch.no_grad():
         theirs = pipe(

@@ -30,12 +30,26 @@ pytestmark = pytest.mark.filterwarnings("ignore:ClipTextEncoder. prompt of")
 
 
 def run_args(yaml_path: Path, shards: str, root: Path, name: str, *extra: str) -> list[str]:
-    return ["-c", str(yaml_path), f"data.train_shards={shards}", "data.image_size=32",
-            "data.num_workers=0", "data.shuffle_buffer=0", "data.batch_size=2",
-            "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "trainer.max_steps=1",
-            "trainer.ckpt_every_n_steps=1", "optim.lr=0", "model.ema.decay=0.5",
-            f"run.root={root}", f"run.name={name}", *extra]
+    return [
+        "-c",
+        str(yaml_path),
+        f"data.train_shards={shards}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+        "data.batch_size=2",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_steps=1",
+        "trainer.ckpt_every_n_steps=1",
+        "optim.lr=0",
+        "model.ema.decay=0.5",
+        f"run.root={root}",
+        f"run.name={name}",
+        *extra,
+    ]
 
 
 def unet_of(run: Path, key: str = "unet") -> dict[str, torch.Tensor]:
@@ -54,31 +68,48 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pretrained")
     out: dict[str, Any] = {"root": root}
     for family, sd2 in (("sd1", False), ("sd2", True)):
-        clip = tiny_clip_dir(root / f"clip_{family}", 3 if sd2 else 2,
-                             "gelu" if sd2 else "quick_gelu")
+        clip = tiny_clip_dir(
+            root / f"clip_{family}", 3 if sd2 else 2, "gelu" if sd2 else "quick_gelu"
+        )
         model = tiny_model(tiny_config(clip, sd2=sd2), seed=3 if sd2 else 1)  # SD's 0.18215
         config = tiny_config(clip, sd2=sd2)
         config["model"]["autoencoder"]["scale_factor"] = 1.0  # the source says what it is
         ema = perturb(copy.deepcopy(model.unet), seed=7)
-        single = save_sd_file(sd_layout(model, "openclip" if sd2 else "clip", ema_unet=ema),
-                              root / f"{family}.safetensors")
-        folder = export_diffusers_folder(model, load(base=tiny_config(clip, sd2=sd2)),
-                                         root / f"{family}_pipe")
-        out[family] = {"config": config, "yaml": write_yaml(config, root / f"{family}.yaml"),
-                       "model": model, "ema": ema, "file": single, "folder": folder}
+        single = save_sd_file(
+            sd_layout(model, "openclip" if sd2 else "clip", ema_unet=ema),
+            root / f"{family}.safetensors",
+        )
+        folder = export_diffusers_folder(
+            model, load(base=tiny_config(clip, sd2=sd2)), root / f"{family}_pipe"
+        )
+        out[family] = {
+            "config": config,
+            "yaml": write_yaml(config, root / f"{family}.yaml"),
+            "model": model,
+            "ema": ema,
+            "file": single,
+            "folder": folder,
+        }
     return out
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 @pytest.mark.parametrize("form", ["file", "folder"])
-def test_init_from_starts_the_run_at_the_source(sources: dict[str, Any], shapes_data: dict,
-                                                tmp_path: Path, family: str, form: str) -> None:
+def test_init_from_starts_the_run_at_the_source(
+    sources: dict[str, Any], shapes_data: dict, tmp_path: Path, family: str, form: str
+) -> None:
     import train
 
     src = sources[family]
     path = src[form]
-    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "ft",
-                    f"model.init_from.path={path}", f"model.autoencoder_ckpt={path}")
+    args = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "ft",
+        f"model.init_from.path={path}",
+        f"model.autoencoder_ckpt={path}",
+    )
     assert train.main(args) == 0
     run = tmp_path / "ft"
     # lr=0: the first step's weights are the source's, raw and EMA alike (EMA starts there)
@@ -97,9 +128,9 @@ def test_init_from_starts_the_run_at_the_source(sources: dict[str, Any], shapes_
     assert ckpt_cfg["model"]["init_from"] == init
 
 
-def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data: dict,
-                                            tmp_path: Path, capsys: pytest.CaptureFixture
-                                            ) -> None:
+def test_raw_weights_text_encoder_and_rerun(
+    sources: dict[str, Any], shapes_data: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import train
 
     src = sources["sd1"]
@@ -108,12 +139,23 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
     text_model = src["model"].text_encoder.model
     perturbed_text = perturb(copy.deepcopy(text_model), seed=11)
     layout = sd_layout(src["model"], "clip", ema_unet=src["ema"])
-    layout.update({f"cond_stage_model.transformer.{k}": v.detach().clone()
-                   for k, v in hf_text_state(perturbed_text).items()})
+    layout.update(
+        {
+            f"cond_stage_model.transformer.{k}": v.detach().clone()
+            for k, v in hf_text_state(perturbed_text).items()
+        }
+    )
     save_sd_file(layout, single)
-    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "raw",
-                    f"model.init_from.path={single}", "model.init_from.weights=raw",
-                    "model.init_from.text_encoder=true", f"model.autoencoder_ckpt={single}")
+    args = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "raw",
+        f"model.init_from.path={single}",
+        "model.init_from.weights=raw",
+        "model.init_from.text_encoder=true",
+        f"model.autoencoder_ckpt={single}",
+    )
     assert train.main(args) == 0
     run = tmp_path / "raw"
     assert_equal_states(unet_of(run), src["model"].unet.state_dict())
@@ -122,8 +164,7 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
 
     cfg = build.resolve(load([run / "config.yaml"]))
     module = build.build_module(cfg)
-    assert_equal_states(module.model.text_encoder.model.state_dict(),
-                        perturbed_text.state_dict())
+    assert_equal_states(module.model.text_encoder.model.state_dict(), perturbed_text.state_dict())
     sampled, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
     assert_equal_states(sampled.text_encoder.model.state_dict(), perturbed_text.state_dict())
 
@@ -140,28 +181,45 @@ def test_raw_weights_text_encoder_and_rerun(sources: dict[str, Any], shapes_data
     assert len(errors) == 1 and str(single) in errors[0] and "fingerprint" in errors[0]
 
 
-def test_our_checkpoint_and_a_vae_folder(sources: dict[str, Any], shapes_data: dict,
-                                         tmp_path: Path) -> None:
+def test_our_checkpoint_and_a_vae_folder(
+    sources: dict[str, Any], shapes_data: dict, tmp_path: Path
+) -> None:
     import train
 
     src = sources["sd1"]
-    first = run_args(src["yaml"], shapes_data["train"], tmp_path, "first",
-                     f"model.init_from.path={src['file']}",
-                     f"model.autoencoder_ckpt={src['folder'] / 'vae'}",
-                     "model.autoencoder_scale_factor=0.5")
+    first = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "first",
+        f"model.init_from.path={src['file']}",
+        f"model.autoencoder_ckpt={src['folder'] / 'vae'}",
+        "model.autoencoder_scale_factor=0.5",
+    )
     assert train.main(first) == 0
     ours = tmp_path / "first" / "checkpoints" / "last.safetensors"
     ae = load_checkpoint(ours).module_state("autoencoder")
     assert float(ae["scale_factor"]) == 0.5  # the override wins over the folder's
-    second = run_args(src["yaml"], shapes_data["train"], tmp_path, "second",
-                      f"model.init_from.path={ours}", f"model.autoencoder_ckpt={ours}")
+    second = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "second",
+        f"model.init_from.path={ours}",
+        f"model.autoencoder_ckpt={ours}",
+    )
     assert train.main(second) == 0
     assert_equal_states(unet_of(tmp_path / "second"), unet_of(tmp_path / "first", "unet_ema"))
 
 
 @pytest.mark.parametrize("case", ["missing", "wrong_layout", "shape", "empty_dir"])
-def test_bad_sources_fail_in_one_line(sources: dict[str, Any], shapes_data: dict, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture, case: str) -> None:
+def test_bad_sources_fail_in_one_line(
+    sources: dict[str, Any],
+    shapes_data: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    case: str,
+) -> None:
     import train
 
     src = sources["sd1"]
@@ -170,8 +228,14 @@ def test_bad_sources_fail_in_one_line(sources: dict[str, Any], shapes_data: dict
         bad, needle = tmp_path / "nope.safetensors", "not found"
     elif case == "wrong_layout":
         bad = tmp_path / "ae_only.safetensors"
-        save_sd_file({k: v for k, v in sd_layout(src["model"]).items()
-                      if k.startswith("first_stage_model.")}, bad)
+        save_sd_file(
+            {
+                k: v
+                for k, v in sd_layout(src["model"]).items()
+                if k.startswith("first_stage_model.")
+            },
+            bad,
+        )
         needle = "no U-Net weights"
     elif case == "shape":
         bad, needle = src["file"], "time_embed.0.weight has shape"
@@ -180,8 +244,9 @@ def test_bad_sources_fail_in_one_line(sources: dict[str, Any], shapes_data: dict
         bad = tmp_path / "empty"
         bad.mkdir()
         needle = "model_index.json"
-    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "bad",
-                    f"model.init_from.path={bad}", *extra)
+    args = run_args(
+        src["yaml"], shapes_data["train"], tmp_path, "bad", f"model.init_from.path={bad}", *extra
+    )
     capsys.readouterr()
     assert train.main(args) == 2
     err = capsys.readouterr().err  # (transformers' own progress bars go there too)
@@ -191,15 +256,23 @@ def test_bad_sources_fail_in_one_line(sources: dict[str, Any], shapes_data: dict
     assert needle in err and (str(bad) in err), err
 
 
-def test_freeze_patterns_keep_those_weights(sources: dict[str, Any], shapes_data: dict,
-                                            tmp_path: Path, capsys: pytest.CaptureFixture
-                                            ) -> None:
+def test_freeze_patterns_keep_those_weights(
+    sources: dict[str, Any], shapes_data: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import train
 
     src = sources["sd1"]
-    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "frozen",
-                    f"model.init_from.path={src['file']}", "model.init_from.weights=raw",
-                    "optim.lr=1e-2", "trainer.max_steps=2", "model.freeze=[input_blocks.*]")
+    args = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "frozen",
+        f"model.init_from.path={src['file']}",
+        "model.init_from.weights=raw",
+        "optim.lr=1e-2",
+        "trainer.max_steps=2",
+        "model.freeze=[input_blocks.*]",
+    )
     assert train.main(args) == 0
     trained, start = unet_of(tmp_path / "frozen"), src["model"].unet.state_dict()
     changed = {name for name, value in trained.items() if not torch.equal(value, start[name])}
@@ -207,23 +280,34 @@ def test_freeze_patterns_keep_those_weights(sources: dict[str, Any], shapes_data
     assert any(name.startswith("output_blocks.") for name in changed)
 
     capsys.readouterr()
-    bad = run_args(src["yaml"], shapes_data["train"], tmp_path, "badfreeze",
-                   "model.freeze=[encoder.*]")
+    bad = run_args(
+        src["yaml"], shapes_data["train"], tmp_path, "badfreeze", "model.freeze=[encoder.*]"
+    )
     assert train.main(bad) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "'encoder.*' matches no U-Net parameter" in errors[0]
 
 
 def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
-        sources: dict[str, Any], shapes_data: dict, tmp_path: Path) -> None:
+    sources: dict[str, Any], shapes_data: dict, tmp_path: Path
+) -> None:
     import train
     from ldm import build
 
     src = sources["sd1"]
-    args = run_args(src["yaml"], shapes_data["train"], tmp_path, "lora",
-                    f"model.init_from.path={src['file']}", "model.init_from.weights=raw",
-                    f"model.autoencoder_ckpt={src['file']}", "optim.lr=1e-2",
-                    "model.lora.rank=2", "model.lora.alpha=4", "trainer.max_steps=2")
+    args = run_args(
+        src["yaml"],
+        shapes_data["train"],
+        tmp_path,
+        "lora",
+        f"model.init_from.path={src['file']}",
+        "model.init_from.weights=raw",
+        f"model.autoencoder_ckpt={src['file']}",
+        "optim.lr=1e-2",
+        "model.lora.rank=2",
+        "model.lora.alpha=4",
+        "trainer.max_steps=2",
+    )
     assert train.main(args) == 0
     trained, start = unet_of(tmp_path / "lora"), src["model"].unet.state_dict()
     lora = {k for k in trained if ".lora_" in k}
@@ -233,8 +317,9 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
 
     # one step, then --resume to two: the same adapters as the straight run
     assert train.main([*args[:-1], "trainer.max_steps=1", "run.name=half"]) == 0
-    resume_state = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt",
-                              weights_only=True)["state_dict"]
+    resume_state = torch.load(tmp_path / "half" / "checkpoints" / "resume.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     unet_keys = {k for k in resume_state if k.startswith(("model.unet.", "ema.model."))}
     assert unet_keys and all(".lora_" in k for k in unet_keys)  # the frozen base is left out
     assert train.main(["--resume", str(tmp_path / "half"), "trainer.max_steps=2"]) == 0
@@ -245,16 +330,26 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
 
     model, cfg = build.load_for_sampling(tmp_path / "lora" / "checkpoints" / "last.safetensors")
     assert cfg.model.lora.rank == 2
-    assert_equal_states({k: v for k, v in model.unet.state_dict().items() if ".lora_" in k},
-                        {k: v for k, v in unet_of(tmp_path / "lora", "unet_ema").items()
-                         if ".lora_" in k})
+    assert_equal_states(
+        {k: v for k, v in model.unet.state_dict().items() if ".lora_" in k},
+        {k: v for k, v in unet_of(tmp_path / "lora", "unet_ema").items() if ".lora_" in k},
+    )
 
     # merge on export: the diffusers folder's plain U-Net computes what the adapted one does
     from ldm.checkpoint.diffusers_layout import main as export
 
     out = tmp_path / "merged"
-    assert export(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
-                   "--out", str(out)]) == 0
+    assert (
+        export(
+            [
+                "--ckpt",
+                str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plain, _ = build.load_for_sampling(out)
     assert not any(".lora_" in k for k in plain.unet.state_dict())
     g = torch.Generator().manual_seed(0)
@@ -270,17 +365,39 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     from ldm.pretrained import apply_lora_files
 
     small = tmp_path / "adapters.safetensors"
-    assert extract(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
-                    "--out", str(small)]) == 0
-    assert small.stat().st_size < (tmp_path / "lora" / "checkpoints" / "last.safetensors"
-                                   ).stat().st_size / 10
+    assert (
+        extract(
+            [
+                "--ckpt",
+                str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
+                "--out",
+                str(small),
+            ]
+        )
+        == 0
+    )
+    assert (
+        small.stat().st_size
+        < (tmp_path / "lora" / "checkpoints" / "last.safetensors").stat().st_size / 10
+    )
     base, base_cfg = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
     with torch.no_grad():
         # two halves add up
         apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])
         torch.testing.assert_close(base.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
-    common = ["--ckpt", str(src["file"]), "-c", str(src["yaml"]), "--no-ema", "--prompt", "red",
-              "--steps", "2", "--outdir", str(tmp_path / "samples")]
+    common = [
+        "--ckpt",
+        str(src["file"]),
+        "-c",
+        str(src["yaml"]),
+        "--no-ema",
+        "--prompt",
+        "red",
+        "--steps",
+        "2",
+        "--outdir",
+        str(tmp_path / "samples"),
+    ]
     assert sample.main([*common, "--lora", f"{small}:0.7"]) == 0
     assert any((tmp_path / "samples").rglob("*.png"))
     assert sample.main([*common, "--lora", str(tmp_path / "missing.safetensors")]) == 2

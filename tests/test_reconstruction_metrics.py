@@ -16,11 +16,18 @@ def test_psnr_and_ssim_match_skimage() -> None:
     y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     for i in range(2):
         a, b = x[i].permute(1, 2, 0).numpy(), y[i].permute(1, 2, 0).numpy()
-        ref_psnr = peak_signal_noise_ratio(a.astype(np.float64), b.astype(np.float64),
-                                           data_range=2.0)
-        ref_ssim = structural_similarity(a, b, data_range=2.0, channel_axis=2,
-                                         gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False)
+        ref_psnr = peak_signal_noise_ratio(
+            a.astype(np.float64), b.astype(np.float64), data_range=2.0
+        )
+        ref_ssim = structural_similarity(
+            a,
+            b,
+            data_range=2.0,
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
         assert psnr(y, x)[i].item() == pytest.approx(ref_psnr, rel=1e-4)
         assert ssim(y, x)[i].item() == pytest.approx(ref_ssim, abs=1e-4)
     assert ssim(x, x).min().item() == pytest.approx(1.0, abs=1e-5)

@@ -29,17 +29,29 @@ from tests.checkpoint.test_stable_diffusion import WIDTH, tiny_clip_dir
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:ClipTextEncoder. prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
 
 PROMPTS = ["the red", "a b c"]
 NEGATIVE = "x y z"
 SEED, SIZE = 100, 16  # 16 px images, 8x8 latents
-SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-      "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-           "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-           "dpmpp_2m": "DPMSolverMultistepScheduler"}
+SD = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+CLASSES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +98,25 @@ def scheduler_folder(base: dict[str, Any], name: str, cls: str, config: dict[str
 
 
 def noise(seeds: list[int]) -> torch.Tensor:
-    return torch.cat([torch.randn(1, 4, SIZE // 2, SIZE // 2,
-                                  generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return torch.cat(
+        [
+            torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+    )
 
 
-def ours(folder: Path, tmp: Path, steps: int, guidance: float, args: list[str] = (),
-         batch_size: int = 8, seed: int = SEED, prompts: list[str] = PROMPTS, n: int = 1
-         ) -> torch.Tensor:
+def ours(
+    folder: Path,
+    tmp: Path,
+    steps: int,
+    guidance: float,
+    args: list[str] = (),
+    batch_size: int = 8,
+    seed: int = SEED,
+    prompts: list[str] = PROMPTS,
+    n: int = 1,
+) -> torch.Tensor:
     """Final latents of ``sample.py`` on ``folder`` (prompt i's j-th sample: seed + j)."""
     import sample
 
@@ -106,8 +130,14 @@ def ours(folder: Path, tmp: Path, steps: int, guidance: float, args: list[str] =
     return load_file(str(out))["latents"]
 
 
-def theirs(pipe: Any, steps: int, guidance: float, rescale: float = 0.0, eta: float = 0.0,
-           stochastic: bool = False) -> torch.Tensor:
+def theirs(
+    pipe: Any,
+    steps: int,
+    guidance: float,
+    rescale: float = 0.0,
+    eta: float = 0.0,
+    stochastic: bool = False,
+) -> torch.Tensor:
     seeds = [SEED] * len(PROMPTS)  # sample.py: --n 1, so every prompt's sample has --seed
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     with torch.no_grad():
@@ -143,8 +173,11 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        bits = [self.sampler + (f"-eta{self.eta:g}" if self.eta else ""), self.spacing,
-                f"{self.steps}"]
+        bits = [
+            self.sampler + (f"-eta{self.eta:g}" if self.eta else ""),
+            self.spacing,
+            f"{self.steps}",
+        ]
         bits += ["karras"] * self.karras + ["v"] * self.v + ["zsnr"] * self.zsnr
         bits += [f"rescale{self.rescale:g}"] * bool(self.rescale)
         bits += [f"cfg{self.guidance:g}"] * (self.guidance != 5.0)
@@ -157,9 +190,13 @@ class Case:
         return self.sampler in ("ddpm", "euler_a") or bool(self.eta)
 
     def config(self) -> dict[str, Any]:
-        config = {**SD, "timestep_spacing": self.spacing,
-                  "prediction_type": "v_prediction" if self.v else "epsilon",
-                  "rescale_betas_zero_snr": self.zsnr, **self.extra}
+        config = {
+            **SD,
+            "timestep_spacing": self.spacing,
+            "prediction_type": "v_prediction" if self.v else "epsilon",
+            "rescale_betas_zero_snr": self.zsnr,
+            **self.extra,
+        }
         if self.karras:
             config["use_karras_sigmas"] = True
         cls = getattr(diffusers, CLASSES[self.sampler])
@@ -168,27 +205,45 @@ class Case:
         return {k: v for k, v in config.items() if k in keys}
 
 
-SAMPLERS = [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0), ("euler_a", 0.0),
-            ("heun", 0.0), ("dpmpp_2m", 0.0)]
+SAMPLERS = [
+    ("ddim", 0.0),
+    ("ddim", 1.0),
+    ("ddpm", 0.0),
+    ("euler", 0.0),
+    ("euler_a", 0.0),
+    ("heun", 0.0),
+    ("dpmpp_2m", 0.0),
+]
 CASES = [
     # every sampler x spacing, 7 steps (T//N is not T/N: DDIM's t -> t - T//N shows)
     *[Case(s, sp, eta=e) for s, e in SAMPLERS for sp in ("leading", "trailing", "linspace")],
     # Karras where diffusers offers it (DPM++: over the whole range, rounded timesteps)
-    Case("euler", "leading", karras=True), Case("heun", "linspace", karras=True),
-    Case("dpmpp_2m", "leading", karras=True), Case("dpmpp_2m", "trailing", 20, karras=True),
+    Case("euler", "leading", karras=True),
+    Case("heun", "linspace", karras=True),
+    Case("dpmpp_2m", "leading", karras=True),
+    Case("dpmpp_2m", "trailing", 20, karras=True),
     # v-prediction with zero terminal SNR (ᾱ_T = 0 for DDIM/DDPM, 2^-24 for Euler/DPM) and
     # guidance rescale. diffusers' Heun has no zero terminal SNR (v and rescale only), and its
     # DDIM with η = 1 gives NaN from t = T - 1 (sqrt(1 - ᾱ' - σ_t²) of a rounding-negative 0)
-    *[Case(s, "trailing", 3, v=True, zsnr=True, rescale=0.7, eta=e)
-      for s, e in SAMPLERS if s != "heun" and not e],
+    *[
+        Case(s, "trailing", 3, v=True, zsnr=True, rescale=0.7, eta=e)
+        for s, e in SAMPLERS
+        if s != "heun" and not e
+    ],
     Case("heun", "trailing", 3, v=True, rescale=0.7),
     Case("ddim", "leading", 3, v=True, zsnr=True, rescale=0.7, eta=1.0),
-    Case("euler", "linspace", 3, v=True), Case("dpmpp_2m", "linspace", 3, v=True),
+    Case("euler", "linspace", 3, v=True),
+    Case("dpmpp_2m", "linspace", 3, v=True),
     # step counts: 1, 2, 20, 50, 1000
-    Case("ddim", "trailing", 1, v=True, zsnr=True), Case("ddim", "leading", 1),
-    Case("euler", "linspace", 1), Case("dpmpp_2m", "leading", 1), Case("dpmpp_2m", "linspace", 2),
-    Case("euler_a", "trailing", 2), Case("heun", "trailing", 2),
-    Case("ddim", "leading", 50), Case("dpmpp_2m", "leading", 20),
+    Case("ddim", "trailing", 1, v=True, zsnr=True),
+    Case("ddim", "leading", 1),
+    Case("euler", "linspace", 1),
+    Case("dpmpp_2m", "leading", 1),
+    Case("dpmpp_2m", "linspace", 2),
+    Case("euler_a", "trailing", 2),
+    Case("heun", "trailing", 2),
+    Case("ddim", "leading", 50),
+    Case("dpmpp_2m", "leading", 20),
     Case("euler", "trailing", 1000, guidance=1.0),
     # final σ: DDIM's set_alpha_to_one, Euler's and DPM's final_sigmas_type (DPM ≥ 15 steps:
     # second-order last step)
@@ -205,15 +260,18 @@ CASES = [
     # 2.7e-4 from its float64 one (tests/test_clip_sample_precision.py checks it against
     # float64), so here it runs without CFG
     Case("ddim", "leading", 7, guidance=1.0, clip=0.5),
-    Case("ddim", "trailing", 3, v=True, zsnr=True, clip=0.5), Case("ddpm", "trailing", 7, clip=1.0),
+    Case("ddim", "trailing", 3, v=True, zsnr=True, clip=0.5),
+    Case("ddpm", "trailing", 7, clip=1.0),
     # guidance <= 1 turns classifier-free guidance off on both sides
-    Case("euler", "leading", 3, guidance=1.0), Case("ddim", "leading", 3, guidance=0.0),
+    Case("euler", "leading", 3, guidance=1.0),
+    Case("ddim", "leading", 3, guidance=0.0),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_sample_py_matches_stable_diffusion_pipeline(base: dict[str, Any], tmp_path: Path,
-                                                     case: Case) -> None:
+def test_sample_py_matches_stable_diffusion_pipeline(
+    base: dict[str, Any], tmp_path: Path, case: Case
+) -> None:
     cls = CLASSES[case.sampler]
     folder = scheduler_folder(base, str(case), cls, case.config())
     scheduler = getattr(diffusers, cls).from_pretrained(folder, subfolder="scheduler")
@@ -225,7 +283,8 @@ def test_sample_py_matches_stable_diffusion_pipeline(base: dict[str, Any], tmp_p
         args += ["--guidance-rescale", str(case.rescale)]
     if case.clip:  # asked for on both sides: a scheduler set on the pipeline after it is built
         pipe.scheduler = getattr(diffusers, cls).from_config(
-            {**scheduler.config, "clip_sample": True, "clip_sample_range": case.clip})
+            {**scheduler.config, "clip_sample": True, "clip_sample_range": case.clip}
+        )
         args += ["sampling.clip_sample=true", f"sampling.clip_sample_range={case.clip}"]
     mine = ours(folder, tmp_path, case.steps, case.guidance, args)
     ref = theirs(pipe, case.steps, case.guidance, case.rescale, case.eta, case.stochastic)
@@ -233,11 +292,13 @@ def test_sample_py_matches_stable_diffusion_pipeline(base: dict[str, Any], tmp_p
 
 
 def test_the_scheduler_the_folder_names_and_other_classes_from_its_config(
-        base: dict[str, Any], tmp_path: Path) -> None:
+    base: dict[str, Any], tmp_path: Path
+) -> None:
     """The pipeline loaded whole from a folder (its named class), and our --sampler X against
     diffusers' X.from_config(the folder's scheduler config), as users switch schedulers."""
-    folder = scheduler_folder(base, "named", "DDIMScheduler",
-                              {**SD, "timestep_spacing": "trailing"})
+    folder = scheduler_folder(
+        base, "named", "DDIMScheduler", {**SD, "timestep_spacing": "trailing"}
+    )
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
@@ -254,15 +315,16 @@ STOCHASTIC = [("ddpm", []), ("euler_a", []), ("ddim", ["--eta", "1"])]
 
 
 @pytest.mark.parametrize(("sampler", "extra"), STOCHASTIC, ids=[s for s, _ in STOCHASTIC])
-def test_a_sample_depends_only_on_its_seed(base: dict[str, Any], tmp_path: Path,
-                                           sampler: str, extra: list[str]) -> None:
+def test_a_sample_depends_only_on_its_seed(
+    base: dict[str, Any], tmp_path: Path, sampler: str, extra: list[str]
+) -> None:
     """Batch of 4 against four batches of 1: each seed gives the same latents."""
     args = ["--sampler", sampler, *extra]
-    batched = ours(base["folder"], tmp_path, 3, 5.0, args, batch_size=4, prompts=["the red"],
-                   n=4)
+    batched = ours(base["folder"], tmp_path, 3, 5.0, args, batch_size=4, prompts=["the red"], n=4)
     for i in range(4):
-        alone = ours(base["folder"], tmp_path, 3, 5.0, args, batch_size=1, seed=SEED + i,
-                     prompts=["the red"])
+        alone = ours(
+            base["folder"], tmp_path, 3, 5.0, args, batch_size=1, seed=SEED + i, prompts=["the red"]
+        )
         err = (alone[0] - batched[i]).abs().max().item()  # batched BLAS rounding only
         assert err <= 1e-5 * batched.abs().max().item(), (sampler, i, err)
     # the streams are per sample (not one stream for the batch, nor a copy of the initial

@@ -67,8 +67,15 @@ def test_default_negative_is_zeros_as_diffusers(folder: Path) -> None:
     noise = torch.randn(2, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(9))
     sampler = Sampler("euler", STEPS, disable_progress=True)
     with torch.no_grad():
-        theirs = pipe(prompt=PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
-                      guidance_scale=GUIDANCE, latents=noise.clone(), output_type="latent").images
+        theirs = pipe(
+            prompt=PROMPTS,
+            height=HEIGHT,
+            width=WIDTH,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            latents=noise.clone(),
+            output_type="latent",
+        ).images
         _, ours = model.generate(PROMPTS, sampler, guidance=GUIDANCE, latents=noise.clone())
         model.zero_empty_prompts = False
         _, encoded = model.generate(PROMPTS, sampler, guidance=GUIDANCE, latents=noise.clone())

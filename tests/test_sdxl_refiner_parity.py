@@ -23,18 +23,23 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("scores", "negative"), [(None, None), ((3.0, 7.5), "th")])
-def test_refiner_img2img_matches_diffusers(folder: Path, scores: tuple[float, float] | None,
-                                           negative: str | None) -> None:
+def test_refiner_img2img_matches_diffusers(
+    folder: Path, scores: tuple[float, float] | None, negative: str | None
+) -> None:
     model, _ = build.load_for_sampling(folder)
     assert model.is_refiner and not model.zero_empty_prompts
     pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
-                                                         set_alpha_to_one=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True
+    )
     pipe.set_progress_bar_config(disable=True)
     shape = (2, 4, 8, 12)
     init = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    extra = {} if scores is None else {"aesthetic_score": scores[0],
-                                       "negative_aesthetic_score": scores[1]}
+    extra = (
+        {}
+        if scores is None
+        else {"aesthetic_score": scores[0], "negative_aesthetic_score": scores[1]}
+    )
     with torch.no_grad():
         theirs = pipe(prompt=["the red", "re"], negative_prompt=negative and [negative] * 2,
                       image=init.clone(), strength=0.6, num_inference_steps=8,
@@ -52,8 +57,9 @@ def test_refiner_img2img_matches_diffusers(folder: Path, scores: tuple[float, fl
     assert (theirs - init).abs().max().item() > 1e-2  # the sampler changed the init
 
 
-def test_sample_py_aesthetic_score_flags(folder: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_sample_py_aesthetic_score_flags(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import numpy as np
     from PIL import Image
 
@@ -65,10 +71,21 @@ def test_sample_py_aesthetic_score_flags(folder: Path, tmp_path: Path,
     common = ["--ckpt", str(folder), "--prompt", "the red", "--init-image",
               str(tmp_path / "init.png"), "--steps", "4", "--device", "cpu"]  # fmt: skip
     assert sample.main([*common, "--outdir", str(tmp_path / "a")]) == 0
-    assert sample.main([*common, "--outdir", str(tmp_path / "b"), "--aesthetic-score", "1",
-                        "--negative-aesthetic-score", "9"]) == 0
-    a, b = (np.asarray(Image.open(tmp_path / d / "0000-the-red-s0.png")).astype(int)
-            for d in "ab")
+    assert (
+        sample.main(
+            [
+                *common,
+                "--outdir",
+                str(tmp_path / "b"),
+                "--aesthetic-score",
+                "1",
+                "--negative-aesthetic-score",
+                "9",
+            ]
+        )
+        == 0
+    )
+    a, b = (np.asarray(Image.open(tmp_path / d / "0000-the-red-s0.png")).astype(int) for d in "ab")
     assert np.abs(a - b).max() > 0
     base = build_tiny_sdxl(tmp_path / "base")
     capsys.readouterr()

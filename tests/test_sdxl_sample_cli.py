@@ -69,8 +69,9 @@ def test_micro_conditioning_flags_need_an_sdxl_model(capsys: pytest.CaptureFixtu
         sample.set_micro_conditioning(sample.micro_conditioning_flags(args), NotSDXL())
 
 
-def test_sample_py_on_an_sdxl_single_file(folder: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_sample_py_on_an_sdxl_single_file(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -83,8 +84,21 @@ def test_sample_py_on_an_sdxl_single_file(folder: Path, tmp_path: Path,
     common = ["--prompt", "the red", "--steps", "3", "--sampler", "euler", "--height", "16",
               "--device", "cpu"]  # fmt: skip
     assert sample.main(["--ckpt", str(folder), "--outdir", str(tmp_path / "a"), *common]) == 0
-    assert sample.main(["--ckpt", str(path), "-c", str(config), "--outdir", str(tmp_path / "b"),
-                        *common, f"model.text_encoder.name_or_path={folder}"]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(path),
+                "-c",
+                str(config),
+                "--outdir",
+                str(tmp_path / "b"),
+                *common,
+                f"model.text_encoder.name_or_path={folder}",
+            ]
+        )
+        == 0
+    )
     a = np.asarray(PIL.open(tmp_path / "a" / "0000-the-red-s0.png")).astype(np.int16)
     b = np.asarray(PIL.open(tmp_path / "b" / "0000-the-red-s0.png")).astype(np.int16)
     assert np.abs(a - b).max() <= 1
@@ -98,8 +112,19 @@ def test_sample_py_on_an_sdxl_single_file(folder: Path, tmp_path: Path,
     sd1 = tmp_path / "sd1.safetensors"
     save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(1),
                "model.diffusion_model.out.2.bias": torch.zeros(4)}, str(sd1))  # fmt: skip
-    assert sample.main(["--ckpt", str(sd1), "-c", str(config), *common,
-                        f"model.text_encoder.name_or_path={folder}"]) == 2
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(sd1),
+                "-c",
+                str(config),
+                *common,
+                f"model.text_encoder.name_or_path={folder}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "is an SD 1.x/2.x file" in err
     assert len(err.splitlines()) == 1

@@ -34,8 +34,11 @@ MODEL_INDEX = "model_index.json"
 WEIGHTS_NAME = "diffusion_pytorch_model"
 # our model.diffusion.schedule -> diffusers' beta_schedule (cosine = Nichol & Dhariwal 2021,
 # clipped at 0.999, which diffusers calls squaredcos_cap_v2).
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
-                  "cosine": "squaredcos_cap_v2"}
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+}
 # our model.diffusion.prediction -> diffusers' prediction_type.
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -58,8 +61,9 @@ def _versioned(class_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return {**out, **config}
 
 
-def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def scheduler_config(
+    diffusion: Mapping[str, Any], sampling: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The diffusers scheduler config that samples as ``sampling`` does on ``model.diffusion``.
 
     The class is the one ``sampling.sampler`` reproduces (DDIM by default); every field that
@@ -67,22 +71,36 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
     ``timestep_spacing``, ``steps_offset`` and, where the class has them, ``clip_sample`` (and
     its range), ``set_alpha_to_one``, ``use_karras_sigmas`` and ``final_sigmas_type``.
     """
-    s = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "karras": False,
-         "final_sigma": "zero", "set_alpha_to_one": True, "clip_sample": False,
-         "clip_sample_range": 1.0, **(sampling or {})}
+    s = {
+        "sampler": "ddim",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "karras": False,
+        "final_sigma": "zero",
+        "set_alpha_to_one": True,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        **(sampling or {}),
+    }
     if diffusion.get("objective", "ddpm") == "flow":
-        raise ValueError("diffusers has no pipeline for a flow-matching U-Net (StableDiffusion"
-                         "Pipeline needs a DDPM-family scheduler, SD3/Flux take transformers): "
-                         "export needs model.diffusion.objective=ddpm")
+        raise ValueError(
+            "diffusers has no pipeline for a flow-matching U-Net (StableDiffusion"
+            "Pipeline needs a DDPM-family scheduler, SD3/Flux take transformers): "
+            "export needs model.diffusion.objective=ddpm"
+        )
     cls = SCHEDULER_CLASSES[s["sampler"]]
     if int(s["steps_offset"]) != 1 or s["clip_sample"]:
-        raise ValueError("diffusers' StableDiffusionPipeline resets steps_offset to 1 and "
-                         "clip_sample to false when it loads a folder: export with "
-                         "sampling.steps_offset=1 sampling.clip_sample=false")
+        raise ValueError(
+            "diffusers' StableDiffusionPipeline resets steps_offset to 1 and "
+            "clip_sample to false when it loads a folder: export with "
+            "sampling.steps_offset=1 sampling.clip_sample=false"
+        )
     if cls == "HeunDiscreteScheduler" and diffusion["zero_terminal_snr"]:
-        raise ValueError("diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: "
-                         "export a zero-terminal-SNR model with another sampling.sampler "
-                         "(e.g. sampling.sampler=euler)")
+        raise ValueError(
+            "diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: "
+            "export a zero-terminal-SNR model with another sampling.sampler "
+            "(e.g. sampling.sampler=euler)"
+        )
     config: dict[str, Any] = {
         "num_train_timesteps": int(diffusion["num_timesteps"]),
         "beta_schedule": BETA_SCHEDULES[diffusion["schedule"]],
@@ -106,8 +124,12 @@ def scheduler_config(diffusion: Mapping[str, Any], sampling: Mapping[str, Any] |
     if cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
         config["final_sigmas_type"] = str(s["final_sigma"])
     if cls == "DPMSolverMultistepScheduler":
-        config.update(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                      lower_order_final=True)
+        config.update(
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+        )
     return _versioned(cls, config)
 
 
@@ -144,8 +166,10 @@ def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
     model = getattr(text_encoder, "model", None)
     kind = type(text_encoder).__name__
     if model is None or not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        raise ValueError(f"{kind} does not export: diffusers' pipeline loads a transformers "
-                         "text model; use model.text_encoder.kind clip, hf or t5")
+        raise ValueError(
+            f"{kind} does not export: diffusers' pipeline loads a transformers "
+            "text model; use model.text_encoder.kind clip, hf or t5"
+        )
     num_blocks, blocks = int(text_encoder.num_blocks), int(text_encoder.blocks)
     pass_mask = bool(getattr(text_encoder, "pass_attention_mask", False))
     if blocks != num_blocks or pass_mask:
@@ -153,9 +177,11 @@ def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
     if blocks != num_blocks:
         found = _block_list(model)
         if found is None:
-            raise ValueError(f"{type(model).__name__} keeps its blocks where export cannot cut "
-                             f"them to layer={text_encoder.layer}; train with "
-                             "model.text_encoder.layer=last to export")
+            raise ValueError(
+                f"{type(model).__name__} keeps its blocks where export cannot cut "
+                f"them to layer={text_encoder.layer}; train with "
+                "model.text_encoder.layer=last to export"
+            )
         owner, leaf = found
         setattr(owner, leaf, getattr(owner, leaf)[:blocks])
         for name in ("num_hidden_layers", "num_layers"):
@@ -169,10 +195,12 @@ def diffusers_text_model(text_encoder: nn.Module) -> nn.Module:
         out = model(tokens.ids, attention_mask=tokens.mask.long() if pass_mask else None)[0]
     err = (out.float() - ours.float()).abs().max().item()
     if not err <= 1e-5 * max(1.0, ours.abs().max().item()):
-        raise ValueError(f"diffusers would condition on the last_hidden_state of the exported "
-                         f"{type(model).__name__}, which differs from layer="
-                         f"{text_encoder.layer} by {err:.2e} (a final norm ours does not apply); "
-                         "train with model.text_encoder.layer=last to export")
+        raise ValueError(
+            f"diffusers would condition on the last_hidden_state of the exported "
+            f"{type(model).__name__}, which differs from layer="
+            f"{text_encoder.layer} by {err:.2e} (a final norm ours does not apply); "
+            "train with model.text_encoder.layer=last to export"
+        )
     return model
 
 
@@ -184,7 +212,9 @@ def _save_weights(state: Mapping[str, Tensor], folder: Path, config: Mapping[str
 
 
 def export_diffusers_folder(
-    model: LatentDiffusion, cfg: DictConfig | Mapping[str, Any], out_dir: str | Path,
+    model: LatentDiffusion,
+    cfg: DictConfig | Mapping[str, Any],
+    out_dir: str | Path,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a diffusers ``StableDiffusionPipeline`` folder.
@@ -210,11 +240,13 @@ def export_diffusers_folder(
     m = _plain(cfg["model"])
     scheduler = scheduler_config(m["diffusion"], _plain(cfg.get("sampling", {})))  # refuse early
     if getattr(model, "use_context_mask", False):
-        raise ValueError("this model was trained with model.use_context_mask=true (cross-"
-                         "attention ignores padding tokens) but diffusers' StableDiffusionPipeline "
-                         "passes no encoder_attention_mask, so it would sample differently; only "
-                         "models trained with model.use_context_mask=false export (sample this "
-                         "one with sample.py)")
+        raise ValueError(
+            "this model was trained with model.use_context_mask=true (cross-"
+            "attention ignores padding tokens) but diffusers' StableDiffusionPipeline "
+            "passes no encoder_attention_mask, so it would sample differently; only "
+            "models trained with model.use_context_mask=false export (sample this "
+            "one with sample.py)"
+        )
     text_model = diffusers_text_model(model.text_encoder)
     unet_kwargs, ae_kwargs = m["unet"], m["autoencoder"]
     factor = int(model.autoencoder.downsample_factor)
@@ -222,17 +254,23 @@ def export_diffusers_folder(
 
     unet_config = unet_kwargs_to_diffusers_config(unet_kwargs)
     unet_config["sample_size"] = image_size // factor
-    unet_state = unet_ldm_to_diffusers(model.unet.state_dict(), unet_kwargs["channel_mult"],
-                                       unet_kwargs["num_res_blocks"],
-                                       unet_kwargs["attention_resolutions"])
+    unet_state = unet_ldm_to_diffusers(
+        model.unet.state_dict(),
+        unet_kwargs["channel_mult"],
+        unet_kwargs["num_res_blocks"],
+        unet_kwargs["attention_resolutions"],
+    )
     _save_weights(unet_state, out / "unet", _versioned("UNet2DConditionModel", unet_config))
 
     # the buffer, not the config: scale_factor travels with the weights (DESIGN.md, 5); written
     # as the shortest decimal of its float32 value (0.18215, not 0.1821500062942505)
     scale = float(str(np.float32(model.autoencoder.scale_factor.item())))
     vae_config = vae_config_ldm_to_diffusers(**{**ae_kwargs, "scale_factor": scale})
-    _save_weights(vae_ldm_to_diffusers(model.autoencoder.state_dict()), out / "vae",
-                  _versioned("AutoencoderKL", vae_config))
+    _save_weights(
+        vae_ldm_to_diffusers(model.autoencoder.state_dict()),
+        out / "vae",
+        _versioned("AutoencoderKL", vae_config),
+    )
 
     from ldm.models.text_encoders import no_transformers_bars
 
@@ -243,19 +281,21 @@ def export_diffusers_folder(
     tokenizer.save_pretrained(out / "tokenizer")
 
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler, indent=2) + "\n")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
 
-    index = _versioned("StableDiffusionPipeline", {
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", type(text_model).__name__],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    })
+    index = _versioned(
+        "StableDiffusionPipeline",
+        {
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", type(text_model).__name__],
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", scheduler["_class_name"]],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        },
+    )
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out

@@ -94,8 +94,9 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         try:
             return dict(torch.load(pickled, map_location="cpu", weights_only=True))
         except Exception as e:  # never fall back to unpickling code
-            raise CheckpointError(f"{pickled} cannot be read with weights_only=True ({e})"
-                                  ) from None
+            raise CheckpointError(
+                f"{pickled} cannot be read with weights_only=True ({e})"
+            ) from None
     raise CheckpointError(f"no {WEIGHTS_NAME}.safetensors (or .bin) in {folder}")
 
 
@@ -124,17 +125,26 @@ FLOW_CLASSES = {v: k for k, v in FLOW_SCHEDULER_CLASSES.items()}
 
 def flow_diffusion_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
     """``model.diffusion`` for a diffusers flow-matching scheduler (static shift only)."""
-    for key, default in (("use_dynamic_shifting", False), ("invert_sigmas", False),
-                         ("shift_terminal", None), ("use_karras_sigmas", False),
-                         ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
-                         ("stochastic_sampling", False)):
+    for key, default in (
+        ("use_dynamic_shifting", False),
+        ("invert_sigmas", False),
+        ("shift_terminal", None),
+        ("use_karras_sigmas", False),
+        ("use_exponential_sigmas", False),
+        ("use_beta_sigmas", False),
+        ("stochastic_sampling", False),
+    ):
         if scheduler.get(key, default) != default:
             raise CheckpointError(
                 f"scheduler {key}={scheduler.get(key)!r} ({scheduler.get('_class_name')}) is not "
-                f"reproduced by our flow samplers; set \"{key}\": {json.dumps(default)} in "
-                "scheduler_config.json")
-    return {"objective": "flow", "num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
-            "flow_shift": float(scheduler.get("shift", 1.0))}
+                f'reproduced by our flow samplers; set "{key}": {json.dumps(default)} in '
+                "scheduler_config.json"
+            )
+    return {
+        "objective": "flow",
+        "num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+        "flow_shift": float(scheduler.get("shift", 1.0)),
+    }
 
 
 def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,7 +167,8 @@ def sampling_section(scheduler: Mapping[str, Any]) -> dict[str, Any]:
         if owner in (None, cls) and scheduler.get(key, default) != ours:
             raise CheckpointError(
                 f"scheduler {key}={scheduler.get(key, default)!r} ({cls}) is not reproduced by "
-                f"our samplers; set \"{key}\": {json.dumps(ours)} in scheduler_config.json")
+                f'our samplers; set "{key}": {json.dumps(ours)} in scheduler_config.json'
+            )
     # StableDiffusionPipeline (and its img2img/inpainting siblings) resets steps_offset to 1 and
     # clip_sample to false when it is built from a folder whose scheduler says otherwise: so does
     # sample.py (sampling.clip_sample=true still clips on request)
@@ -218,14 +229,21 @@ def text_encoder_section(root: Path) -> dict[str, Any]:
     """
     config = read_json(root / "text_encoder" / "config.json")
     architectures = config.get("architectures") or []
-    if not any(a in CLIP_TEXT_CLASSES for a in architectures) \
-            and config.get("model_type") != "clip_text_model":
-        raise CheckpointError(f"{root / 'text_encoder'} is not a CLIPTextModel "
-                              f"({architectures or config.get('model_type')})")
+    if (
+        not any(a in CLIP_TEXT_CLASSES for a in architectures)
+        and config.get("model_type") != "clip_text_model"
+    ):
+        raise CheckpointError(
+            f"{root / 'text_encoder'} is not a CLIPTextModel "
+            f"({architectures or config.get('model_type')})"
+        )
     positions = int(config.get("max_position_embeddings", 77))
     tokenizer = root / "tokenizer" / "tokenizer_config.json"
-    length = read_json(tokenizer).get("model_max_length", positions) if tokenizer.is_file() \
+    length = (
+        read_json(tokenizer).get("model_max_length", positions)
+        if tokenizer.is_file()
         else positions
+    )
     return {
         "kind": "clip",
         "name_or_path": str(root.resolve()),
@@ -247,8 +265,9 @@ def diffusers_folder_config(path: str | Path) -> dict[str, Any]:
     """
     root = Path(path)
     index = read_json(root / MODEL_INDEX)
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if c not in index]
+    missing = [
+        c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index
+    ]
     if missing:
         raise CheckpointError(f"{root / MODEL_INDEX} lacks components {', '.join(missing)}")
     unet_config = read_json(root / "unet" / "config.json")
@@ -280,14 +299,20 @@ def diffusers_folder_config(path: str | Path) -> dict[str, Any]:
 
 # what the folder's weights fix: its U-Net, autoencoder and text encoder (which layer to read
 # and how long to pad stay the caller's)
-WEIGHT_KEYS = ("model.unet", "model.autoencoder", "model.autoencoder_ckpt",
-               "model.text_encoder.kind", "model.text_encoder.name_or_path")
+WEIGHT_KEYS = (
+    "model.unet",
+    "model.autoencoder",
+    "model.autoencoder_ckpt",
+    "model.text_encoder.kind",
+    "model.text_encoder.name_or_path",
+)
 
 
 def _leaves(node: Any, prefix: str) -> dict[str, Any]:
     if isinstance(node, Mapping):
-        return {k: v for key, sub in node.items()
-                for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+        return {
+            k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()
+        }
     return {prefix: node}
 
 
@@ -314,8 +339,9 @@ def pin_weight_keys(cfg: DictConfig, sections: Mapping[str, Any]) -> tuple[DictC
     return load(base=OmegaConf.to_container(merged, resolve=True)), changed
 
 
-def folder_config(path: str | Path, files: Sequence[str | Path] = (),
-                  overrides: Sequence[str] = ()) -> DictConfig:
+def folder_config(
+    path: str | Path, files: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+) -> DictConfig:
     """The config to sample a folder with: defaults, then the folder's sections
     (:func:`diffusers_folder_config`), then ``files`` and ``overrides`` (the caller wins), and
     finally `WEIGHT_KEYS` from the folder again (they are what its weights are)."""
@@ -325,8 +351,9 @@ def folder_config(path: str | Path, files: Sequence[str | Path] = (),
     return pin_weight_keys(load(files, overrides, base=sections), sections)[0]
 
 
-def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
-                          ) -> LatentDiffusion:
+def load_diffusers_folder(
+    path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
+) -> LatentDiffusion:
     """A ``LatentDiffusion`` from a diffusers-layout folder.
 
     The model is built from ``cfg`` (default: :func:`folder_config`) with `WEIGHT_KEYS` taken
@@ -354,16 +381,25 @@ def load_diffusers_folder(path: str | Path, cfg: DictConfig | Mapping[str, Any] 
     model = build.build_latent_diffusion(cfg, empty_weights=True)  # every weight loads next
     u = to_container(cfg.model.unet)
     unet = read_weights(root / "unet")
-    _load_component(root / "unet", model.unet, lambda: unet_diffusers_to_ldm(
-        unet, u["channel_mult"], u["num_res_blocks"], u["attention_resolutions"]))
+    _load_component(
+        root / "unet",
+        model.unet,
+        lambda: unet_diffusers_to_ldm(
+            unet, u["channel_mult"], u["num_res_blocks"], u["attention_resolutions"]
+        ),
+    )
     vae = read_weights(root / "vae")
-    _load_component(root / "vae", model.autoencoder, lambda: vae_diffusers_to_ldm(
-        vae, scale_factor=cfg.model.autoencoder.scale_factor))
+    _load_component(
+        root / "vae",
+        model.autoencoder,
+        lambda: vae_diffusers_to_ldm(vae, scale_factor=cfg.model.autoencoder.scale_factor),
+    )
     return model
 
 
-def _load_component(folder: Path, module: torch.nn.Module,
-                    convert: Callable[[], dict[str, Tensor]]) -> None:
+def _load_component(
+    folder: Path, module: torch.nn.Module, convert: Callable[[], dict[str, Tensor]]
+) -> None:
     """``module.load_state_dict(convert(), strict=True, assign=True)`` (the module may be on
     the meta device: its tensors become the file's, in the module's own dtypes); a key-map or
     shape mismatch becomes a one-line CheckpointError."""
@@ -371,8 +407,9 @@ def _load_component(folder: Path, module: torch.nn.Module,
         assign_weights(module, convert())
     except (KeyError, RuntimeError) as e:
         detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise CheckpointError(f"{folder} does not match its config.json "
-                              f"({' '.join(detail[:2])[:300]})") from None
+        raise CheckpointError(
+            f"{folder} does not match its config.json ({' '.join(detail[:2])[:300]})"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,8 +422,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export a checkpoint to the diffusers layout (StableDiffusionPipeline).",
     )
     p.add_argument("--ckpt", required=True, help="our .safetensors, an SD file or a folder")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                   help="config merged over the checkpoint's (required for original SD files)")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config merged over the checkpoint's (required for original SD files)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) U-Net")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
@@ -396,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before the slow part
             raise FileExistsError(f"{out} is not empty (pass --overwrite)")
-        model, cfg = build.load_for_sampling(args.ckpt, args.config, args.overrides,
-                                             use_ema=not args.no_ema)
+        model, cfg = build.load_for_sampling(
+            args.ckpt, args.config, args.overrides, use_ema=not args.no_ema
+        )
         from ldm.models.lora import merge_lora
 
         merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters

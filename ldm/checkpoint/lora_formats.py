@@ -89,21 +89,28 @@ def unet_layer_names(layers: Iterable[str], layout: Layout) -> dict[str, str]:
 
 def text_layer_names(layers: Iterable[str]) -> dict[str, str]:
     """A transformers text model's module names -> ``text_model.<module>``."""
-    return {layer: layer if layer.startswith(TEXT_PREFIX) else TEXT_PREFIX + layer
-            for layer in layers}
+    return {
+        layer: layer if layer.startswith(TEXT_PREFIX) else TEXT_PREFIX + layer for layer in layers
+    }
 
 
 def adaptable_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The linear and 1×1/k×k conv layers of ``module`` (not the adapters' own), by name."""
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.Linear | nn.Conv2d) and ".lora_" not in f".{name}"}
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and ".lora_" not in f".{name}"
+    }
 
 
-def model_layer_names(unet: nn.Module, layout: Layout,
-                      text_model: nn.Module | None = None) -> LayerNames:
+def model_layer_names(
+    unet: nn.Module, layout: Layout, text_model: nn.Module | None = None
+) -> LayerNames:
     """:class:`LayerNames` of every layer of a live U-Net (and text encoder) a LoRA may adapt."""
-    return LayerNames(unet_layer_names(adaptable_layers(unet), layout),
-                      text_layer_names(adaptable_layers(text_model)) if text_model else {})
+    return LayerNames(
+        unet_layer_names(adaptable_layers(unet), layout),
+        text_layer_names(adaptable_layers(text_model)) if text_model else {},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +122,9 @@ def _folded(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
     return up.float() * (alpha / down.shape[0])
 
 
-def to_diffusers(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tensor],
-                                                               dict[str, str]]:
+def to_diffusers(
+    parts: LoRAParts, names: LayerNames
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a diffusers/peft LoRA file (``alpha / r`` folded into ``B``)."""
     tensors: dict[str, torch.Tensor] = {}
     for part, adapters in parts.items():
@@ -128,8 +136,7 @@ def to_diffusers(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.T
     return tensors, {"format": "pt"}
 
 
-def to_kohya(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tensor],
-                                                           dict[str, str]]:
+def to_kohya(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a kohya (sd-scripts) LoRA file."""
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
@@ -150,8 +157,10 @@ def to_kohya(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tenso
 
 def _exported_name(table: Mapping[str, str], part: str, layer: str) -> str:
     if layer not in table:
-        raise CheckpointError(f"{part} layer {layer} has no diffusers counterpart (only the "
-                              "ldm format can hold this LoRA)")
+        raise CheckpointError(
+            f"{part} layer {layer} has no diffusers counterpart (only the "
+            "ldm format can hold this LoRA)"
+        )
     return table[layer]
 
 
@@ -161,7 +170,7 @@ def _exported_name(table: Mapping[str, str], part: str, layer: str) -> str:
 
 
 def detect_format(keys: Iterable[str], metadata: Mapping[str, str], path: Any) -> str:
-    """"ldm", "diffusers" or "kohya", from a LoRA file's keys and header metadata.
+    """ "ldm", "diffusers" or "kohya", from a LoRA file's keys and header metadata.
 
     Raises:
         CheckpointError: Keys of none of the three layouts (the first such key named).
@@ -176,21 +185,26 @@ def detect_format(keys: Iterable[str], metadata: Mapping[str, str], path: Any) -
     if any(_PEFT_SUFFIX.search(k) for k in keys):
         return "diffusers"
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise CheckpointError(f"{path}: key {next(k for k in keys if 'lora_te' in k)!r} is "
-                              "from an SDXL kohya LoRA (lora_te1_/lora_te2_); this model is "
-                              "SD 1.x/2.x")
+        raise CheckpointError(
+            f"{path}: key {next(k for k in keys if 'lora_te' in k)!r} is "
+            "from an SDXL kohya LoRA (lora_te1_/lora_te2_); this model is "
+            "SD 1.x/2.x"
+        )
     if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
         return "ldm"
     raise CheckpointError(
         f"{path}: key {keys[0]!r} is in no LoRA layout we read (ldm: <layer>.lora_down.weight; "
-        "diffusers/peft: unet.<module>.lora_A.weight; kohya: lora_unet_<module>.lora_down.weight)")
+        "diffusers/peft: unet.<module>.lora_A.weight; kohya: lora_unet_<module>.lora_down.weight)"
+    )
 
 
 def _lookup(path: Any, key: str, part: str, module: str, inverse: Mapping[str, str]) -> str:
     if module not in inverse:
         what = "U-Net" if part == "unet" else "text encoder"
-        raise CheckpointError(f"{path}: key {key!r} names no layer of this model's {what} "
-                              "(a LoRA for another base model or layout?)")
+        raise CheckpointError(
+            f"{path}: key {key!r} names no layer of this model's {what} "
+            "(a LoRA for another base model or layout?)"
+        )
     return inverse[module]
 
 
@@ -199,35 +213,48 @@ def _pair(path: Any, found: dict[str, dict[str, Any]]) -> Adapters:
     for layer, entry in found.items():
         if "down" not in entry or "up" not in entry:
             missing = "down (lora_A)" if "down" not in entry else "up (lora_B)"
-            raise CheckpointError(f"{path}: key {entry['key']!r} has no matching {missing} "
-                                  "weight")
-        adapters[layer] = (entry["down"], entry["up"], entry.get("alpha",
-                                                                 float(entry["down"].shape[0])))
+            raise CheckpointError(f"{path}: key {entry['key']!r} has no matching {missing} weight")
+        adapters[layer] = (
+            entry["down"],
+            entry["up"],
+            entry.get("alpha", float(entry["down"].shape[0])),
+        )
     return adapters
 
 
 def file_keys(found: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> FileKeys:
     """(part, layer) -> the first file key seen for it."""
-    return {(part, layer): entry["key"] for part, entries in found.items()
-            for layer, entry in entries.items()}
+    return {
+        (part, layer): entry["key"]
+        for part, entries in found.items()
+        for layer, entry in entries.items()
+    }
 
 
-def from_kohya(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Any
-               ) -> tuple[LoRAParts, FileKeys]:
+def from_kohya(
+    tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Any
+) -> tuple[LoRAParts, FileKeys]:
     """Adapters of a kohya file under our layer names, and a file key of each layer.
 
     Raises:
         CheckpointError: A key outside the layout or naming no layer of the model.
     """
-    inverse = {part: {_KOHYA_PART[part] + theirs.replace(".", "_"): ours
-                      for ours, theirs in names.part(part).items()} for part in _KOHYA_PART}
+    inverse = {
+        part: {
+            _KOHYA_PART[part] + theirs.replace(".", "_"): ours
+            for ours, theirs in names.part(part).items()
+        }
+        for part in _KOHYA_PART
+    }
     found: dict[str, dict[str, dict[str, Any]]] = {"unet": {}, "text_encoder": {}}
     for key, value in tensors.items():
         match = _KOHYA_SUFFIX.search(key)
         part = "unet" if key.startswith(_KOHYA_PART["unet"]) else "text_encoder"
         if match is None:
-            raise CheckpointError(f"{path}: key {key!r} is not a kohya LoRA weight (expected "
-                                  "<module>.lora_down.weight / .lora_up.weight / .alpha)")
+            raise CheckpointError(
+                f"{path}: key {key!r} is not a kohya LoRA weight (expected "
+                "<module>.lora_down.weight / .lora_up.weight / .alpha)"
+            )
         layer = _lookup(path, key, part, key[: match.start()], inverse[part])
         entry = found[part].setdefault(layer, {"key": key})
         what = match.group(1)
@@ -243,17 +270,17 @@ def _peft_config(metadata: Mapping[str, str], part: str) -> dict[str, Any]:
     if not raw:
         return {}
     prefix = _DIFFUSERS_PART[part]
-    return {k[len(prefix):]: v for k, v in json.loads(raw).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in json.loads(raw).items() if k.startswith(prefix)}
 
 
-def _peft_alpha(config: Mapping[str, Any], module: str, rank: int, path: Any, key: str
-                ) -> float:
+def _peft_alpha(config: Mapping[str, Any], module: str, rank: int, path: Any, key: str) -> float:
     """The alpha giving peft's scale for ``module``: ``lora_alpha / r`` (rslora: ``/ √r``)."""
     if not config:
         return float(rank)  # no LoraConfig: diffusers' convention, W + B A
     if config.get("use_dora"):
-        raise CheckpointError(f"{path}: key {key!r} is a DoRA adapter (use_dora), which we do "
-                              "not read")
+        raise CheckpointError(
+            f"{path}: key {key!r} is a DoRA adapter (use_dora), which we do not read"
+        )
     alpha = float(config.get("lora_alpha", rank))
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
@@ -262,8 +289,9 @@ def _peft_alpha(config: Mapping[str, Any], module: str, rank: int, path: Any, ke
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
-def from_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                   names: LayerNames, path: Any) -> tuple[LoRAParts, FileKeys]:
+def from_diffusers(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], names: LayerNames, path: Any
+) -> tuple[LoRAParts, FileKeys]:
     """Adapters of a diffusers/peft file under our layer names (alpha from its LoraConfig), and
     a file key of each layer.
 
@@ -271,21 +299,26 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         CheckpointError: A key outside ``unet.`` / ``text_encoder.`` ``*.lora_A/B.weight``
             (e.g. DoRA magnitudes, lora_B biases), or one naming no layer of the model.
     """
-    inverse = {part: {theirs: ours for ours, theirs in names.part(part).items()}
-               for part in _DIFFUSERS_PART}
+    inverse = {
+        part: {theirs: ours for ours, theirs in names.part(part).items()}
+        for part in _DIFFUSERS_PART
+    }
     if names.text_encoder:  # files from transformers 5 may drop the text_model. level
-        inverse["text_encoder"].update({theirs.removeprefix(TEXT_PREFIX): ours
-                                        for ours, theirs in names.text_encoder.items()})
+        inverse["text_encoder"].update(
+            {theirs.removeprefix(TEXT_PREFIX): ours for ours, theirs in names.text_encoder.items()}
+        )
     found: dict[str, dict[str, dict[str, Any]]] = {"unet": {}, "text_encoder": {}}
     modules: dict[tuple[str, str], str] = {}
     for key, value in tensors.items():
         part = next((p for p, prefix in _DIFFUSERS_PART.items() if key.startswith(prefix)), None)
         match = _PEFT_SUFFIX.search(key)
         if part is None or match is None:
-            raise CheckpointError(f"{path}: key {key!r} is not a diffusers LoRA weight "
-                                  "(expected unet.<module>.lora_A.weight / .lora_B.weight, or "
-                                  "text_encoder.…)")
-        module = key[len(_DIFFUSERS_PART[part]): match.start()]
+            raise CheckpointError(
+                f"{path}: key {key!r} is not a diffusers LoRA weight "
+                "(expected unet.<module>.lora_A.weight / .lora_B.weight, or "
+                "text_encoder.…)"
+            )
+        module = key[len(_DIFFUSERS_PART[part]) : match.start()]
         layer = _lookup(path, key, part, module, inverse[part])
         entry = found[part].setdefault(layer, {"key": key})
         entry["down" if match.group(1) == "A" else "up"] = value
@@ -294,13 +327,15 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         config = _peft_config(metadata, part)
         for layer, entry in entries.items():
             if "down" in entry:
-                entry["alpha"] = _peft_alpha(config, modules[part, layer],
-                                             entry["down"].shape[0], path, entry["key"])
+                entry["alpha"] = _peft_alpha(
+                    config, modules[part, layer], entry["down"].shape[0], path, entry["key"]
+                )
     return {part: _pair(path, f) for part, f in found.items() if f}, file_keys(found)
 
 
-def check_shapes(parts: LoRAParts, modules: Mapping[str, nn.Module], keys: FileKeys,
-                 path: Any) -> None:
+def check_shapes(
+    parts: LoRAParts, modules: Mapping[str, nn.Module], keys: FileKeys, path: Any
+) -> None:
     """Each adapter fits its layer: ``A`` takes the layer's input, ``B`` gives its output.
 
     Raises:
@@ -310,12 +345,16 @@ def check_shapes(parts: LoRAParts, modules: Mapping[str, nn.Module], keys: FileK
         for layer, (down, up, _) in adapters.items():
             target = modules[part].get_submodule(layer)
             weight = target.weight
-            ok = (down.shape[1] == weight.shape[1] and up.shape[0] == weight.shape[0]
-                  and up.shape[1] == down.shape[0]
-                  and all(s == 1 for s in (*down.shape[2:], *up.shape[2:]))
-                  and down.dim() == up.dim() == weight.dim())
+            ok = (
+                down.shape[1] == weight.shape[1]
+                and up.shape[0] == weight.shape[0]
+                and up.shape[1] == down.shape[0]
+                and all(s == 1 for s in (*down.shape[2:], *up.shape[2:]))
+                and down.dim() == up.dim() == weight.dim()
+            )
             if not ok:
                 raise CheckpointError(
                     f"{path}: key {keys[part, layer]!r} ({part} layer {layer}): lora_down "
                     f"{tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit its weight "
-                    f"{tuple(weight.shape)} (a LoRA for another base model?)")
+                    f"{tuple(weight.shape)} (a LoRA for another base model?)"
+                )

@@ -71,8 +71,11 @@ def adapters_from_state(state: Mapping[str, torch.Tensor], alpha: float | None) 
 
 def unet_layout(unet_cfg: Any) -> Layout:
     """``(channel_mult, num_res_blocks, attention_resolutions)`` of a ``model.unet`` section."""
-    return (list(unet_cfg["channel_mult"]), int(unet_cfg["num_res_blocks"]),
-            list(unet_cfg["attention_resolutions"]))
+    return (
+        list(unet_cfg["channel_mult"]),
+        int(unet_cfg["num_res_blocks"]),
+        list(unet_cfg["attention_resolutions"]),
+    )
 
 
 def _to_ldm(parts: LoRAParts) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -86,8 +89,9 @@ def _to_ldm(parts: LoRAParts) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, {"format": LORA_FORMAT}
 
 
-def write_lora(path: str | Path, parts: LoRAParts, fmt: str = "ldm",
-               layout: Layout | None = None) -> Path:
+def write_lora(
+    path: str | Path, parts: LoRAParts, fmt: str = "ldm", layout: Layout | None = None
+) -> Path:
     """Write adapters atomically as a LoRA safetensors file in layout ``fmt``.
 
     Args:
@@ -101,17 +105,25 @@ def write_lora(path: str | Path, parts: LoRAParts, fmt: str = "ldm",
     """
     parts = {part: adapters for part, adapters in parts.items() if adapters}
     if not parts:
-        raise CheckpointError("no LoRA adapters to save (was the run trained with "
-                              "model.lora.rank>0?)")
-    parts = {part: {layer: (d.detach().cpu().contiguous(), u.detach().cpu().contiguous(), a)
-                    for layer, (d, u, a) in adapters.items()} for part, adapters in parts.items()}
+        raise CheckpointError(
+            "no LoRA adapters to save (was the run trained with model.lora.rank>0?)"
+        )
+    parts = {
+        part: {
+            layer: (d.detach().cpu().contiguous(), u.detach().cpu().contiguous(), a)
+            for layer, (d, u, a) in adapters.items()
+        }
+        for part, adapters in parts.items()
+    }
     if fmt == "ldm":
         tensors, meta = _to_ldm(parts)
     else:
         if layout is None:
             raise ValueError(f"the {fmt} format needs the U-Net layout")
-        names = LayerNames(unet_layer_names(parts.get("unet", {}), layout),
-                           text_layer_names(parts.get("text_encoder", {})))
+        names = LayerNames(
+            unet_layer_names(parts.get("unet", {}), layout),
+            text_layer_names(parts.get("text_encoder", {})),
+        )
         writer = {"diffusers": to_diffusers, "kohya": to_kohya}[fmt]
         tensors, meta = writer(parts, names)
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -129,24 +141,29 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
-              ) -> tuple[LoRAParts, FileKeys]:
+def _from_ldm(
+    tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
+) -> tuple[LoRAParts, FileKeys]:
     text_inverse = {theirs: ours for ours, theirs in names.text_encoder.items()}
     grouped: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     keys: FileKeys = {}
     for key, value in tensors.items():
         if not key.endswith((DOWN, UP, ALPHA)):
-            raise CheckpointError(f"{path}: key {key!r} is not a LoRA weight (expected "
-                                  "<layer>.lora_down.weight / .lora_up.weight / .alpha)")
+            raise CheckpointError(
+                f"{path}: key {key!r} is not a LoRA weight (expected "
+                "<layer>.lora_down.weight / .lora_up.weight / .alpha)"
+            )
         suffix = next(s for s in (DOWN, UP, ALPHA) if key.endswith(s))
         layer, part = key[: -len(suffix)], "unet"
         if layer.startswith(TEXT_ENCODER):
-            part, layer = "text_encoder", layer[len(TEXT_ENCODER):]
+            part, layer = "text_encoder", layer[len(TEXT_ENCODER) :]
             layer = text_inverse.get(layer, "\0")
         if layer not in names.part(part):
             what = "U-Net" if part == "unet" else "text encoder"
-            raise CheckpointError(f"{path}: key {key!r} names no layer of this model's {what} "
-                                  "(a LoRA for another base model or layout?)")
+            raise CheckpointError(
+                f"{path}: key {key!r} names no layer of this model's {what} "
+                "(a LoRA for another base model or layout?)"
+            )
         grouped[part][layer + suffix] = value
         keys.setdefault((part, layer), key)
     parts: LoRAParts = {}
@@ -160,8 +177,9 @@ def _from_ldm(tensors: Mapping[str, torch.Tensor], names: LayerNames, path: Path
     return parts, keys
 
 
-def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
-              text_model: nn.Module | None = None) -> LoRAParts:
+def read_lora(
+    path: str | Path, unet: nn.Module, layout: Layout, text_model: nn.Module | None = None
+) -> LoRAParts:
     """The adapters of a LoRA file in any of the three layouts, under our layer names, checked
     against the model they will be merged into.
 
@@ -181,8 +199,7 @@ def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
     fmt = detect_format(tensors, meta, path)
     names = model_layer_names(unet, layout, text_model)
     if fmt == "ldm":
-        names = LayerNames({layer: layer for layer in adaptable_layers(unet)},
-                           names.text_encoder)
+        names = LayerNames({layer: layer for layer in adaptable_layers(unet)}, names.text_encoder)
         parts, keys = _from_ldm(tensors, names, path)
     elif fmt == "kohya":
         parts, keys = from_kohya(tensors, names, path)
@@ -196,24 +213,34 @@ def read_lora(path: str | Path, unet: nn.Module, layout: Layout,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: extract the adapters of a LoRA training checkpoint into a small LoRA file."""
-    p = argparse.ArgumentParser(prog="python -m ldm.checkpoint.lora_keys",
-                                description="Write the LoRA adapters of a checkpoint to a file.")
+    p = argparse.ArgumentParser(
+        prog="python -m ldm.checkpoint.lora_keys",
+        description="Write the LoRA adapters of a checkpoint to a file.",
+    )
     p.add_argument("--ckpt", required=True, help="our ldm checkpoint of a model.lora run")
     p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--format", default="ldm", choices=FORMATS,
-                   help="ldm (ours), diffusers (pipe.load_lora_weights) or kohya (lora_unet_…)")
+    p.add_argument(
+        "--format",
+        default="ldm",
+        choices=FORMATS,
+        help="ldm (ours), diffusers (pipe.load_lora_weights) or kohya (lora_unet_…)",
+    )
     p.add_argument("--no-ema", action="store_true", help="the raw adapters instead of the EMA")
     args = p.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt, expect_kind="ldm")
-        key = "unet" if args.no_ema or not any(k.startswith("unet_ema.") for k in ckpt.tensors) \
+        key = (
+            "unet"
+            if args.no_ema or not any(k.startswith("unet_ema.") for k in ckpt.tensors)
             else "unet_ema"
+        )
         model_cfg = ckpt.config.get("model", {})
         alpha = model_cfg.get("lora", {}).get("alpha")
-        parts = {"unet": adapters_from_state(ckpt.module_state(key), alpha),
-                 # names inside the text encoder's transformers model (its ``model.``)
-                 "text_encoder": adapters_from_state(
-                     ckpt.module_state("text_encoder.model"), alpha)}
+        parts = {
+            "unet": adapters_from_state(ckpt.module_state(key), alpha),
+            # names inside the text encoder's transformers model (its ``model.``)
+            "text_encoder": adapters_from_state(ckpt.module_state("text_encoder.model"), alpha),
+        }
         layout = unet_layout(model_cfg["unet"]) if args.format != "ldm" else None
         path = write_lora(args.out, parts, args.format, layout)
     except (CheckpointError, FileNotFoundError) as e:

@@ -28,8 +28,9 @@ from ldm.models.sdxl import SDXLLatentDiffusion
 from ldm.models.text_encoders import no_transformers_bars
 
 
-def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_dir: str | Path,
-                       overwrite: bool = False) -> Path:
+def export_sdxl_folder(
+    model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_dir: str | Path, overwrite: bool = False
+) -> Path:
     """Writes ``model`` as a diffusers SDXL folder.
 
     Args:
@@ -59,8 +60,10 @@ def export_sdxl_folder(model: SDXLLatentDiffusion, cfg: Mapping[str, Any], out_d
                   _versioned("AutoencoderKL", vae_config))  # fmt: skip
     c = model.text_encoder
     index: dict[str, Any] = {}
-    for name, encoder, tokenizer in (("", c.text_encoder, c.tokenizer),
-                                     ("_2", c.text_encoder_2, c.tokenizer_2)):
+    for name, encoder, tokenizer in (
+        ("", c.text_encoder, c.tokenizer),
+        ("_2", c.text_encoder_2, c.tokenizer_2),
+    ):
         with no_transformers_bars():
             encoder.save_pretrained(out / f"text_encoder{name}")
         tokenizer = copy.deepcopy(tokenizer)

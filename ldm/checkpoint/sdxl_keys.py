@@ -67,7 +67,7 @@ def sdxl_unet_kwargs_to_diffusers_config(unet_kwargs: Mapping[str, Any]) -> dict
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], old: str, new: str) -> dict:
-    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
+    return {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state_dict.items()}
 
 
 def sdxl_unet_diffusers_to_ldm(

@@ -35,8 +35,9 @@ def is_sdxl_folder(path: str | Path) -> bool:
     return config.is_file() and is_sdxl_unet_config(read_json(config))
 
 
-def sdxl_folder_config(path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
-                       ) -> DictConfig:
+def sdxl_folder_config(
+    path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
+) -> DictConfig:
     """``cfg`` with an SDXL folder's sections merged over it: ``model.unet`` (SDXL layout),
     ``model.autoencoder`` (scale factor = the VAE's ``scaling_factor``), ``model.diffusion``,
     ``data.image_size`` and the scheduler's ``sampling.timestep_spacing``. The text encoders
@@ -112,4 +113,3 @@ def load_sdxl_folder(path: str | Path) -> SDXLLatentDiffusion:
     if index.is_file():
         model.zero_empty_prompts = bool(read_json(index).get("force_zeros_for_empty_prompt", True))
     return model.eval()
-

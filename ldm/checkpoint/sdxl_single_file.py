@@ -86,8 +86,9 @@ def check_not_sd_file_for_sdxl_config(path: str | Path, cfg: Any) -> None:
         )
 
 
-def encoder_states(state: Mapping[str, Tensor], conditioner: SDXLConditioner
-                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def encoder_states(
+    state: Mapping[str, Tensor], conditioner: SDXLConditioner
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """An SDXL single file's two encoders' weights, keyed for ``conditioner.text_encoder``
     (CLIP ViT-L, transformers' names) and ``conditioner.text_encoder_2`` (OpenCLIP ViT-bigG
     converted to ``CLIPTextModelWithProjection``)."""
@@ -173,4 +174,3 @@ def save_sdxl_single_file(model: SDXLLatentDiffusion, path: str | Path) -> Path:
     save_file(sdxl_single_file_state_dict(model), str(tmp))
     tmp.replace(path)
     return path
-

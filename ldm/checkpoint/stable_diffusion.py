@@ -130,16 +130,21 @@ def unet_state_dict(
     ema_entries = {k for k in state_dict if k.startswith(EMA_PREFIX) and k not in EMA_META_KEYS}
     if not use_ema or not ema_entries:
         if not raw:
-            raise CheckpointError(f"no U-Net weights (no keys under '{COMPVIS_UNET_PREFIX}'"
-                                  f"{'' if use_ema else '; the EMA ones are not asked for'})")
+            raise CheckpointError(
+                f"no U-Net weights (no keys under '{COMPVIS_UNET_PREFIX}'"
+                f"{'' if use_ema else '; the EMA ones are not asked for'})"
+            )
         if use_ema:
             log.info("no EMA weights in the checkpoint; using model.diffusion_model.*")
         return raw, False
     missing = [name for name, key in keys.items() if key not in state_dict]
     unknown = ema_entries - set(keys.values())
     if missing or unknown:
-        detail = f"{len(missing)} parameters lack EMA weights (e.g. {missing[:1]})" if missing \
+        detail = (
+            f"{len(missing)} parameters lack EMA weights (e.g. {missing[:1]})"
+            if missing
             else f"{len(unknown)} EMA entries match no parameter (e.g. {sorted(unknown)[:1]})"
+        )
         raise CheckpointError(
             f"partial EMA in the checkpoint: {detail}; pass use_ema=False (sample.py --no-ema) "
             "to use the raw weights"
@@ -172,7 +177,7 @@ def text_state_dict(
     if layout == "clip":
         return keys_for_model(extract_sd1_clip(state_dict, SD1_CLIP_PREFIX), text_model)
     blocks = SD2_OPEN_CLIP_PREFIX + "transformer.resblocks."
-    depth = len({k[len(blocks):].split(".")[0] for k in state_dict if k.startswith(blocks)})
+    depth = len({k[len(blocks) :].split(".")[0] for k in state_dict if k.startswith(blocks)})
     model_depth = int(text_model.config.num_hidden_layers)
     if model_depth == depth and layer == "penultimate":
         drop_last = False
@@ -202,8 +207,11 @@ def use_open_clip_padding(text_encoder: nn.Module) -> None:
     if tokenizer is None or tokenizer.pad_token_id == 0:
         return
     pad = tokenizer.convert_ids_to_tokens(0)
-    log.warning("SD2 checkpoint: padding prompts with token 0 (%r) as open_clip does, instead "
-                "of %r", pad, tokenizer.pad_token)
+    log.warning(
+        "SD2 checkpoint: padding prompts with token 0 (%r) as open_clip does, instead of %r",
+        pad,
+        tokenizer.pad_token,
+    )
     tokenizer.pad_token = pad
     cache = getattr(text_encoder, "_empty_cache", None)
     if cache is not None:  # the cached empty-prompt encoding used the old padding
@@ -219,12 +227,13 @@ def check_schedule(state_dict: Mapping[str, Tensor], model: LatentDiffusion) -> 
     if stored.shape != ours.shape or (stored.double() - ours).abs().max().item() > 1e-5:
         warnings.warn(
             "the checkpoint's alphas_cumprod differ from model.diffusion (schedule, beta_start, "
-            "beta_end, num_timesteps): check the config", UserWarning, stacklevel=3
+            "beta_end, num_timesteps): check the config",
+            UserWarning,
+            stacklevel=3,
         )
 
 
-def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
-                        ) -> LatentDiffusion:
+def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True) -> LatentDiffusion:
     """A ``LatentDiffusion`` from an original SD 1.x/2.x single-file checkpoint.
 
     The model is built from ``cfg`` (e.g. ``configs/ldm/sd1.yaml``) with
@@ -256,8 +265,11 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     if "scale_factor" in state_dict:  # scale_by_std models store it; SD v1/v2 do not
         vae_sd = strip_first_stage_prefix(state_dict, FIRST_STAGE_PREFIX)
         if abs(float(vae_sd["scale_factor"]) - cfg.model.autoencoder.scale_factor) > 1e-6:
-            log.warning("using the checkpoint's scale_factor %.6g instead of the config's %.6g",
-                        float(vae_sd["scale_factor"]), cfg.model.autoencoder.scale_factor)
+            log.warning(
+                "using the checkpoint's scale_factor %.6g instead of the config's %.6g",
+                float(vae_sd["scale_factor"]),
+                cfg.model.autoencoder.scale_factor,
+            )
     else:
         vae_sd = strip_first_stage_prefix(
             state_dict, FIRST_STAGE_PREFIX, scale_factor=cfg.model.autoencoder.scale_factor
@@ -267,13 +279,22 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     text_model = getattr(model.text_encoder, "model", None)
     layout = detect_text_encoder_layout(state_dict)
     if layout is not None and type(text_model).__name__ != "CLIPTextModel":
-        raise CheckpointError("the checkpoint's text encoder loads as a transformers "
-                              "CLIPTextModel: set model.text_encoder.kind=clip")
-    text_sd = text_state_dict(state_dict, text_model, cfg.model.text_encoder.layer) \
-        if layout is not None else None
+        raise CheckpointError(
+            "the checkpoint's text encoder loads as a transformers "
+            "CLIPTextModel: set model.text_encoder.kind=clip"
+        )
+    text_sd = (
+        text_state_dict(state_dict, text_model, cfg.model.text_encoder.layer)
+        if layout is not None
+        else None
+    )
     if text_sd is None:
-        warnings.warn(f"{path} has no text encoder weights; keeping those of "
-                      f"{cfg.model.text_encoder.name_or_path}", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{path} has no text encoder weights; keeping those of "
+            f"{cfg.model.text_encoder.name_or_path}",
+            UserWarning,
+            stacklevel=2,
+        )
     else:
         _load(model.text_encoder, text_sd, "text encoder", "model.text_encoder", sub="model")
     if layout == "openclip":
@@ -282,8 +303,9 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True
     return model
 
 
-def check_in_channels(state_dict: Mapping[str, Tensor], cfg: DictConfig,
-                      path: str | Path = "the file") -> None:
+def check_in_channels(
+    state_dict: Mapping[str, Tensor], cfg: DictConfig, path: str | Path = "the file"
+) -> None:
     """The file's U-Net input channels against ``model.unet.in_channels``.
 
     SD inpainting files (sd-v1-5-inpainting, 512-inpainting-ema) have a 9-channel U-Net:
@@ -300,13 +322,21 @@ def check_in_channels(state_dict: Mapping[str, Tensor], cfg: DictConfig,
     found = int(weight.shape[1])
     latent = int(cfg.model.unet.out_channels)
     kind = "an SD inpainting checkpoint" if found == latent + 5 else "a checkpoint"
-    raise CheckpointError(f"{path} is {kind}: its U-Net takes {found} input channels and "
-                          f"model.unet.in_channels is {configured}; add "
-                          f"model.unet.in_channels={found}")
+    raise CheckpointError(
+        f"{path} is {kind}: its U-Net takes {found} input channels and "
+        f"model.unet.in_channels is {configured}; add "
+        f"model.unet.in_channels={found}"
+    )
 
 
-def _load(module: nn.Module, state: Mapping[str, Tensor], what: str, section: str,
-          sub: str | None = None, assign: bool = False) -> None:
+def _load(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    what: str,
+    section: str,
+    sub: str | None = None,
+    assign: bool = False,
+) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the config section.
 
     ``sub`` loads into ``module.<sub>`` through ``module`` so that ``module``'s own

@@ -256,16 +256,22 @@ def check_diffusers_unet_config(config: Mapping[str, Any]) -> None:
         value = config.get(key, fixed)
         same = value == fixed or (key == "mid_block_only_cross_attention" and value is False)
         if not same:
-            raise ValueError(f"UNet2DConditionModel option {key}={value!r} is not implemented "
-                             f"(ldm reproduces only {key}={fixed!r})")
+            raise ValueError(
+                f"UNet2DConditionModel option {key}={value!r} is not implemented "
+                f"(ldm reproduces only {key}={fixed!r})"
+            )
     width = 4 * int(config["block_out_channels"][0])
     if config.get("time_embedding_dim") not in (None, width):
-        raise ValueError(f"UNet2DConditionModel option time_embedding_dim="
-                         f"{config['time_embedding_dim']!r} is not implemented (ldm reproduces "
-                         f"only 4 x block_out_channels[0] = {width})")
+        raise ValueError(
+            f"UNet2DConditionModel option time_embedding_dim="
+            f"{config['time_embedding_dim']!r} is not implemented (ldm reproduces "
+            f"only 4 x block_out_channels[0] = {width})"
+        )
     if not isinstance(config.get("cross_attention_dim", 1280), int):
-        raise ValueError("UNet2DConditionModel option cross_attention_dim per block "
-                         f"({config['cross_attention_dim']!r}) is not implemented (one int)")
+        raise ValueError(
+            "UNet2DConditionModel option cross_attention_dim per block "
+            f"({config['cross_attention_dim']!r}) is not implemented (one int)"
+        )
 
 
 def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:

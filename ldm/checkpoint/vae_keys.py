@@ -262,8 +262,10 @@ def vae_config_diffusers_to_ldm(config: Mapping[str, Any]) -> dict[str, Any]:
     # force_upcast only sets the dtype diffusers decodes in; sample_size the default size.
     for key, default in unsupported.items():
         if config.get(key, default) != default:
-            raise ValueError(f"AutoencoderKL option {key}={config[key]!r} is not implemented "
-                             f"(ldm reproduces only {key}={default!r})")
+            raise ValueError(
+                f"AutoencoderKL option {key}={config[key]!r} is not implemented "
+                f"(ldm reproduces only {key}={default!r})"
+            )
     channels = list(config["block_out_channels"])
     resolution = int(config.get("sample_size", 256))
     down_types = list(config["down_block_types"])
@@ -271,9 +273,11 @@ def vae_config_diffusers_to_ldm(config: Mapping[str, Any]) -> dict[str, Any]:
     known = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"}
     mirrored = [t.replace("DownEncoder", "UpDecoder") for t in reversed(down_types)]
     if not set(down_types) <= known or up_types != mirrored:
-        raise ValueError(f"AutoencoderKL options down_block_types={down_types} / up_block_types="
-                         f"{up_types} are not implemented (ldm reproduces "
-                         "(Attn)DownEncoderBlock2D levels mirrored by (Attn)UpDecoderBlock2D)")
+        raise ValueError(
+            f"AutoencoderKL options down_block_types={down_types} / up_block_types="
+            f"{up_types} are not implemented (ldm reproduces "
+            "(Attn)DownEncoderBlock2D levels mirrored by (Attn)UpDecoderBlock2D)"
+        )
     return {
         "in_channels": config.get("in_channels", 3),
         "out_channels": config.get("out_channels", 3),

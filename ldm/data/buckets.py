@@ -279,8 +279,9 @@ def image_to_bucket(
         height, width, bucket, spec.random_crop, rng, source=(img.height, img.width)
     )
     if img.size != (bucket[1], bucket[0]):
-        img = img.resize((bucket[1], bucket[0]), Image.Resampling.BICUBIC, box=box,
-                         reducing_gap=3.0)
+        img = img.resize(
+            (bucket[1], bucket[0]), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
+        )
     if spec.hflip and rng.random() < 0.5:  # after the crop: crop_top_left is the unflipped one
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.uint8)  # (bh, bw, 3)

@@ -134,11 +134,18 @@ def decode_cached_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if any(k not in tensors for k in TENSOR_KEYS):
         raise SkipSample("corrupt_latent", f"keys {sorted(tensors)} lack one of {TENSOR_KEYS}")
     mean, std, context, mask = (tensors[k] for k in TENSOR_KEYS)
-    if mean.dim() != 3 or std.shape != mean.shape or context.dim() != 2 or mask.shape != (
-            context.shape[0],):
-        raise SkipSample("corrupt_latent", f"inconsistent shapes: latent_mean "
-                         f"{tuple(mean.shape)}, latent_std {tuple(std.shape)}, context "
-                         f"{tuple(context.shape)}, context_mask {tuple(mask.shape)}")
+    if (
+        mean.dim() != 3
+        or std.shape != mean.shape
+        or context.dim() != 2
+        or mask.shape != (context.shape[0],)
+    ):
+        raise SkipSample(
+            "corrupt_latent",
+            f"inconsistent shapes: latent_mean "
+            f"{tuple(mean.shape)}, latent_std {tuple(std.shape)}, context "
+            f"{tuple(context.shape)}, context_mask {tuple(mask.shape)}",
+        )
     caption = raw.get("txt", b"")
     sizes = {k: tuple(int(v) for v in tensors[k].tolist()) for k in SIZE_KEYS if k in tensors}
     pooled = {"pooled": tensors["pooled"]} if "pooled" in tensors else {}  # SDXL
@@ -166,8 +173,11 @@ def check_cached_shapes(sample: dict[str, Any], reference: SampleShapes | None) 
     """
     shapes = (tuple(sample["latent_mean"].shape), tuple(sample["context"].shape))
     if reference is not None and shapes != reference:
-        raise SkipSample("corrupt_latent", f"latent {shapes[0]} / context {shapes[1]} differ "
-                         f"from the other samples' {reference[0]} / {reference[1]}")
+        raise SkipSample(
+            "corrupt_latent",
+            f"latent {shapes[0]} / context {shapes[1]} differ "
+            f"from the other samples' {reference[0]} / {reference[1]}",
+        )
     return shapes
 
 
@@ -179,7 +189,8 @@ def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     batch: dict[str, Any] = {"context_mask": torch.stack([s["context_mask"] for s in samples])}
     keys = ("latent_mean", "latent_std", "context") + (
-        ("pooled",) if all("pooled" in s for s in samples) else ())
+        ("pooled",) if all("pooled" in s for s in samples) else ()
+    )
     for key in keys:
         out = torch.empty((len(samples), *samples[0][key].shape), dtype=torch.float32)
         for i, sample in enumerate(samples):
@@ -217,8 +228,12 @@ def sample_latents(
     return latent_mean + latent_std * noise
 
 
-def save_empty_prompt(directory: str, context: torch.Tensor, context_mask: torch.Tensor,
-                      pooled: torch.Tensor | None = None) -> str:
+def save_empty_prompt(
+    directory: str,
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    pooled: torch.Tensor | None = None,
+) -> str:
     """Write the empty-prompt embedding (L×D, L; SDXL: also the pooled P) next to the cached
     shards; returns the path."""
     path = os.path.join(directory, EMPTY_PROMPT_FILE)

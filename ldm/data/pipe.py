@@ -68,8 +68,9 @@ class WatchedPipe:
         it stops everything it started (a shell's children too)."""
         from webdataset.gopen import Pipe
 
-        pipe = Pipe(url[5:], mode="rb", shell=True, bufsize=0, ignore_status=[141],
-                    start_new_session=True)
+        pipe = Pipe(
+            url[5:], mode="rb", shell=True, bufsize=0, ignore_status=[141], start_new_session=True
+        )
         return cls(pipe, url, read_timeout_s, group=True)
 
     def _kill(self) -> None:
@@ -95,7 +96,8 @@ class WatchedPipe:
                 raise ShardReadTimeout(
                     f"shard {self.url} gave no bytes for {idle:.0f} s, so its reader was killed: "
                     "check that the command or server still delivers data (run it by hand), "
-                    "or raise data.read_timeout_s (0 waits forever)")
+                    "or raise data.read_timeout_s (0 waits forever)"
+                )
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all until EOF when negative); ``b""`` at EOF."""

@@ -166,7 +166,12 @@ def _write_batch(
         sample: dict[str, Any] = {
             "__key__": key,
             "safetensors": encode_cached_sample(
-                mean[i], std[i], context[i], mask[i], dtype, sizes,
+                mean[i],
+                std[i],
+                context[i],
+                mask[i],
+                dtype,
+                sizes,
                 pooled=pooled[0][i] if pooled else None,
             ),
             "txt": batch["caption"][i],
@@ -258,8 +263,9 @@ def precompute(
             todo.append(url)
     spec = ImageSpec(image_size, False, False, min_size, max_aspect)
     dataset = _ShardBatches(todo, spec, caption_key, batch_size, num_workers + 1, buckets)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                        worker_init_fn=defer_stop_signals)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, worker_init_fn=defer_stop_signals
+    )
     writers: dict[str, ShardWriter] = {}
     shapes: dict[str, Any] = {}
     for item in show_progress(loader, f"cache rank {rank}", enabled=progress):

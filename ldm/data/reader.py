@@ -116,8 +116,11 @@ def decode_image_sample(
         members = sorted(k for k in raw if not k.startswith("__"))
         raise SkipSample("missing_image", f"members {members}")
     if buckets is not None:
-        return {**image_to_bucket(raw[ext], spec, buckets, rng), "caption": caption,
-                "key": raw["__key__"]}
+        return {
+            **image_to_bucket(raw[ext], spec, buckets, rng),
+            "caption": caption,
+            "key": raw["__key__"],
+        }
     image = image_to_tensor(raw[ext], spec, rng)
     return {"image": image, "caption": caption, "key": raw["__key__"]}
 
@@ -315,7 +318,8 @@ class ShardDataset(IterableDataset):
             if self.resampled and empty_streak > max(16, 2 * len(self.urls)):
                 raise NoUsableDataError(
                     f"{empty_streak} resampled shards in a row held no sample: check "
-                    "data.train_shards")
+                    "data.train_shards"
+                )
 
     def _decoded(self, raws: Iterable[RawSample], rng: random.Random) -> Iterator[dict[str, Any]]:
         streak = 0
@@ -357,7 +361,9 @@ class ShardDataset(IterableDataset):
         sizes = self._worker_batch_sizes(worker, num_workers) if self.resampled else None
         if self.buckets is not None:
             batcher = BucketBatcher(
-                self.batch_size, self.buckets.buffer_cap(self.batch_size), self.drop_last,
+                self.batch_size,
+                self.buckets.buffer_cap(self.batch_size),
+                self.drop_last,
                 key=image_bucket_key,
             )
             batches = batcher.batches(samples, sizes)

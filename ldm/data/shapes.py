@@ -246,10 +246,12 @@ def generate(cfg: ShapesConfig, out_dir: str) -> dict[str, Any]:
     unknown = set(cfg.extra_colors) - set(EXTRA_COLORS)
     if unknown:
         raise ValueError(
-            f"unknown extra_colors {sorted(unknown)}; choose from {list(EXTRA_COLORS)}")
+            f"unknown extra_colors {sorted(unknown)}; choose from {list(EXTRA_COLORS)}"
+        )
     if not 0.0 <= cfg.extra_color_fraction <= 1.0:
         raise ValueError(
-            f"extra_color_fraction is a fraction in [0, 1], got {cfg.extra_color_fraction}")
+            f"extra_color_fraction is a fraction in [0, 1], got {cfg.extra_color_fraction}"
+        )
     jobs = [(cfg, *job) for job in _shard_jobs(cfg, out_dir)]
     start = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:

@@ -217,8 +217,9 @@ def iter_tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def iter_tar_samples(url: str, counter: SkipCounter, read_timeout_s: float = 0.0
-                     ) -> Iterator[RawSample]:
+def iter_tar_samples(
+    url: str, counter: SkipCounter, read_timeout_s: float = 0.0
+) -> Iterator[RawSample]:
     """Yield the raw samples of one shard; problems are counted, never raised.
 
     Args:

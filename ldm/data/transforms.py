@@ -69,8 +69,9 @@ def read_header(data: bytes, spec: ImageSpec) -> Image.Image:
         raise SkipSample("corrupt_image", str(exc)) from exc
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:  # PIL would only warn, then decode it
-        raise SkipSample("too_large", f"{width}x{height} pixels > PIL.Image.MAX_IMAGE_PIXELS "
-                         f"({limit})")
+        raise SkipSample(
+            "too_large", f"{width}x{height} pixels > PIL.Image.MAX_IMAGE_PIXELS ({limit})"
+        )
     short, long = min(width, height), max(width, height)
     if short < max(spec.min_size, 1):
         raise SkipSample("too_small", f"{width}x{height} < {spec.min_size}")

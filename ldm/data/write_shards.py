@@ -85,8 +85,9 @@ def load_image_member(path: str, verify: bool = True) -> tuple[str, bytes]:
         img = Image.open(io.BytesIO(data))
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and img.width * img.height > limit:  # PIL would only warn
-            raise ValueError(f"too_large: {img.width}x{img.height} pixels > "
-                             f"PIL.Image.MAX_IMAGE_PIXELS ({limit})")
+            raise ValueError(
+                f"too_large: {img.width}x{img.height} pixels > PIL.Image.MAX_IMAGE_PIXELS ({limit})"
+            )
         if verify or suffix in _CONVERT_EXTS:
             img.draft("RGB", (64, 64))
             img.load()
@@ -206,36 +207,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ldm.data.write_shards",
         description="Write image-caption webdataset shards from an image folder with sidecar "
-                    "captions or from a CSV/JSONL table.",
+        "captions or from a CSV/JSONL table.",
         epilog="Shards are named <out>/<prefix>-000000.tar, -000001.tar, ...; the summary "
-               "prints the brace pattern to pass as data.train_shards.")
+        "prints the brace pattern to pass as data.train_shards.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--folder", help="image folder, searched recursively; each image's "
-                        "caption is the sidecar file <stem>.<caption-ext> next to it")
-    source.add_argument("--table", help="CSV or JSONL file with an image path column and a "
-                        "caption column (paths relative to the table's folder)")
+    source.add_argument(
+        "--folder",
+        help="image folder, searched recursively; each image's "
+        "caption is the sidecar file <stem>.<caption-ext> next to it",
+    )
+    source.add_argument(
+        "--table",
+        help="CSV or JSONL file with an image path column and a "
+        "caption column (paths relative to the table's folder)",
+    )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX,
-                        help="shard name prefix: <prefix>-000000.tar (default: %(default)s)")
-    parser.add_argument("--max-samples", type=int, default=10_000,
-                        help="samples per shard at most (default: %(default)s)")
-    parser.add_argument("--max-bytes", type=float, default=None,
-                        help="bytes per shard at most, e.g. 1e9 (default: no limit)")
-    parser.add_argument("--caption-format", choices=("txt", "json", "both"), default="txt",
-                        help="store captions as <key>.txt, inside <key>.json, or both "
-                        "(default: %(default)s; train with data.caption_key=txt or json:<field>)")
-    parser.add_argument("--caption-field", default="caption",
-                        help="JSON field holding the caption (default: %(default)s)")
-    parser.add_argument("--caption-ext", default="txt",
-                        help="--folder: extension of the sidecar caption files "
-                        "(default: %(default)s)")
-    parser.add_argument("--path-column", default="path",
-                        help="--table: column with the image paths (default: %(default)s)")
-    parser.add_argument("--caption-column", default="caption",
-                        help="--table: column with the captions (default: %(default)s)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not decode-check images (faster; undecodable images are then "
-                        "only counted when training reads them)")
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="shard name prefix: <prefix>-000000.tar (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=10_000,
+        help="samples per shard at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=float,
+        default=None,
+        help="bytes per shard at most, e.g. 1e9 (default: no limit)",
+    )
+    parser.add_argument(
+        "--caption-format",
+        choices=("txt", "json", "both"),
+        default="txt",
+        help="store captions as <key>.txt, inside <key>.json, or both "
+        "(default: %(default)s; train with data.caption_key=txt or json:<field>)",
+    )
+    parser.add_argument(
+        "--caption-field",
+        default="caption",
+        help="JSON field holding the caption (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--caption-ext",
+        default="txt",
+        help="--folder: extension of the sidecar caption files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--path-column",
+        default="path",
+        help="--table: column with the image paths (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--caption-column",
+        default="caption",
+        help="--table: column with the captions (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not decode-check images (faster; undecodable images are then "
+        "only counted when training reads them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -259,8 +296,10 @@ def source_items(args: argparse.Namespace) -> list[SourceItem]:
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"--table {args.table} cannot be parsed ({exc})") from None
     if items and all(not item.meta["source"] for item in items):
-        raise UsageError(f"--table {args.table} has no column {args.path_column!r}: name the "
-                         "image path column with --path-column")
+        raise UsageError(
+            f"--table {args.table} has no column {args.path_column!r}: name the "
+            "image path column with --path-column"
+        )
     return items
 
 
@@ -270,8 +309,8 @@ def brace_pattern(shards: list[str]) -> str:
     if len(shards) <= 1:
         return shards[0] if shards else ""
     first, last = shards[0], shards[-1]
-    stem, digits = first[:-len(".tar")].rsplit("-", 1)
-    last_digits = last[:-len(".tar")].rsplit("-", 1)[1]
+    stem, digits = first[: -len(".tar")].rsplit("-", 1)
+    last_digits = last[: -len(".tar")].rsplit("-", 1)[1]
     return f"{stem}-{{{digits}..{last_digits}}}.tar"
 
 
@@ -300,8 +339,10 @@ def run(args: argparse.Namespace) -> WriteSummary:
     print(summary)
     if not summary.written:
         source = args.folder or args.table
-        raise UsageError(f"no sample written from {source} ({len(items)} images found): "
-                         "images need a caption (--caption-ext / --caption-column)")
+        raise UsageError(
+            f"no sample written from {source} ({len(items)} images found): "
+            "images need a caption (--caption-ext / --caption-column)"
+        )
     print(f"train with: data.train_shards='{brace_pattern(summary.shards)}'")
     return summary
 

@@ -125,8 +125,13 @@ class Denoiser:
 
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
         """The same denoiser, feeding ``timesteps[i]`` to the network at σ = ``sigmas[i]``."""
-        return Denoiser(self.net, self.schedule, self.prediction, self.quantize_timesteps,
-                        (sigmas.float(), timesteps.float()))
+        return Denoiser(
+            self.net,
+            self.schedule,
+            self.prediction,
+            self.quantize_timesteps,
+            (sigmas.float(), timesteps.float()),
+        )
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The (B,) float32 network timestep for a (B,) σ."""

@@ -85,8 +85,9 @@ def sample_flow_t(
     elif method == "cosmap":
         t = 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
     else:
-        raise ValueError(f"unknown flow timestep sampling {method!r}; valid: "
-                         f"{', '.join(FLOW_TIMESTEP_SAMPLING)}")
+        raise ValueError(
+            f"unknown flow timestep sampling {method!r}; valid: {', '.join(FLOW_TIMESTEP_SAMPLING)}"
+        )
     return t.clamp(0, 1).to(device)
 
 
@@ -104,8 +105,9 @@ class FlowSchedule(nn.Module):
 
     is_flow = True
 
-    def __init__(self, num_timesteps: int = 1000, shift: float = 1.0,
-                 shift_base_size: int = 0) -> None:
+    def __init__(
+        self, num_timesteps: int = 1000, shift: float = 1.0, shift_base_size: int = 0
+    ) -> None:
         super().__init__()
         if shift <= 0:
             raise ValueError(f"flow shift must be > 0, got {shift}")
@@ -114,8 +116,10 @@ class FlowSchedule(nn.Module):
         self.shift_base_size = int(shift_base_size)
 
     def extra_repr(self) -> str:
-        return (f"num_timesteps={self.num_timesteps}, shift={self.shift}, "
-                f"shift_base_size={self.shift_base_size}")
+        return (
+            f"num_timesteps={self.num_timesteps}, shift={self.shift}, "
+            f"shift_base_size={self.shift_base_size}"
+        )
 
     def shift_for(self, size: tuple[int, int] | None = None) -> float:
         """α for a latent of ``size`` = (h, w) (the static shift when None or base is 0)."""
@@ -155,8 +159,9 @@ def is_flow(schedule: Any) -> bool:
     return bool(getattr(schedule, "is_flow", False))
 
 
-def flow_predict(net: Callable[..., Tensor], x: Tensor, sigma: Tensor, timestep: Tensor,
-                 **cond: Any) -> tuple[Tensor, Tensor]:
+def flow_predict(
+    net: Callable[..., Tensor], x: Tensor, sigma: Tensor, timestep: Tensor, **cond: Any
+) -> tuple[Tensor, Tensor]:
     """(x̂0, ε̂) from a velocity network at σ-space ``x`` (the `Denoiser` for flow models).
 
     x_t = x/(1 + σ) = (1 − t)·x (x itself at σ = ∞, the state there being x_1 = ε); with

@@ -35,17 +35,26 @@ class FlowLoss:
         offset_noise: offset-noise strength (0 disables).
     """
 
-    def __init__(self, timestep_sampling: str = "logit_normal", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29,
-                 offset_noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        timestep_sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        offset_noise: float = 0.0,
+    ) -> None:
         if timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
-            raise ValueError(f"unknown flow timestep sampling {timestep_sampling!r}; valid: "
-                             f"{', '.join(FLOW_TIMESTEP_SAMPLING)}")
+            raise ValueError(
+                f"unknown flow timestep sampling {timestep_sampling!r}; valid: "
+                f"{', '.join(FLOW_TIMESTEP_SAMPLING)}"
+            )
         if logit_std <= 0:
             raise ValueError(f"flow_logit_std must be > 0, got {logit_std}")
         if not -1 <= mode_scale <= MODE_SCALE_MAX:
-            raise ValueError(f"flow_mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (2/(pi - 2): "
-                             f"beyond, f_mode is not monotone), got {mode_scale}")
+            raise ValueError(
+                f"flow_mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (2/(pi - 2): "
+                f"beyond, f_mode is not monotone), got {mode_scale}"
+            )
         self.timestep_sampling = timestep_sampling
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.offset_noise = offset_noise
@@ -72,8 +81,15 @@ class FlowLoss:
             noise: optional fixed ε.
         """
         if t is None:
-            t = sample_flow_t(x0.shape[0], self.timestep_sampling, generator, x0.device,
-                              self.logit_mean, self.logit_std, self.mode_scale)
+            t = sample_flow_t(
+                x0.shape[0],
+                self.timestep_sampling,
+                generator,
+                x0.device,
+                self.logit_mean,
+                self.logit_std,
+                self.mode_scale,
+            )
             t = shift_t(t, schedule.shift_for(tuple(x0.shape[-2:])))
         t = t.to(x0.device).float()
         if noise is None:

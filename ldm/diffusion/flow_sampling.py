@@ -29,8 +29,10 @@ from ldm.diffusion.grids import Grid
 from ldm.diffusion.noise import Generators, randn
 from ldm.diffusion.samplers import Callback, DenoiserFn, _report, _steps, sample_dpmpp_2m
 
-FLOW_SCHEDULER_CLASSES = {"euler": "FlowMatchEulerDiscreteScheduler",
-                          "heun": "FlowMatchHeunDiscreteScheduler"}
+FLOW_SCHEDULER_CLASSES = {
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+}
 # DPM-Solver++(2M) runs in σ-space as for DDPM models (its update x' = (σ'/σ)·x − (e^{−h} − 1)·D,
 # λ = −log σ, is the same for any process written as x = x0 + σ·ε; Lu et al. 2022, Alg. 2) on the
 # grid of diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=α).
@@ -61,15 +63,17 @@ def flow_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None =
     if schedule.shift_base_size <= 0:  # diffusers shifts the table unless shifting dynamically
         table = schedule.shift * table / (1 + (schedule.shift - 1) * table)
     t_max, t_min = float(table[0]) * T, float(table[-1]) * T
-    ts = torch.linspace(t_max, t_min, steps, dtype=torch.float64) if steps > 1 else \
-        torch.tensor([t_max], dtype=torch.float64)
+    ts = (
+        torch.linspace(t_max, t_min, steps, dtype=torch.float64)
+        if steps > 1
+        else torch.tensor([t_max], dtype=torch.float64)
+    )
     t = shift_t(ts / T, alpha).float()
     sigmas = FlowSchedule.flow_t_to_sigma(torch.cat([t, t.new_zeros(1)]).double()).float()
     return FlowGrid(sigmas, (t * T).float(), 1.0, 1.0)
 
 
-def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None
-                  ) -> Grid:
+def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | None = None) -> Grid:
     """The grid of diffusers' ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``.
 
     t = shift(1 − linspace(1, 1/T, N + 1)) reversed without its last point (so it starts just
@@ -84,12 +88,16 @@ def flow_dpm_grid(schedule: FlowSchedule, steps: int, size: tuple[int, int] | No
     timesteps = (t * T).long().float()
     t32 = torch.cat([t, t.new_zeros(1)]).float()
     sigmas = FlowSchedule.flow_t_to_sigma(t32.double()).float()
-    return FlowGrid(sigmas, timesteps, 1 / (1 - float(t32[0])), 1.0,
-                    lower_order_final=steps < 15)
+    return FlowGrid(sigmas, timesteps, 1 / (1 - float(t32[0])), 1.0, lower_order_final=steps < 15)
 
 
-def _velocity(denoiser: DenoiserFn, x_t: Tensor, sigma: Tensor, t: Tensor,
-              extra_args: Mapping[str, Any] | None) -> tuple[Tensor, Tensor]:
+def _velocity(
+    denoiser: DenoiserFn,
+    x_t: Tensor,
+    sigma: Tensor,
+    t: Tensor,
+    extra_args: Mapping[str, Any] | None,
+) -> tuple[Tensor, Tensor]:
     """(v̂, x̂0) at flow time t from the σ-space denoiser."""
     x = x_t if bool(torch.isinf(sigma)) else x_t / (1 - t)  # σ-space sample x0 + σ·ε
     x0 = denoiser(x, sigma * x_t.new_ones(x_t.shape[0]), **(extra_args or {}))
@@ -97,9 +105,15 @@ def _velocity(denoiser: DenoiserFn, x_t: Tensor, sigma: Tensor, t: Tensor,
 
 
 @torch.no_grad()
-def sample_flow_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
-                      extra_args: Mapping[str, Any] | None = None,
-                      callback: Callback | None = None, disable_progress: bool = False) -> Tensor:
+def sample_flow_euler(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable_progress: bool = False,
+) -> Tensor:
     """Euler on the flow ODE: x_{t'} = x_t + (t' − t)·v̂ (Liu et al. 2023, eq. 1 discretised).
 
     Args:
@@ -123,9 +137,15 @@ def sample_flow_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
 
 
 @torch.no_grad()
-def sample_flow_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
-                     extra_args: Mapping[str, Any] | None = None,
-                     callback: Callback | None = None, disable_progress: bool = False) -> Tensor:
+def sample_flow_heun(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable_progress: bool = False,
+) -> Tensor:
     """Heun on the flow ODE: x_{t'} = x_t + (t' − t)·(v̂(x_t, t) + v̂(x̃, t'))/2.
 
     x̃ is the Euler step; the last step to t = 0 stays Euler (Karras et al. 2022, Alg. 1, as
@@ -147,11 +167,17 @@ def sample_flow_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
 
 
 @torch.no_grad()
-def sample_flow_euler_maruyama(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
-                               extra_args: Mapping[str, Any] | None = None,
-                               callback: Callback | None = None, disable_progress: bool = False,
-                               generator: Generators | None = None,
-                               noise_scale: float = 1.0) -> Tensor:
+def sample_flow_euler_maruyama(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable_progress: bool = False,
+    generator: Generators | None = None,
+    noise_scale: float = 1.0,
+) -> Tensor:
     """Euler–Maruyama on the reverse SDE that keeps the flow's marginals p_t.
 
     For any diffusion coefficient w_t ≥ 0 the SDE dX = [v + ½·w_t·∇log p_t] dt + sqrt(w_t) dW
@@ -187,8 +213,11 @@ def sample_flow_euler_maruyama(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, 
     return x
 
 
-FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun,
-                 "euler_sde": sample_flow_euler_maruyama}
+FLOW_SAMPLERS = {
+    "euler": sample_flow_euler,
+    "heun": sample_flow_heun,
+    "euler_sde": sample_flow_euler_maruyama,
+}
 
 
 def get_flow_sampler(name: str, eta: float = 0.0) -> Any:
@@ -205,16 +234,26 @@ def get_flow_sampler(name: str, eta: float = 0.0) -> Any:
     try:
         return FLOW_SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"sampler {name!r}{' with eta > 0' if name == 'ddim' else ''} does not "
-                         "run flow-matching models; use sampling.sampler=euler, heun, euler_sde "
-                         "or dpmpp_2m") from None
+        raise ValueError(
+            f"sampler {name!r}{' with eta > 0' if name == 'ddim' else ''} does not "
+            "run flow-matching models; use sampling.sampler=euler, heun, euler_sde "
+            "or dpmpp_2m"
+        ) from None
 
 
-def run_flow_sampler(sampler: str, denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
-                     eta: float = 0.0, generator: Generators | None = None,
-                     callback: Callback | None = None,
-                     extra_args: Mapping[str, Any] | None = None,
-                     disable_progress: bool = False, lower_order_final: bool = False) -> Tensor:
+def run_flow_sampler(
+    sampler: str,
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    generator: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: Mapping[str, Any] | None = None,
+    disable_progress: bool = False,
+    lower_order_final: bool = False,
+) -> Tensor:
     """Walk ``sigmas`` (part of a `FlowGrid`) with ``sampler``, σ-space in and out.
 
     ``x`` is the σ-space sample x0 + σ·ε at ``sigmas[0]`` (x_1 = ε itself at σ = ∞); the ODE/SDE
@@ -222,8 +261,11 @@ def run_flow_sampler(sampler: str, denoiser: DenoiserFn, x: Tensor, sigmas: Tens
     DPM-Solver++(2M) steps σ-space directly.
     """
     fn = get_flow_sampler(sampler, eta)
-    opts: dict[str, Any] = {"extra_args": extra_args, "callback": callback,
-                            "disable_progress": disable_progress}
+    opts: dict[str, Any] = {
+        "extra_args": extra_args,
+        "callback": callback,
+        "disable_progress": disable_progress,
+    }
     if sampler == FLOW_DPM:
         return fn(denoiser, x, sigmas, lower_order_final=lower_order_final, **opts)
     if sampler in FLOW_STOCHASTIC:
@@ -233,6 +275,17 @@ def run_flow_sampler(sampler: str, denoiser: DenoiserFn, x: Tensor, sigmas: Tens
     return fn(denoiser, x_t, sigmas, **opts) * (1 + last)
 
 
-__all__ = ["FLOW_ONLY", "FLOW_SAMPLERS", "FLOW_SCHEDULER_CLASSES", "FLOW_STOCHASTIC",
-           "FlowGrid", "flow_dpm_grid", "flow_grid", "get_flow_sampler", "run_flow_sampler",
-           "sample_flow_euler", "sample_flow_euler_maruyama", "sample_flow_heun"]
+__all__ = [
+    "FLOW_ONLY",
+    "FLOW_SAMPLERS",
+    "FLOW_SCHEDULER_CLASSES",
+    "FLOW_STOCHASTIC",
+    "FlowGrid",
+    "flow_dpm_grid",
+    "flow_grid",
+    "get_flow_sampler",
+    "run_flow_sampler",
+    "sample_flow_euler",
+    "sample_flow_euler_maruyama",
+    "sample_flow_heun",
+]

@@ -94,8 +94,7 @@ def sigma_to_t_float64(schedule: NoiseSchedule, sigma: Tensor) -> Tensor:
     return (1 - w) * low + w * (low + 1)
 
 
-def _integer_timesteps(num_steps: int, num_timesteps: int, spacing: str, offset: int
-                       ) -> Tensor:
+def _integer_timesteps(num_steps: int, num_timesteps: int, spacing: str, offset: int) -> Tensor:
     """DDIM/DDPM ``set_timesteps``: (N,) int64 descending."""
     if spacing == "linspace":
         t = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round()
@@ -116,11 +115,14 @@ def _dpm_timesteps(num_steps: int, num_timesteps: int, spacing: str, offset: int
 
 def _check_timesteps(t: Tensor, num_timesteps: int, what: str) -> None:
     if int(t.max()) > num_timesteps - 1:
-        raise ValueError(f"{what} reaches timestep {int(t.max())} >= {num_timesteps} (lower "
-                         "sampling.steps_offset or the steps, or use another spacing)")
+        raise ValueError(
+            f"{what} reaches timestep {int(t.max())} >= {num_timesteps} (lower "
+            "sampling.steps_offset or the steps, or use another spacing)"
+        )
     if len(t) > 1 and not bool((t[:-1] > t[1:]).all()):
-        raise ValueError(f"{what} repeats timesteps (too many steps for this spacing; use "
-                         "trailing or linspace)")
+        raise ValueError(
+            f"{what} repeats timesteps (too many steps for this spacing; use trailing or linspace)"
+        )
 
 
 def diffusers_grid(
@@ -152,8 +154,10 @@ def diffusers_grid(
     T = schedule.num_timesteps
     what = f"{sampler} with {steps} {spacing} steps"
     if karras and sampler not in KARRAS_SAMPLERS:
-        raise ValueError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
-                         f"sampling.karras=false or sampling.grid=exact")
+        raise ValueError(
+            f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
+            f"sampling.karras=false or sampling.grid=exact"
+        )
     if sampler in ("ddim", "ddpm"):
         t = _integer_timesteps(steps, T, spacing, steps_offset)
         _check_timesteps(t, T, what)
@@ -166,8 +170,13 @@ def diffusers_grid(
         else:
             to = torch.cat([sigmas[1:], torch.zeros(1)])
         grid = torch.cat([sigmas, to[-1:]])
-        return Grid(grid, t.float(), _scale(float(sigmas[0])), _scale(float(to[-1])),
-                    sigmas_to=to if sampler == "ddim" else None)
+        return Grid(
+            grid,
+            t.float(),
+            _scale(float(sigmas[0])),
+            _scale(float(to[-1])),
+            sigmas_to=to if sampler == "ddim" else None,
+        )
     last = schedule.sigma_min if final_sigma == "sigma_min" else 0.0
     if sampler == "dpmpp_2m":
         if karras:
@@ -180,8 +189,13 @@ def diffusers_grid(
             _check_timesteps(t, T, what)
             sig = schedule.t_to_sigma(t.double())
         grid = torch.cat([sig, sig.new_tensor([last])]).float()
-        return Grid(grid, t.float(), _scale(float(grid[0])), _scale(float(grid[-1])),
-                    lower_order_final=steps < 15)
+        return Grid(
+            grid,
+            t.float(),
+            _scale(float(grid[0])),
+            _scale(float(grid[-1])),
+            lower_order_final=steps < 15,
+        )
     # Euler, Euler-ancestral, Heun: σ-space state, fractional timesteps
     t = spaced_timesteps(steps, T, spacing, steps_offset)
     _check_timesteps(t, T, what)

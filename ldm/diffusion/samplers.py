@@ -160,7 +160,15 @@ def sample_ddim(
         (B, ...) σ-space sample at ``sigmas[-1]``.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, eta, generator, extra_args, callback, disable_progress, sigmas_to,
+        denoiser,
+        x,
+        sigmas,
+        eta,
+        generator,
+        extra_args,
+        callback,
+        disable_progress,
+        sigmas_to,
         clip_sample,
     )
 
@@ -184,8 +192,16 @@ def sample_ddpm(
     of that mean. Arguments as `sample_ddim`.
     """
     return _sample_ancestral(
-        denoiser, x, sigmas, 1.0, generator, extra_args, callback, disable_progress,
-        clip_sample=clip_sample, posterior=True,
+        denoiser,
+        x,
+        sigmas,
+        1.0,
+        generator,
+        extra_args,
+        callback,
+        disable_progress,
+        clip_sample=clip_sample,
+        posterior=True,
     )
 
 

@@ -79,8 +79,10 @@ class Sampler:
         if grid not in GRIDS:
             raise ValueError(f"unknown sampling grid {grid!r}; valid: {', '.join(GRIDS)}")
         if grid == "diffusers" and karras and sampler not in KARRAS_SAMPLERS:
-            raise ValueError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
-                             "sampling.karras=false or sampling.grid=exact")
+            raise ValueError(
+                f"diffusers' {SCHEDULER_CLASSES[sampler]} has no Karras sigmas; use "
+                "sampling.karras=false or sampling.grid=exact"
+            )
         if timestep_spacing not in SPACINGS:
             raise ValueError(
                 f"unknown timestep spacing {timestep_spacing!r}; valid: {', '.join(SPACINGS)}"
@@ -123,15 +125,30 @@ class Sampler:
                 return flow_dpm_grid(schedule, self.steps, size)
             return flow_grid(schedule, self.steps, size)
         if self.sampler in FLOW_ONLY:
-            raise ValueError(f"sampler {self.sampler!r} runs flow-matching models only "
-                             "(model.diffusion.objective=flow); use euler_a, the stochastic "
-                             "sampler of DDPM models")
+            raise ValueError(
+                f"sampler {self.sampler!r} runs flow-matching models only "
+                "(model.diffusion.objective=flow); use euler_a, the stochastic "
+                "sampler of DDPM models"
+            )
         if self.grid_kind == "exact":
-            return exact_grid(schedule, self.steps, self.timestep_spacing, self.steps_offset,
-                              self.karras, self.final_sigma)
-        return diffusers_grid(schedule, self.sampler, self.steps, self.timestep_spacing,
-                              self.steps_offset, self.karras, self.final_sigma,
-                              self.set_alpha_to_one)
+            return exact_grid(
+                schedule,
+                self.steps,
+                self.timestep_spacing,
+                self.steps_offset,
+                self.karras,
+                self.final_sigma,
+            )
+        return diffusers_grid(
+            schedule,
+            self.sampler,
+            self.steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            self.karras,
+            self.final_sigma,
+            self.set_alpha_to_one,
+        )
 
     def sigmas(self, schedule: NoiseSchedule) -> Tensor:
         """The (steps + 1,) float32 CPU σ grid for ``schedule``."""
@@ -166,8 +183,14 @@ class Sampler:
         grid = self.grid(schedule, tuple(noise.shape[-2:]) if is_flow(schedule) else None)
         # DDPM space → σ space: x = x_t·sqrt(1 + σ²) (x_t ~ N(0, I) has std sqrt(1 + σ²) in σ
         # units), or diffusers' init_noise_sigma for its σ-space schedulers
-        x = self.run(denoiser, noise.float() * grid.init_scale, grid, generator=generator,
-                     callback=callback, extra_args=extra_args)
+        x = self.run(
+            denoiser,
+            noise.float() * grid.init_scale,
+            grid,
+            generator=generator,
+            callback=callback,
+            extra_args=extra_args,
+        )
         return (x / grid.final_scale).to(noise.dtype)
 
     @torch.no_grad()
@@ -194,11 +217,18 @@ class Sampler:
         if grid.timesteps is not None and hasattr(denoiser, "with_timesteps"):
             denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
         if isinstance(grid, FlowGrid):  # flow ODE/SDE samplers, σ-space in and out
-            return run_flow_sampler(self.sampler, denoiser, x.float(),
-                                    grid.sigmas[start : stop + 1], eta=self.eta,
-                                    generator=generator, callback=callback,
-                                    extra_args=extra_args, disable_progress=self.disable_progress,
-                                    lower_order_final=grid.lower_order_final)
+            return run_flow_sampler(
+                self.sampler,
+                denoiser,
+                x.float(),
+                grid.sigmas[start : stop + 1],
+                eta=self.eta,
+                generator=generator,
+                callback=callback,
+                extra_args=extra_args,
+                disable_progress=self.disable_progress,
+                lower_order_final=grid.lower_order_final,
+            )
         opts: dict[str, Any] = {
             "extra_args": extra_args,
             "callback": callback,
@@ -213,5 +243,4 @@ class Sampler:
             opts["clip_sample"] = self.clip_sample
         if self.sampler == "dpmpp_2m":
             opts["lower_order_final"] = grid.lower_order_final
-        return get_sampler(self.sampler)(denoiser, x.float(), grid.sigmas[start : stop + 1],
-                                         **opts)
+        return get_sampler(self.sampler)(denoiser, x.float(), grid.sigmas[start : stop + 1], **opts)

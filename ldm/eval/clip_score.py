@@ -28,20 +28,23 @@ class CLIPScorer:
             raise FileNotFoundError(
                 f"no CLIP model at {path}: give a local folder saved with "
                 "CLIPModel.save_pretrained (config.json, weights, tokenizer, "
-                "preprocessor_config.json)")
+                "preprocessor_config.json)"
+            )
         self.device = torch.device(device)
         self.model = load_pretrained(transformers.CLIPModel, path)
         self.model.eval().requires_grad_(False).to(self.device)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         # The PIL implementation (the default one needs torchvision); same maths.
-        processor_cls = getattr(transformers, "CLIPImageProcessorPil",
-                                transformers.CLIPImageProcessor)
+        processor_cls = getattr(
+            transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor
+        )
         if (path / "preprocessor_config.json").is_file():
             self.processor = processor_cls.from_pretrained(path)
         else:
             size = self.model.config.vision_config.image_size
             self.processor = processor_cls(
-                size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            )
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
@@ -58,8 +61,9 @@ class CLIPScorer:
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Unit-norm embeddings of prompts."""
-        tokens = self.tokenizer(prompts, padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         emb = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
         emb = getattr(emb, "pooler_output", emb)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
@@ -68,8 +72,9 @@ class CLIPScorer:
         """``(B,)`` CLIP scores of image i against prompt i."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        return clip_score_from_embeddings(self.image_embeddings(images),
-                                          self.text_embeddings(prompts))
+        return clip_score_from_embeddings(
+            self.image_embeddings(images), self.text_embeddings(prompts)
+        )
 
 
 def clip_score_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,9 @@ class FeatureStats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64),
-                            self.total, self.outer.flatten()])
+        packed = torch.cat(
+            [torch.tensor([float(self.n)], dtype=torch.float64), self.total, self.outer.flatten()]
+        )
         dist.all_reduce(packed)
         dim = self.total.numel()
         self.n = int(round(packed[0].item()))
@@ -74,8 +75,10 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` from an ``.npz`` of reference statistics (ours or pytorch-fid's)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics not found: {path} (make them with "
-                                "`python -m ldm.eval.stats --shards ... --out ref.npz`)")
+        raise FileNotFoundError(
+            f"reference statistics not found: {path} (make them with "
+            "`python -m ldm.eval.stats --shards ... --out ref.npz`)"
+        )
     with np.load(path, allow_pickle=False) as data:
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path} lacks 'mu'/'sigma' arrays: not FID reference statistics")
@@ -88,14 +91,17 @@ def _sym_sqrt(a: torch.Tensor) -> torch.Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6)."""
     m1, m2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
     if m1.shape != m2.shape or s1.shape != s2.shape or s1.shape != (m1.numel(), m1.numel()):
-        raise ValueError(f"statistics do not match: mu {tuple(m1.shape)} vs {tuple(m2.shape)}, "
-                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+        raise ValueError(
+            f"statistics do not match: mu {tuple(m1.shape)} vs {tuple(m2.shape)}, "
+            f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}"
+        )
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     root = _sym_sqrt(s1)
     inner = root @ s2 @ root
@@ -127,8 +133,13 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(term_x + term_y - 2 * kxy.mean())
 
 
-def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """KID mean and standard deviation over ``subsets`` random subsets of each feature set.
 
     A subset size above the smaller set's size is reduced to it (with a warning-free clamp: a

@@ -138,8 +138,9 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool
-                  else _avg_pool(x))
+        pooled = (
+            F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        )
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
 
 
@@ -229,7 +230,8 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
         raise FileNotFoundError(
             f"Inception weights not found at {path}: download {WEIGHTS_NAME} (the file "
             "pytorch-fid and torch-fidelity use) on a machine with network access and pass its "
-            "local path")
+            "local path"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -238,8 +240,10 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickle with code in it, or not a torch file at all
-            raise ValueError(f"{path} is not a plain state dict readable with "
-                             f"weights_only=True ({type(e).__name__})") from None
+            raise ValueError(
+                f"{path} is not a plain state dict readable with "
+                f"weights_only=True ({type(e).__name__})"
+            ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     model = FIDInceptionV3()
@@ -250,10 +254,13 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(
             f"{path} is not the FID Inception layout ({WEIGHTS_NAME}): "
             f"{len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
-        raise ValueError(f"{path}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, expected "
-                         f"{tuple(expected[bad[0]].shape)}")
+        raise ValueError(
+            f"{path}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, expected "
+            f"{tuple(expected[bad[0]].shape)}"
+        )
     model.load_state_dict(state, strict=True)
     return model.to(device)

@@ -39,8 +39,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML of these options (keys: long option names)")
     p.add_argument("--ckpt", help="checkpoint file or diffusers folder (as sample.py)")
-    p.add_argument("-c", "--model-config", action="append", default=[], metavar="YAML",
-                   help="model config for checkpoints that carry none (SD single files)")
+    p.add_argument(
+        "-c",
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="model config for checkpoints that carry none (SD single files)",
+    )
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
     p.add_argument("--n", type=int, default=None, help="images to generate (default 1000)")
@@ -63,9 +69,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULTS: dict[str, Any] = {"n": 1000, "seed": 0, "batch_size": 16, "kid_subsets": 100,
-                            "kid_subset_size": 1000, "out": "quality", "save_images": False,
-                            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+DEFAULTS: dict[str, Any] = {
+    "n": 1000,
+    "seed": 0,
+    "batch_size": 16,
+    "kid_subsets": 100,
+    "kid_subset_size": 1000,
+    "out": "quality",
+    "save_images": False,
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"eval config not found: {path}")
-        from_file = {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text())
-                                                         or {}).items()}
+        from_file = {
+            k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+        }
         known = {a.dest for a in p._actions}
         unknown = sorted(set(from_file) - known)
         if unknown:
@@ -102,16 +116,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def generate(args: argparse.Namespace, prompts: list[str], rank: int, world: int,
-             sinks: dict[str, Any]) -> dict[str, Any]:
+def generate(
+    args: argparse.Namespace, prompts: list[str], rank: int, world: int, sinks: dict[str, Any]
+) -> dict[str, Any]:
     """Generate this rank's samples, feed each batch to the metric sinks; returns the sampling
     settings used (the checkpoint's config filled in what the command line left unset)."""
     from ldm import build
     from ldm.images import save_png, to_uint8
 
     model, cfg = build.load_for_sampling(args.ckpt, args.model_config, args.overrides)
-    sampler = build.build_sampler(cfg.sampling, steps=args.steps, sampler=args.sampler,
-                                  disable_progress=True)
+    sampler = build.build_sampler(
+        cfg.sampling, steps=args.steps, sampler=args.sampler, disable_progress=True
+    )
     guidance = cfg.sampling.guidance if args.guidance is None else args.guidance
     height = args.height or int(cfg.data.image_size)
     width = args.width or height
@@ -124,9 +140,15 @@ def generate(args: argparse.Namespace, prompts: list[str], rank: int, world: int
         # One stream per sample (its initial noise, then its sampler's), as sample.py draws.
         generators = [torch.Generator().manual_seed(args.seed + i) for i in idx]
         with torch.no_grad():
-            images, _ = model.generate(batch_prompts, sampler, guidance=guidance,
-                                       negative_prompts=cfg.sampling.negative_prompt,
-                                       height=height, width=width, generator=generators)
+            images, _ = model.generate(
+                batch_prompts,
+                sampler,
+                guidance=guidance,
+                negative_prompts=cfg.sampling.negative_prompt,
+                height=height,
+                width=width,
+                generator=generators,
+            )
         if "inception" in sinks:
             with torch.no_grad():
                 f = sinks["inception"](images.to(args.device)).cpu()
@@ -136,24 +158,34 @@ def generate(args: argparse.Namespace, prompts: list[str], rank: int, world: int
             sinks["clip_scores"].append(sinks["clip"].scores(images, batch_prompts))
         if args.save_images:
             for i, arr in zip(idx, to_uint8(images), strict=True):
-                save_png(arr, Path(args.out) / "images" / f"{i:06d}.png",
-                         {"prompt": prompts[i % len(prompts)], "seed": str(args.seed + i)})
+                save_png(
+                    arr,
+                    Path(args.out) / "images" / f"{i:06d}.png",
+                    {"prompt": prompts[i % len(prompts)], "seed": str(args.seed + i)},
+                )
         done = b + len(idx)
         now = time.perf_counter() - start
         if now - last > 10 or done == len(mine):
             eta = now / done * (len(mine) - done)
-            print(f"quality: rank {rank}: {done}/{len(mine)} images, "
-                  f"{done / now:.2f} img/s, ETA {eta:.0f} s", flush=True)
+            print(
+                f"quality: rank {rank}: {done}/{len(mine)} images, "
+                f"{done / now:.2f} img/s, ETA {eta:.0f} s",
+                flush=True,
+            )
             last = now
-    return {"sampler": sampler.sampler, "steps": sampler.steps, "guidance": guidance,
-            "size": [height, width]}
+    return {
+        "sampler": sampler.sampler,
+        "steps": sampler.steps,
+        "guidance": guidance,
+        "size": [height, width],
+    }
 
 
-def report(args: argparse.Namespace, sinks: dict[str, Any],
-           settings: dict[str, Any]) -> dict[str, Any]:
+def report(
+    args: argparse.Namespace, sinks: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, Any]:
     """Metrics over all ranks (call on every rank; collectives inside)."""
-    result: dict[str, Any] = {"n": args.n, "ckpt": str(args.ckpt), **settings,
-                              "seed": args.seed}
+    result: dict[str, Any] = {"n": args.n, "ckpt": str(args.ckpt), **settings, "seed": args.seed}
     if "inception" in sinks:
         stats: FeatureStats = sinks["stats"]
         stats.all_reduce()
@@ -161,11 +193,13 @@ def report(args: argparse.Namespace, sinks: dict[str, Any],
         result["fid"] = frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
         with np.load(args.ref, allow_pickle=False) as ref:
             ref_features = torch.from_numpy(ref["features"]) if "features" in ref else None
-        fake = gather_rows(torch.cat(sinks["features"]) if sinks["features"]
-                           else torch.zeros(0, FEATURE_DIM))
+        fake = gather_rows(
+            torch.cat(sinks["features"]) if sinks["features"] else torch.zeros(0, FEATURE_DIM)
+        )
         if ref_features is not None:
-            result["kid"], result["kid_std"] = kid(ref_features, fake, args.kid_subsets,
-                                                   args.kid_subset_size)
+            result["kid"], result["kid_std"] = kid(
+                ref_features, fake, args.kid_subsets, args.kid_subset_size
+            )
         else:
             result["kid"] = None  # the reference was saved without features
     if "clip" in sinks:
@@ -176,12 +210,22 @@ def report(args: argparse.Namespace, sinks: dict[str, Any],
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = [("FID", "fid"), ("KID", "kid"), ("KID std", "kid_std"), ("CLIP score", "clip_score"),
-            ("CLIP score std", "clip_score_std")]
-    lines = [f"# Quality of {result['ckpt']}", "",
-             f"{result['n']} images, sampler {result['sampler']}, {result['steps']} steps, "
-             f"guidance {result['guidance']}, seeds {result['seed']}…", "",
-             "| metric | value |", "| --- | --- |"]
+    rows = [
+        ("FID", "fid"),
+        ("KID", "kid"),
+        ("KID std", "kid_std"),
+        ("CLIP score", "clip_score"),
+        ("CLIP score std", "clip_score_std"),
+    ]
+    lines = [
+        f"# Quality of {result['ckpt']}",
+        "",
+        f"{result['n']} images, sampler {result['sampler']}, {result['steps']} steps, "
+        f"guidance {result['guidance']}, seeds {result['seed']}…",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
     for label, key in rows:
         if result.get(key) is not None:
             lines.append(f"| {label} | {result[key]:.4g} |")
@@ -194,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.ckpt:
             raise ValueError("no checkpoint: pass --ckpt (or set ckpt in --config)")
         if args.n < 1 or args.batch_size < 1:
-            raise ValueError(f"--n and --batch-size must be >= 1 (got {args.n}, "
-                             f"{args.batch_size})")
+            raise ValueError(f"--n and --batch-size must be >= 1 (got {args.n}, {args.batch_size})")
         if bool(args.ref) != bool(args.inception):
             raise ValueError("FID needs both --ref and --inception (or neither)")
         if not (args.ref or args.clip):
-            raise ValueError("nothing to measure: give --ref and --inception (FID/KID) and/or "
-                             "--clip (CLIP score)")
+            raise ValueError(
+                "nothing to measure: give --ref and --inception (FID/KID) and/or "
+                "--clip (CLIP score)"
+            )
         prompts = read_prompts(args)
         rank, world = init_distributed()
         sinks: dict[str, Any] = {}
@@ -208,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             from ldm.eval.inception import load_fid_inception
 
             load_stats(args.ref)  # fail before generating anything
-            sinks.update(inception=load_fid_inception(args.inception, args.device),
-                         stats=FeatureStats(FEATURE_DIM), features=[])
+            sinks.update(
+                inception=load_fid_inception(args.inception, args.device),
+                stats=FeatureStats(FEATURE_DIM),
+                features=[],
+            )
         if args.clip:
             from ldm.eval.clip_score import CLIPScorer
 

@@ -84,9 +84,16 @@ def ssim(
 
 
 @torch.no_grad()
-def evaluate(ckpt: str | Path, shards: list[str], image_size: int | None = None,
-             max_images: int = 256, batch_size: int = 16, lpips_weights: str | None = None,
-             grid_images: int = 8, out: str | Path | None = None) -> dict[str, float]:
+def evaluate(
+    ckpt: str | Path,
+    shards: list[str],
+    image_size: int | None = None,
+    max_images: int = 256,
+    batch_size: int = 16,
+    lpips_weights: str | None = None,
+    grid_images: int = 8,
+    out: str | Path | None = None,
+) -> dict[str, float]:
     """Mean PSNR/SSIM (and LPIPS) of an autoencoder checkpoint's reconstructions of ``shards``.
 
     Args:
@@ -120,8 +127,14 @@ def evaluate(ckpt: str | Path, shards: list[str], image_size: int | None = None,
         from ldm.models.lpips import LPIPS
 
         lpips = LPIPS(lpips_weights)
-    dataset = ShardDataset(list(shards), batch_size=batch_size, image_size=image_size,
-                           shuffle_buffer=0, shard_shuffle=False, name="reconstruction")
+    dataset = ShardDataset(
+        list(shards),
+        batch_size=batch_size,
+        image_size=image_size,
+        shuffle_buffer=0,
+        shard_shuffle=False,
+        name="reconstruction",
+    )
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n, shown = 0, []
     for batch in DataLoader(dataset, batch_size=None, num_workers=0):
@@ -153,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Measure an autoencoder's reconstructions.")
     parser.add_argument("--ckpt", required=True, help="autoencoder (or ldm) checkpoint")
-    parser.add_argument("--shards", action="append", required=True, metavar="PATTERN",
-                        help="image shards (brace patterns; repeat for more)")
+    parser.add_argument(
+        "--shards",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="image shards (brace patterns; repeat for more)",
+    )
     parser.add_argument("--image-size", type=int, help="default: the checkpoint's image size")
     parser.add_argument("--max-images", type=int, default=256, help="images measured at most")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -162,13 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reconstruction", help="where the grid is written")
     args = parser.parse_args(argv)
     try:
-        result = evaluate(args.ckpt, args.shards, args.image_size, args.max_images,
-                          args.batch_size, args.lpips, out=args.out)
+        result = evaluate(
+            args.ckpt,
+            args.shards,
+            args.image_size,
+            args.max_images,
+            args.batch_size,
+            args.lpips,
+            out=args.out,
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    line = (f"{int(result['images'])} images: PSNR {result['psnr']:.2f} dB  "
-            f"SSIM {result['ssim']:.4f}")
+    line = (
+        f"{int(result['images'])} images: PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}"
+    )
     if "lpips" in result:
         line += f"  LPIPS {result['lpips']:.4f}"
     print(line)

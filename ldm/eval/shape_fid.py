@@ -26,9 +26,21 @@ import numpy as np
 from ldm.eval.fid import frechet_distance
 from ldm.eval.shapes import ShapeGeometry, analyse_shape, to_rgb01
 
-FEATURES: tuple[str, ...] = ("shape_r", "shape_g", "shape_b", "background_r", "background_g",
-                             "background_b", "area", "centroid_x", "centroid_y", "c3", "c4",
-                             "fill", "stray")
+FEATURES: tuple[str, ...] = (
+    "shape_r",
+    "shape_g",
+    "shape_b",
+    "background_r",
+    "background_g",
+    "background_b",
+    "area",
+    "centroid_x",
+    "centroid_y",
+    "c3",
+    "c4",
+    "fill",
+    "stray",
+)
 
 
 def _border_median(rgb: np.ndarray) -> np.ndarray:
@@ -50,12 +62,24 @@ def shape_features(image: Any, geometry: ShapeGeometry | None = None) -> tuple[n
     if not a.found:
         return np.array([*background, *background, 0, 0.5, 0.5, 0, 0, 0, 1], np.float64), False
     f = a.features
-    return np.array([*f["rgb"], *background, f["area_fraction"], *f["centroid"], f["c3"],
-                     f["c4"], f["fill"], f["stray_fraction"]], np.float64), True
+    return np.array(
+        [
+            *f["rgb"],
+            *background,
+            f["area_fraction"],
+            *f["centroid"],
+            f["c3"],
+            f["c4"],
+            f["fill"],
+            f["stray_fraction"],
+        ],
+        np.float64,
+    ), True
 
 
-def feature_matrix(images: Iterable[Any], geometry: ShapeGeometry | None = None
-                   ) -> tuple[np.ndarray, int]:
+def feature_matrix(
+    images: Iterable[Any], geometry: ShapeGeometry | None = None
+) -> tuple[np.ndarray, int]:
     """(N, 13) features of ``images`` and how many had a shape."""
     rows, found = [], 0
     for image in images:
@@ -80,8 +104,7 @@ def frechet_shape_distance(generated: np.ndarray, reference: np.ndarray) -> floa
     mean, std = reference.mean(0), reference.std(0, ddof=1)  # ddof as np.cov: unit variances
     std = np.where(std > 1e-12, std, 1.0)  # a constant reference feature stays in its units
     g, r = (generated - mean) / std, (reference - mean) / std
-    return frechet_distance(g.mean(0), np.cov(g, rowvar=False), r.mean(0),
-                            np.cov(r, rowvar=False))
+    return frechet_distance(g.mean(0), np.cov(g, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
 
 
 def fsd_floor(reference: np.ndarray, seed: int = 0) -> float:
@@ -89,17 +112,28 @@ def fsd_floor(reference: np.ndarray, seed: int = 0) -> float:
     at half the sample size (finite-sample bias and noise, the best a model can expect)."""
     order = np.random.default_rng(seed).permutation(len(reference))
     half = len(reference) // 2
-    return frechet_shape_distance(reference[order[:half]], reference[order[half: 2 * half]])
+    return frechet_shape_distance(reference[order[:half]], reference[order[half : 2 * half]])
 
 
-def fsd_report(generated: Sequence[np.ndarray] | np.ndarray, reference: np.ndarray,
-               found: int) -> dict[str, Any]:
+def fsd_report(
+    generated: Sequence[np.ndarray] | np.ndarray, reference: np.ndarray, found: int
+) -> dict[str, Any]:
     """FSD, its floor and the found fraction as a JSON-able dict."""
     generated = np.asarray(generated)
-    return {"fsd": frechet_shape_distance(generated, reference), "floor": fsd_floor(reference),
-            "n_generated": len(generated), "n_reference": len(reference),
-            "found_fraction": found / len(generated)}
+    return {
+        "fsd": frechet_shape_distance(generated, reference),
+        "floor": fsd_floor(reference),
+        "n_generated": len(generated),
+        "n_reference": len(reference),
+        "found_fraction": found / len(generated),
+    }
 
 
-__all__ = ["FEATURES", "feature_matrix", "frechet_shape_distance", "fsd_floor", "fsd_report",
-           "shape_features"]
+__all__ = [
+    "FEATURES",
+    "feature_matrix",
+    "frechet_shape_distance",
+    "fsd_floor",
+    "fsd_report",
+    "shape_features",
+]

@@ -49,15 +49,27 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p for p in parts if p is not None])
 
 
-def shard_statistics(shards: str, inception: torch.nn.Module, size: int, batch_size: int,
-                     device: torch.device, limit: int | None = None,
-                     keep: int = 0) -> tuple[FeatureStats, torch.Tensor | None]:
+def shard_statistics(
+    shards: str,
+    inception: torch.nn.Module,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+    keep: int = 0,
+) -> tuple[FeatureStats, torch.Tensor | None]:
     """This rank's running statistics of its share of the shard images (constant memory),
     and its feature rows while there are at most ``keep`` of them. Prints progress lines."""
     from ldm.data.reader import ShardDataset
 
-    data = ShardDataset(shards, batch_size=batch_size, image_size=size, shuffle_buffer=0,
-                        shard_shuffle=False, name="stats")
+    data = ShardDataset(
+        shards,
+        batch_size=batch_size,
+        image_size=size,
+        shuffle_buffer=0,
+        shard_shuffle=False,
+        name="stats",
+    )
     stats, rows = FeatureStats(FEATURE_DIM), []
     start, last = time.perf_counter(), 0.0
     with torch.no_grad():
@@ -88,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="centre-crop resize before Inception")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, default=None, help="at most this many images per rank")
-    p.add_argument("--max-features", type=int, default=50_000,
-                   help="keep the feature matrix (for KID) up to this many images (0: never)")
+    p.add_argument(
+        "--max-features",
+        type=int,
+        default=50_000,
+        help="keep the feature matrix (for KID) up to this many images (0: never)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     from ldm.eval.inception import load_fid_inception
@@ -98,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed()
         device = torch.device(args.device)
         inception = load_fid_inception(args.inception, device)
-        stats, rows = shard_statistics(args.shards, inception, args.size, args.batch_size,
-                                       device, args.limit, keep=args.max_features)
+        stats, rows = shard_statistics(
+            args.shards,
+            inception,
+            args.size,
+            args.batch_size,
+            device,
+            args.limit,
+            keep=args.max_features,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

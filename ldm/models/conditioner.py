@@ -52,8 +52,9 @@ class SDXLConditioner(nn.Module):
         super().train(False)
 
     @classmethod
-    def from_diffusers_folder(cls, root: str | Path, max_length: int | None = None,
-                              weights: bool = True) -> SDXLConditioner:
+    def from_diffusers_folder(
+        cls, root: str | Path, max_length: int | None = None, weights: bool = True
+    ) -> SDXLConditioner:
         """Both encoders and tokenizers from a diffusers SDXL folder.
 
         Args:
@@ -81,8 +82,11 @@ class SDXLConditioner(nn.Module):
         index = root / "model_index.json"  # the refiner's says "text_encoder": [null, null]
         refiner = index.is_file() and not any(json.loads(index.read_text()).get("text_encoder")
                                               or [None])  # fmt: skip
-        parts = ("text_encoder_2", "tokenizer_2") if refiner else (
-            "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        parts = (
+            ("text_encoder_2", "tokenizer_2")
+            if refiner
+            else ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        )
         for part in parts:
             if not (root / part).is_dir():
                 raise FileNotFoundError(
@@ -98,7 +102,8 @@ class SDXLConditioner(nn.Module):
             if not refiner:
                 first = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
             second = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+                CLIPTextConfig.from_pretrained(root / "text_encoder_2")
+            )
         if not refiner:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         return cls(

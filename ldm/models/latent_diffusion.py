@@ -72,9 +72,14 @@ class LatentDiffusion(nn.Module):
         """The U-Net's conditioning keyword arguments for a text encoding."""
         return {"context": context, "context_mask": mask if self.use_context_mask else None}
 
-    def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
-                            dtype: torch.dtype, size: tuple[int, int], negative: bool = False
-                            ) -> dict[str, Tensor | None]:
+    def prompt_conditioning(
+        self,
+        prompts: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        size: tuple[int, int],
+        negative: bool = False,
+    ) -> dict[str, Tensor | None]:
         """The U-Net's conditioning keyword arguments for prompts and an image ``size``
         (height, width in pixels; unused here, SDXL's micro-conditioning reads it, and the
         SDXL refiner whether these are the ``negative`` prompts, for its aesthetic score)."""
@@ -100,8 +105,11 @@ class LatentDiffusion(nn.Module):
         """q(z | x) for images in [-1, 1], the VAE run in ``vae_precision``."""
         dtype = getattr(torch, self.vae_precision)
         kind = images.device.type
-        precision = (torch.autocast(kind, enabled=False) if dtype == torch.float32
-                     else torch.autocast(kind, dtype=dtype))
+        precision = (
+            torch.autocast(kind, enabled=False)
+            if dtype == torch.float32
+            else torch.autocast(kind, dtype=dtype)
+        )
         # In the weights' dtype: under a "true" precision (bf16-true, 16-true) they were
         # converted, and a float32 input would not match them.
         weights = next(self.autoencoder.parameters()).dtype
@@ -156,8 +164,7 @@ class LatentDiffusion(nn.Module):
                 zm.append(self._scaled(masked.sample(g)))
             elif keep is not None:  # diffusers samples the masked image's posterior here too
                 randn(shape, generator=g, dtype=init.mean.dtype)  # (unused): the same draw
-        return (torch.cat(z0) if z0 else None, torch.cat(noise),
-                torch.cat(zm) if zm else None)
+        return (torch.cat(z0) if z0 else None, torch.cat(noise), torch.cat(zm) if zm else None)
 
     @property
     def unet_in_channels(self) -> int:
@@ -267,14 +274,18 @@ class LatentDiffusion(nn.Module):
         denoiser = Denoiser(net, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance > 1.0:
-            uncond = self.prompt_conditioning(negative_prompts, device, dtype, size,
-                                              negative=True)
-            denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance,
-                                   rescale=guidance_rescale)
+            uncond = self.prompt_conditioning(negative_prompts, device, dtype, size, negative=True)
+            denoiser = CFGDenoiser(denoiser, cond, uncond, scale=guidance, rescale=guidance_rescale)
             extra = None
         if init_latents is None:
-            z = sampler(denoiser, latents, self.schedule, generator=generator, callback=callback,
-                        extra_args=extra)
+            z = sampler(
+                denoiser,
+                latents,
+                self.schedule,
+                generator=generator,
+                callback=callback,
+                extra_args=extra,
+            )
         else:
             grid = sampler.grid(self.schedule, tuple(latents.shape[-2:]))  # (flow shift size)
             start = img2img_start(sampler.steps, strength)
@@ -287,14 +298,22 @@ class LatentDiffusion(nn.Module):
             pure = (mask is not None and strength == 1.0) or bool(torch.isinf(sigmas[0]))
             x = eps * grid.init_scale if pure else z0 + sigmas[0] * eps
             if mask is None or masked_latents is not None:  # img2img, or an inpainting U-Net
-                z = sampler.run(denoiser, x, grid, start, generator=generator,
-                                callback=callback, extra_args=extra)
+                z = sampler.run(
+                    denoiser,
+                    x,
+                    grid,
+                    start,
+                    generator=generator,
+                    callback=callback,
+                    extra_args=extra,
+                )
                 mask = None
             elif sampler.sampler == "dpmpp_2m":  # multistep: one run, every call blended
                 m = mask.to(device).float()
                 keep = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
-                z = sampler.run(keep, x, grid, start, generator=generator, callback=callback,
-                                extra_args=extra)
+                z = sampler.run(
+                    keep, x, grid, start, generator=generator, callback=callback, extra_args=extra
+                )
             else:
                 m = mask.to(device).float()
                 n = len(grid.sigmas) - 1
@@ -302,8 +321,16 @@ class LatentDiffusion(nn.Module):
                     denoiser = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
                 for i in range(start, n):
                     step = None if callback is None else _offset(callback, i - start)
-                    x = sampler.run(denoiser, x, grid, i, i + 1, generator=generator,
-                                    callback=step, extra_args=extra)
+                    x = sampler.run(
+                        denoiser,
+                        x,
+                        grid,
+                        i,
+                        i + 1,
+                        generator=generator,
+                        callback=step,
+                        extra_args=extra,
+                    )
                     if i < n - 1:
                         x = (1 - m) * (z0 + grid.sigmas[i + 1] * eps) + m * x
                 z = x
@@ -337,8 +364,14 @@ class _KeepRegion:
     is overwritten by a blend after the step (Heun) or at the end (the clean latents).
     """
 
-    def __init__(self, denoiser: Any, repaint: Tensor, z0: Tensor, eps: Tensor,
-                 unblended: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: Any,
+        repaint: Tensor,
+        z0: Tensor,
+        eps: Tensor,
+        unblended: Tensor | None = None,
+    ) -> None:
         self.denoiser, self.repaint, self.z0, self.eps = denoiser, repaint, z0, eps
         self.unblended = unblended
 
@@ -357,8 +390,7 @@ class _KeepRegion:
         return self.denoiser(torch.where(self.repaint, x, known), sigma, **extra)
 
 
-def _offset(callback: Callable[[dict[str, Any]], None], i: int
-            ) -> Callable[[dict[str, Any]], None]:
+def _offset(callback: Callable[[dict[str, Any]], None], i: int) -> Callable[[dict[str, Any]], None]:
     """``callback`` with step indices of a one-step run shifted to the full run's ``i``."""
     return lambda info: callback({**info, "i": i + int(info.get("i", 0))})
 
@@ -384,11 +416,13 @@ def img2img_start(steps: int, strength: float) -> int:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     run = min(int(steps * strength), steps)
     if run < 1:
-        raise ValueError(f"strength {strength} with {steps} steps runs no step; raise --strength "
-                         f"to at least {1 / steps:.3g} or --steps")
+        raise ValueError(
+            f"strength {strength} with {steps} steps runs no step; raise --strength "
+            f"to at least {1 / steps:.3g} or --steps"
+        )
     return steps - run
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
     """The tail of a (steps + 1,) σ grid that img2img at ``strength`` runs (`img2img_start`)."""
-    return sigmas[img2img_start(steps, strength):]
+    return sigmas[img2img_start(steps, strength) :]

@@ -42,10 +42,12 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
-        self.lora_down = nn.Linear(self.in_features, rank, bias=False,
-                                   device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_up = nn.Linear(rank, self.out_features, bias=False,
-                                 device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_down = nn.Linear(
+            self.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype
+        )
+        self.lora_up = nn.Linear(
+            rank, self.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype
+        )
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -57,8 +59,13 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ``W + (alpha / r) · B A`` folded in."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
+        layer = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         delta = (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
         layer.weight.copy_(self.weight.float() + delta)
         if self.bias is not None:
@@ -71,8 +78,13 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def add_lora(module: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+def add_lora(
+    module: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+) -> list[str]:
     """Replace the ``nn.Linear`` layers whose names match a pattern with :class:`LoRALinear`,
     and freeze everything but the adapters.
 
@@ -89,17 +101,23 @@ def add_lora(module: nn.Module, rank: int, alpha: float | None = None, dropout: 
     Raises:
         ValueError: A pattern matches no linear layer.
     """
-    linear = {name: m for name, m in module.named_modules()
-              if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)}
+    linear = {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
+    }
     for pattern in targets:
         if not fnmatch.filter(linear, pattern):
-            raise ValueError(f"model.lora.targets: pattern {pattern!r} matches no linear layer "
-                             "(names look like 'input_blocks.1.1.transformer_blocks.0.attn1.to_q')")
+            raise ValueError(
+                f"model.lora.targets: pattern {pattern!r} matches no linear layer "
+                "(names look like 'input_blocks.1.1.transformer_blocks.0.attn1.to_q')"
+            )
     chosen = [name for name in linear if any(fnmatch.fnmatchcase(name, p) for p in targets)]
     module.requires_grad_(False)
     for name in chosen:
-        _set(module, name, LoRALinear(linear[name], rank, rank if alpha is None else alpha,
-                                      dropout))
+        _set(
+            module, name, LoRALinear(linear[name], rank, rank if alpha is None else alpha, dropout)
+        )
     return chosen
 
 
@@ -117,9 +135,11 @@ def merge_lora(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def merge_adapters(module: nn.Module,
-                   adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-                   scale: float = 1.0) -> None:
+def merge_adapters(
+    module: nn.Module,
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    scale: float = 1.0,
+) -> None:
     """``W ← W + scale · (alpha / r) · B A`` for each ``layer -> (A, B, alpha)`` (a LoRA file).
 
     Layers are linear, or 1×1 convolutions with ``(r, in, 1, 1)`` / ``(out, r, 1, 1)`` adapters
@@ -136,9 +156,15 @@ def merge_adapters(module: nn.Module,
         if not isinstance(target, nn.Linear | nn.Conv2d):
             raise ValueError(f"LoRA layer {layer} is not a linear or conv layer of the model")
         weight = target.weight
-        if (down.dim() != weight.dim() or down.shape[1] != weight.shape[1]
-                or up.shape[0] != weight.shape[0] or weight[0, 0].numel() != 1):
-            raise ValueError(f"LoRA layer {layer}: adapter {tuple(up.shape)}x{tuple(down.shape)} "
-                             f"does not fit the layer's {tuple(weight.shape)}")
+        if (
+            down.dim() != weight.dim()
+            or down.shape[1] != weight.shape[1]
+            or up.shape[0] != weight.shape[0]
+            or weight[0, 0].numel() != 1
+        ):
+            raise ValueError(
+                f"LoRA layer {layer}: adapter {tuple(up.shape)}x{tuple(down.shape)} "
+                f"does not fit the layer's {tuple(weight.shape)}"
+            )
         delta = (up.flatten(1).float() @ down.flatten(1).float()) * (scale * alpha / down.shape[0])
         weight.add_(delta.reshape(weight.shape).to(weight))

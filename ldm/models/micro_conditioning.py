@@ -55,8 +55,11 @@ def size_numbers(
         Float32 (B, 6).
     """
     parts = []
-    for name, value in (("original_size", original_size), ("crop_top_left", crop_top_left),
-                        ("target_size", target_size)):
+    for name, value in (
+        ("original_size", original_size),
+        ("crop_top_left", crop_top_left),
+        ("target_size", target_size),
+    ):
         t = torch.as_tensor(value, dtype=torch.float32)
         if t.ndim == 1:
             t = t[None].expand(batch or 1, -1)
@@ -100,17 +103,27 @@ def check_size_numbers(numbers: Tensor) -> Tensor:
     Raises:
         ValueError: One line naming the first bad value.
     """
-    names = ("original_size", "original_size", "crop_top_left", "crop_top_left", "target_size",
-             "target_size")
+    names = (
+        "original_size",
+        "original_size",
+        "crop_top_left",
+        "crop_top_left",
+        "target_size",
+        "target_size",
+    )
     for col, name in enumerate(names):
         values = numbers[:, col]
         bad = ~torch.isfinite(values) | (values < 0 if name == "crop_top_left" else values <= 0)
         if bad.any():
             row = int(bad.nonzero()[0, 0])
-            pair = [int(v) if float(v).is_integer() else v
-                    for v in numbers[row, col - col % 2 : col - col % 2 + 2].tolist()]
-            raise ValueError(f"micro-conditioning {name} {pair} of sample {row}: sizes must be "
-                             "positive and crop offsets non-negative (pixels)")
+            pair = [
+                int(v) if float(v).is_integer() else v
+                for v in numbers[row, col - col % 2 : col - col % 2 + 2].tolist()
+            ]
+            raise ValueError(
+                f"micro-conditioning {name} {pair} of sample {row}: sizes must be "
+                "positive and crop offsets non-negative (pixels)"
+            )
     return numbers
 
 
@@ -132,5 +145,8 @@ def batch_size_numbers(batch: Mapping[str, Any], size: tuple[int, int], count: i
     defaults = {"original_size": size, "crop_top_left": (0, 0), "target_size": size}
     values = {key: batch[key].cpu() if isinstance(batch.get(key), Tensor) else batch.get(key, d)
               for key, d in defaults.items()}  # fmt: skip
-    return check_size_numbers(size_numbers(values["original_size"], values["crop_top_left"],
-                                           values["target_size"], batch=count))
+    return check_size_numbers(
+        size_numbers(
+            values["original_size"], values["crop_top_left"], values["target_size"], batch=count
+        )
+    )

@@ -36,8 +36,14 @@ class SDXLLatentDiffusion(LatentDiffusion):
         prediction: ``eps``, ``v`` or ``x0``.
     """
 
-    def __init__(self, unet: nn.Module, autoencoder: nn.Module, conditioner: SDXLConditioner,
-                 schedule: NoiseSchedule, prediction: str = "eps") -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        autoencoder: nn.Module,
+        conditioner: SDXLConditioner,
+        schedule: NoiseSchedule,
+        prediction: str = "eps",
+    ) -> None:
         super().__init__(unet, autoencoder, conditioner, schedule, prediction)
         self.original_size: tuple[int, int] | None = None
         self.crop_top_left: tuple[int, int] = (0, 0)
@@ -53,9 +59,14 @@ class SDXLLatentDiffusion(LatentDiffusion):
         adm = getattr(self.unet, "adm_in_channels", None)
         return adm == self.text_encoder.pooled_dim + 5 * SIZE_EMBED_DIM
 
-    def prompt_conditioning(self, prompts: Sequence[str], device: torch.device,
-                            dtype: torch.dtype, size: tuple[int, int], negative: bool = False
-                            ) -> dict[str, Tensor | None]:
+    def prompt_conditioning(
+        self,
+        prompts: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        size: tuple[int, int],
+        negative: bool = False,
+    ) -> dict[str, Tensor | None]:
         """``context`` (both encoders' states), ``y`` (pooled text + embedded sizes; the
         refiner: original size, crop and the aesthetic score, ``negative_aesthetic_score`` for
         the ``negative`` prompts, as diffusers' ``StableDiffusionXLImg2ImgPipeline``)."""
@@ -70,8 +81,9 @@ class SDXLLatentDiffusion(LatentDiffusion):
             numbers = torch.cat([numbers[:, :4], torch.full_like(numbers[:, :1], score)], 1)
         return self.vector_conditioning(context.to(device, dtype), pooled.to(device), numbers)
 
-    def vector_conditioning(self, context: Tensor, pooled: Tensor, numbers: Tensor
-                            ) -> dict[str, Tensor | None]:
+    def vector_conditioning(
+        self, context: Tensor, pooled: Tensor, numbers: Tensor
+    ) -> dict[str, Tensor | None]:
         """The U-Net's keyword arguments for encoded prompts: ``context`` (B, L, D) as given and
         ``y`` = [pooled, embedded numbers] (B, adm_in_channels) in ``context``'s dtype.
 
@@ -95,8 +107,15 @@ class SDXLLatentDiffusion(LatentDiffusion):
         return context.to(device), pooled.to(device)
 
 
-def drop_captions(context: Tensor, pooled: Tensor, empty_context: Tensor, empty_pooled: Tensor,
-                  drop_first: Tensor, drop_second: Tensor, split: int) -> tuple[Tensor, Tensor]:
+def drop_captions(
+    context: Tensor,
+    pooled: Tensor,
+    empty_context: Tensor,
+    empty_pooled: Tensor,
+    drop_first: Tensor,
+    drop_second: Tensor,
+    split: int,
+) -> tuple[Tensor, Tensor]:
     """Classifier-free guidance dropout (Ho & Salimans 2022, sec. 3.2) per SDXL encoder.
 
     Where ``drop_first`` is set, a sample's first-encoder states ``context[..., :split]`` become
@@ -121,5 +140,6 @@ def drop_captions(context: Tensor, pooled: Tensor, empty_context: Tensor, empty_
                         context[..., :split])  # fmt: skip
     second = torch.where(drop_second[:, None, None], empty_context[..., split:],
                          context[..., split:])  # fmt: skip
-    return torch.cat([first, second], dim=-1), torch.where(drop_second[:, None], empty_pooled,
-                                                           pooled)
+    return torch.cat([first, second], dim=-1), torch.where(
+        drop_second[:, None], empty_pooled, pooled
+    )

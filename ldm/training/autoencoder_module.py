@@ -108,8 +108,9 @@ class AutoencoderModule(pl.LightningModule):
         if len(losses) > 1:
             self.manual_backward(losses[1])
         if self.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
         opt.step()
         sched.step()
         logs["train/lr"] = torch.tensor(sched.get_last_lr()[0])
@@ -132,8 +133,9 @@ class AutoencoderModule(pl.LightningModule):
         self.log_dict(logs, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(x))
 
     @torch.no_grad()
-    def log_images(self, batch: dict[str, Any], max_images: int = 8
-                   ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
+    def log_images(
+        self, batch: dict[str, Any], max_images: int = 8
+    ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
         """Inputs and their reconstructions (posterior mode), for the image logger."""
         x = batch["image"][:max_images].to(self.device)
         reconstruction = self.autoencoder.decode(self.autoencoder.encode(x).mode())
@@ -143,8 +145,10 @@ class AutoencoderModule(pl.LightningModule):
         """Weights saved in our checkpoints: the autoencoder (with its scale_factor buffer).
         Under FSDP every rank must call (shards are gathered)."""
         root = outermost_module(self)
-        return {"autoencoder": full_state_dict(self.autoencoder, root),
-                "loss": full_state_dict(self.loss, root)}
+        return {
+            "autoencoder": full_state_dict(self.autoencoder, root),
+            "loss": full_state_dict(self.loss, root),
+        }
 
     def configure_optimizers(self) -> Any:
         disc_params = {id(p) for p in self.discriminator.parameters()}
@@ -160,7 +164,10 @@ class AutoencoderModule(pl.LightningModule):
             betas=self.betas,
             weight_decay=self.weight_decay,
         )
-        scheduler = build_scheduler(optimizer, self.warmup_steps, self.lr_schedule,
-                                    self.total_steps, self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                         "interval": "step"}}
+        scheduler = build_scheduler(
+            optimizer, self.warmup_steps, self.lr_schedule, self.total_steps, self.min_lr_ratio
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -79,8 +79,9 @@ class SafetensorsCheckpoint(pl.Callback):
     and saves at once.
     """
 
-    def __init__(self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int,
-                 keep_last_k: int = 3) -> None:
+    def __init__(
+        self, dirpath: str | Path, config: dict[str, Any], every_n_steps: int, keep_last_k: int = 3
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.config = config
         self.every_n_steps = every_n_steps
@@ -142,8 +143,10 @@ class SafetensorsCheckpoint(pl.Callback):
 
         self._fitting = False
         request_stop(None)
-        for signum, name in ((signal.SIGINT, "_previous_sigint"),
-                             (signal.SIGTERM, "_previous_sigterm")):
+        for signum, name in (
+            (signal.SIGINT, "_previous_sigint"),
+            (signal.SIGTERM, "_previous_sigterm"),
+        ):
             if getattr(self, name, None) is not None:
                 try:
                     signal.signal(signum, getattr(self, name))
@@ -180,14 +183,20 @@ class SafetensorsCheckpoint(pl.Callback):
         if bad:  # never replace a good checkpoint with NaN weights (every rank sees the same)
             raise NonFiniteLossError(
                 f"the weights at step {step} are non-finite ({len(bad)} tensors, e.g. {bad[0]}), "
-                f"so they were not saved: {ADVICE}; the run's last finite checkpoint is kept")
+                f"so they were not saved: {ADVICE}; the run's last finite checkpoint is kept"
+            )
         self._last_saved_step = step
         self.save_resume_state(trainer)
         if not trainer.is_global_zero:
             return None
         path = self.dirpath / f"step-{step:08d}.safetensors"
-        save_checkpoint(path, modules, self.config, pl_module.checkpoint_kind,
-                        extra={"step": step, "epoch": trainer.current_epoch})
+        save_checkpoint(
+            path,
+            modules,
+            self.config,
+            pl_module.checkpoint_kind,
+            extra={"step": step, "epoch": trainer.current_epoch},
+        )
         _replace_link(path, self.dirpath / "last.safetensors")
         self._prune()
         log.info("saved checkpoint %s", path)
@@ -200,8 +209,9 @@ class SafetensorsCheckpoint(pl.Callback):
         for old in steps[: -self.keep_last_k]:
             old.unlink(missing_ok=True)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-                           ) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         step = trainer.global_step
@@ -236,16 +246,18 @@ class SafetensorsCheckpoint(pl.Callback):
         if not trainer.fast_dev_run:
             self.save(trainer, pl_module)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._fitting = False  # Lightning's teardown puts our SIGTERM handler back alone
         request_stop(None)
         if isinstance(exception, SIGTERMException | ShardReadTimeout) and not trainer.fast_dev_run:
             what = getattr(exception, "signal_name", "SIGTERM")
             if isinstance(exception, ShardReadTimeout):
                 what = "a stalled shard reader"
-            log.warning("%s: saving a checkpoint at step %d before exiting", what,
-                        trainer.global_step)
+            log.warning(
+                "%s: saving a checkpoint at step %d before exiting", what, trainer.global_step
+            )
             self.save(trainer, pl_module)
         if isinstance(exception, NonFiniteLossError) and not trainer.fast_dev_run:
             # The skipped steps left the weights as they were: keep the progress made since
@@ -268,8 +280,13 @@ class RNGState(pl.Callback):
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state: dict[str, Any] = {
             "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
-                      "has_gauss": has_gauss, "cached": cached},
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype("int64")),
+                "pos": pos,
+                "has_gauss": has_gauss,
+                "cached": cached,
+            },
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -284,8 +301,9 @@ class RNGState(pl.Callback):
         python = state_dict["python"]
         random.setstate((python[0], tuple(python[1]), python[2]))
         n = state_dict["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"],
-                             n["has_gauss"], n["cached"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+        )
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -60,8 +60,10 @@ def freeze_parameters(module: torch.nn.Module, patterns: Sequence[str]) -> int:
     names = [name for name, _ in module.named_parameters()]
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):
-            raise ValueError(f"model.freeze: pattern {pattern!r} matches no U-Net parameter "
-                             f"(names look like {names[0]!r})")
+            raise ValueError(
+                f"model.freeze: pattern {pattern!r} matches no U-Net parameter "
+                f"(names look like {names[0]!r})"
+            )
     frozen = 0
     for name, param in module.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
@@ -144,8 +146,11 @@ class DiffusionModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         freeze_parameters(model.unet, freeze)
-        self._frozen_unet = [name for name, p in model.unet.named_parameters()
-                             if not p.requires_grad] if omit_frozen_unet else []
+        self._frozen_unet = (
+            [name for name, p in model.unet.named_parameters() if not p.requires_grad]
+            if omit_frozen_unet
+            else []
+        )
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.model = model
@@ -154,10 +159,15 @@ class DiffusionModule(pl.LightningModule):
         self.optim_args = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
         self.text_encoder_lr = lr if text_encoder_lr is None else text_encoder_lr
         #: The text encoder's trainable parameter names (empty: it is frozen).
-        self._text_trainable = {name for name, p in model.text_encoder.named_parameters()
-                                if p.requires_grad}
-        self.sched_args = dict(warmup_steps=warmup_steps, schedule=lr_schedule,
-                               total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+        self._text_trainable = {
+            name for name, p in model.text_encoder.named_parameters() if p.requires_grad
+        }
+        self.sched_args = dict(
+            warmup_steps=warmup_steps,
+            schedule=lr_schedule,
+            total_steps=total_steps,
+            min_lr_ratio=min_lr_ratio,
+        )
         self.ema = EMA(model.unet, decay=ema_decay, update_every=ema_every) if ema_decay else None
         self.sampler = sampler or Sampler("ddim", steps=25, disable_progress=True)
         self.sample_prompts = list(sample_prompts or [])
@@ -183,7 +193,8 @@ class DiffusionModule(pl.LightningModule):
         if self._empty_context is not None:
             context, mask = self._empty_context
             return context.to(self.device).reshape(1, *context.shape[-2:]), mask.to(
-                self.device).reshape(1, -1).bool()
+                self.device
+            ).reshape(1, -1).bool()
         return self.model.text_encoder.empty_embedding()
 
     def _unet_dtype(self) -> torch.dtype:
@@ -217,27 +228,40 @@ class DiffusionModule(pl.LightningModule):
         (jointly or per encoder, ``sdxl_uncond``; :func:`ldm.models.sdxl.drop_captions`)."""
         if "context" in batch:
             if "pooled" not in batch:
-                raise ValueError("the cached shards hold no pooled text embedding, which SDXL "
-                                 "needs: re-run python -m ldm.cache with this SDXL config")
+                raise ValueError(
+                    "the cached shards hold no pooled text embedding, which SDXL "
+                    "needs: re-run python -m ldm.cache with this SDXL config"
+                )
             context, pooled = batch["context"].float(), batch["pooled"].float()
         else:
             context, pooled = self.model.text_encoder.encode(list(batch["caption"]))
         if self.training and self.p_uncond > 0:
             first = torch.rand(context.shape[0], device=context.device) < self.p_uncond  # (B,)
-            second = first if self.sdxl_uncond == "joint" else torch.rand(
-                context.shape[0], device=context.device) < self.p_uncond
+            second = (
+                first
+                if self.sdxl_uncond == "joint"
+                else torch.rand(context.shape[0], device=context.device) < self.p_uncond
+            )
             if (first | second).any():
                 if self._empty_pooled is not None and not self.model.zero_empty_prompts:
                     e_context = self._empty_context[0].reshape(1, *context.shape[-2:])
                     e_pooled = self._empty_pooled.reshape(1, -1)
                 else:  # zeros (SDXL's unconditional input), or "" encoded
                     e_context, e_pooled = self.model.empty_prompt(self.device)
-                context, pooled = drop_captions(context, pooled, e_context, e_pooled, first,
-                                                second, self.model.text_encoder.split)
+                context, pooled = drop_captions(
+                    context,
+                    pooled,
+                    e_context,
+                    e_pooled,
+                    first,
+                    second,
+                    self.model.text_encoder.split,
+                )
         return context, pooled
 
-    def unet_conditioning(self, batch: dict[str, Any], z: torch.Tensor
-                          ) -> dict[str, torch.Tensor | None]:
+    def unet_conditioning(
+        self, batch: dict[str, Any], z: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
         """The U-Net's keyword arguments for a batch whose latents are ``z``: the text context
         (:meth:`context`); SDXL: also ``y``, the pooled vector and the batch's micro-conditioning
         (its ``original_size``/``crop_top_left``/``target_size``, else the image size and
@@ -259,21 +283,22 @@ class DiffusionModule(pl.LightningModule):
         loss = out.loss.mean()
         batch_size = z.shape[0]
         if not self.guard.check(self.global_step, loss):
-            self.log("train/skipped_steps", float(self.guard.skipped_steps),
-                     batch_size=batch_size)
+            self.log("train/skipped_steps", float(self.guard.skipped_steps), batch_size=batch_size)
             self._skipped = True
             return None  # every rank skips together (the flag is all-reduced)
         self._skipped = False
         logs = {"train/loss": loss.detach()}
         buckets = (out.t * NUM_T_BUCKETS // self.model.schedule.num_timesteps).clamp(
-            max=NUM_T_BUCKETS - 1)
+            max=NUM_T_BUCKETS - 1
+        )
         for b in range(NUM_T_BUCKETS):
             sel = buckets == b
             if sel.any():
                 logs[f"train/loss_t{b}"] = out.loss.detach()[sel].mean()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False,
-                 batch_size=batch_size)
+        self.log(
+            "loss", loss.detach(), prog_bar=True, on_step=True, logger=False, batch_size=batch_size
+        )
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -291,14 +316,14 @@ class DiffusionModule(pl.LightningModule):
         cond = self.unet_conditioning(batch, z)
         net = self.ema.model if self.ema is not None else self.model.unet
         out = self.loss_fn(net, z, self.model.schedule, cond, generator=generator)
-        self.log("val/loss", out.loss.mean(), prog_bar=True, sync_dist=True,
-                 batch_size=z.shape[0])
+        self.log("val/loss", out.loss.mean(), prog_bar=True, sync_dist=True, batch_size=z.shape[0])
 
     # -- images and export ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def log_images(self, batch: dict[str, Any], max_images: int = 8
-                   ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
+    def log_images(
+        self, batch: dict[str, Any], max_images: int = 8
+    ) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
         """Samples for fixed prompts (or the batch's captions) at a fixed seed."""
         prompts = (self.sample_prompts or list(batch["caption"]))[:max_images]
         generator = torch.Generator().manual_seed(self.sample_seed)
@@ -309,30 +334,41 @@ class DiffusionModule(pl.LightningModule):
             height, width = (n * f for n in batch["latent_mean"].shape[-2:])
         elif "image" in batch:
             height, width = batch["image"].shape[-2:]
-        images, _ = self.model.generate(prompts, self.sampler, guidance=self.guidance,
-                                        negative_prompts=self.negative_prompt, height=height,
-                                        width=width, generator=generator, net=net)
+        images, _ = self.model.generate(
+            prompts,
+            self.sampler,
+            guidance=self.guidance,
+            negative_prompts=self.negative_prompt,
+            height=height,
+            width=width,
+            generator=generator,
+            net=net,
+        )
         return {"samples": (images, prompts)}
 
     def export_modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """U-Net (raw and EMA) and the autoencoder; the text encoder is named in the config.
         Under FSDP every rank must call (the U-Net's shards are gathered)."""
-        modules = {"unet": full_state_dict(self.model.unet, outermost_module(self)),
-                   "autoencoder": self.model.autoencoder.state_dict()}
+        modules = {
+            "unet": full_state_dict(self.model.unet, outermost_module(self)),
+            "autoencoder": self.model.autoencoder.state_dict(),
+        }
         if self.ema is not None:
             modules["unet_ema"] = self.ema.averaged_state_dict()
         if self._text_trainable:
             params = dict(self.model.text_encoder.named_parameters())
-            modules["text_encoder"] = {name: params[name].detach()
-                                       for name in sorted(self._text_trainable)}
+            modules["text_encoder"] = {
+                name: params[name].detach() for name in sorted(self._text_trainable)
+            }
         return modules
 
     def _frozen_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Prefix -> state of each frozen part, read from the parts themselves: they are never
         sharded, so this is local (``self.state_dict()`` would gather the U-Net under FSDP)."""
         parts = (self.model.autoencoder, self.model.text_encoder)
-        states = {prefix: part.state_dict()
-                  for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)}
+        states = {
+            prefix: part.state_dict() for prefix, part in zip(FROZEN_PREFIXES, parts, strict=True)
+        }
         text = states["model.text_encoder."]
         for name in self._text_trainable:
             del text[name]
@@ -359,12 +395,18 @@ class DiffusionModule(pl.LightningModule):
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             return
-        frozen_unet = {f"{where}{name}" for name in self._frozen_unet
-                       for where in ("model.unet.", "ema.model.")}
+        frozen_unet = {
+            f"{where}{name}"
+            for name in self._frozen_unet
+            for where in ("model.unet.", "ema.model.")
+        }
         trained_text = {"model.text_encoder." + name for name in self._text_trainable}
-        omitted = [name for name in state if (name.startswith(FROZEN_PREFIXES)
-                                              and name not in trained_text)
-                   or name in frozen_unet]
+        omitted = [
+            name
+            for name in state
+            if (name.startswith(FROZEN_PREFIXES) and name not in trained_text)
+            or name in frozen_unet
+        ]
         if not omitted:  # e.g. non-zero ranks under FSDP, which save nothing
             return
         for name in omitted:
@@ -384,15 +426,20 @@ class DiffusionModule(pl.LightningModule):
             current = self.frozen_fingerprint.get(prefix, [0.0, 0.0, 0.0])
             same = current[0] == saved[0] and all(
                 math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-12)
-                for a, b in zip(current[1:], saved[1:], strict=True))
+                for a, b in zip(current[1:], saved[1:], strict=True)
+            )
             if not same:
                 what = prefix.removeprefix("model.").rstrip(".")
-                key = {"autoencoder": "model.autoencoder_ckpt (the run's step-*.safetensors "
-                                      "hold it too)",
-                       "unet": "model.init_from (the frozen U-Net weights)"}.get(
-                           what, "model.text_encoder")
-                how = ("same size, other values" if current[0] == saved[0] else
-                       f"{int(current[0])} values, the run's had {int(saved[0])}")
+                key = {
+                    "autoencoder": "model.autoencoder_ckpt (the run's step-*.safetensors "
+                    "hold it too)",
+                    "unet": "model.init_from (the frozen U-Net weights)",
+                }.get(what, "model.text_encoder")
+                how = (
+                    "same size, other values"
+                    if current[0] == saved[0]
+                    else f"{int(current[0])} values, the run's had {int(saved[0])}"
+                )
                 raise ValueError(
                     f"the frozen {what} differs from the one this run was trained with ({how}): "
                     f"resume with the run's own {key}"
@@ -407,15 +454,22 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = [{"params": list(self.model.unet.parameters())}]
         if self._text_trainable:
-            groups.append({"params": list(self.model.text_encoder.parameters()),
-                           "lr": self.text_encoder_lr})
+            groups.append(
+                {"params": list(self.model.text_encoder.parameters()), "lr": self.text_encoder_lr}
+            )
         optimizer = build_optimizer(groups, **self.optim_args)
         scheduler = build_scheduler(optimizer, **self.sched_args)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
         if self._text_trainable:
-            self.log("train/lr_text_encoder", optimizer.param_groups[1]["lr"], on_step=True,
-                     on_epoch=False)
+            self.log(
+                "train/lr_text_encoder",
+                optimizer.param_groups[1]["lr"],
+                on_step=True,
+                on_epoch=False,
+            )

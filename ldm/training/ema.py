@@ -35,16 +35,25 @@ class EMA(nn.Module):
         share_frozen: Share the model's frozen float32 parameters instead of copying them.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, update_every: int = 1,
-                 warmup: bool = True, share_frozen: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        update_every: int = 1,
+        warmup: bool = True,
+        share_frozen: bool = True,
+    ) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.update_every = max(1, update_every)
         self.warmup = warmup
-        frozen = {name: p for name, p in model.named_parameters()
-                  if share_frozen and not p.requires_grad and p.dtype == torch.float32}
+        frozen = {
+            name: p
+            for name, p in model.named_parameters()
+            if share_frozen and not p.requires_grad and p.dtype == torch.float32
+        }
         #: Names of the parameters shared with the model (never averaged: they never change).
         self.shared: frozenset[str] = frozenset(unwrapped_name(name) for name in frozen)
         memo = {id(p): p for p in frozen.values()}  # deepcopy reuses these objects
@@ -64,8 +73,9 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def step(self, model: nn.Module,
-             gather: Callable[[], AbstractContextManager[object]] = nullcontext) -> bool:
+    def step(
+        self, model: nn.Module, gather: Callable[[], AbstractContextManager[object]] = nullcontext
+    ) -> bool:
         """Count a training step; every ``update_every`` steps fold ``model`` into the average.
 
         Args:
@@ -129,8 +139,11 @@ class EMA(nn.Module):
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily load the averaged weights into ``model`` (restored on exit)."""
-        backup = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if unwrapped_name(n) not in self.shared}
+        backup = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if unwrapped_name(n) not in self.shared
+        }
         self.copy_to(model)
         try:
             yield model

@@ -30,8 +30,9 @@ class ImageLogger(pl.Callback):
         self.max_images = max_images
         self._last_step = -1
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, split: str
-             ) -> None:
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, split: str
+    ) -> None:
         if not trainer.is_global_zero:
             return
         was_training = pl_module.training
@@ -52,17 +53,29 @@ class ImageLogger(pl.Callback):
                     extra = {"caption": ["\n".join(captions)]} if captions else {}
                     logger.log_image(key=f"{split}/{name}", images=[grid], step=step, **extra)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
         self._log(trainer, pl_module, batch, "train")
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if batch_idx == 0 and not trainer.sanity_checking and self.every_n_steps > 0:
             self._log(trainer, pl_module, batch, "val")
 
@@ -76,11 +89,21 @@ class ThroughputMonitor(pl.Callback):
         peak_flops: Peak FLOP/s of one device (default: looked up for known GPUs).
     """
 
-    PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                 "4090": 165e12}
+    PEAK_BF16 = {
+        "H100": 989e12,
+        "H200": 989e12,
+        "A100": 312e12,
+        "L40S": 362e12,
+        "A10": 125e12,
+        "4090": 165e12,
+    }
 
-    def __init__(self, batch_key: str = "image", flops_per_sample: float = 0.0,
-                 peak_flops: float | None = None) -> None:
+    def __init__(
+        self,
+        batch_key: str = "image",
+        flops_per_sample: float = 0.0,
+        peak_flops: float | None = None,
+    ) -> None:
         self.batch_key = batch_key
         self.flops_per_sample = flops_per_sample
         self.peak_flops = peak_flops
@@ -94,15 +117,22 @@ class ThroughputMonitor(pl.Callback):
         name = torch.cuda.get_device_name()
         return next((v for k, v in self.PEAK_BF16.items() if k in name), None)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
 
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
 
         if self._t0 is None:
             return
@@ -130,13 +160,25 @@ class DataSkipLogger(pl.Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = max(1, every_n_steps)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if trainer.global_step % self.every_n_steps or not hasattr(datamodule, "skipped_counts"):
             return
         counts = datamodule.skipped_counts("train")
         metrics = {f"data/skipped_{k}": float(v) for k, v in counts.items() if k != "ok"}
         metrics["data/skipped_total"] = float(sum(metrics.values()))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, reduce_fx="sum",
-                           sync_dist=trainer.world_size > 1, batch_size=1)
+        pl_module.log_dict(
+            metrics,
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            sync_dist=trainer.world_size > 1,
+            batch_size=1,
+        )

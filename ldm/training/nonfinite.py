@@ -11,8 +11,10 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-ADVICE = ("lower optim.lr, use trainer.precision=bf16-mixed or 32 instead of 16-mixed, or "
-          "enable trainer.gradient_clip_val")
+ADVICE = (
+    "lower optim.lr, use trainer.precision=bf16-mixed or 32 instead of 16-mixed, or "
+    "enable trainer.gradient_clip_val"
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,8 +33,12 @@ def all_finite(*values: torch.Tensor) -> bool:
 
 def non_finite_tensors(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
     """Names (``module.key``) of the floating-point tensors holding a NaN or an infinity."""
-    return [f"{name}.{key}" for name, state in modules.items() for key, t in state.items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [
+        f"{name}.{key}"
+        for name, state in modules.items()
+        for key, t in state.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 class NonFiniteGuard:
@@ -58,8 +64,7 @@ class NonFiniteGuard:
             return True
         self.bad_steps += 1
         self.skipped_steps += 1
-        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step,
-                    self.bad_steps)
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, self.bad_steps)
         if self.bad_steps >= self.max_bad_steps:
             raise NonFiniteLossError(
                 f"{self.bad_steps} consecutive non-finite losses at step {step}: {ADVICE}; the "

@@ -38,9 +38,7 @@ def build_optimizer(
     """AdamW over trainable parameters (frozen ones are skipped)."""
     groups = list(param_groups)
     if groups and isinstance(groups[0], dict):
-        groups = [
-            {**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups
-        ]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     else:
         groups = [p for p in groups if p.requires_grad]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)

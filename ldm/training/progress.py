@@ -32,8 +32,9 @@ class ProgressLines(pl.Callback):
         stream: Where the lines go (default stdout).
     """
 
-    def __init__(self, every_n_steps: int = 50, every_s: float = 30.0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int = 50, every_s: float = 30.0, stream: TextIO | None = None
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.every_s = every_s
         self.stream = stream
@@ -45,8 +46,9 @@ class ProgressLines(pl.Callback):
         value = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(value, torch.Tensor):
             metrics = trainer.callback_metrics
-            value = next((metrics[k] for k in ("train/loss", "train/rec_loss", "loss")
-                          if k in metrics), None)
+            value = next(
+                (metrics[k] for k in ("train/loss", "train/rec_loss", "loss") if k in metrics), None
+            )
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return float(value.detach())
         return None
@@ -59,8 +61,11 @@ class ProgressLines(pl.Callback):
         elapsed = now - t0
         rate = (step - step0) / elapsed if elapsed > 0 else 0.0
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        print(progress_line(step, total, loss, rate, elapsed), file=self.stream or sys.stdout,
-              flush=True)
+        print(
+            progress_line(step, total, loss, rate, elapsed),
+            file=self.stream or sys.stdout,
+            flush=True,
+        )
         self._last_print = now
         self._last_step = step
 
@@ -68,20 +73,31 @@ class ProgressLines(pl.Callback):
         self._start = (time.perf_counter(), trainer.global_step)
         self._last_print = self._start[0]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if not trainer.is_global_zero or self._start is None:
             return
         step = trainer.global_step
-        due = step - self._start[1] == 1 or (
-            self.every_n_steps > 0 and step % self.every_n_steps == 0
-        ) or time.perf_counter() - self._last_print >= self.every_s
+        due = (
+            step - self._start[1] == 1
+            or (self.every_n_steps > 0 and step % self.every_n_steps == 0)
+            or time.perf_counter() - self._last_print >= self.every_s
+        )
         if due:
             self._print(trainer, self._loss(trainer, outputs))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._start is not None \
-                and trainer.global_step != self._last_step:
+        if (
+            trainer.is_global_zero
+            and self._start is not None
+            and trainer.global_step != self._last_step
+        ):
             self._print(trainer, self._loss(trainer, None))
 
 

@@ -43,19 +43,36 @@ class QualityMonitor(pl.Callback):
         kid_subset_size: KID subset size.
     """
 
-    def __init__(self, every_n_steps: int, prompts: list[str], n: int, batch_size: int,
-                 sampler: Any, guidance: float, negative_prompt: str, size: int, seed: int = 0,
-                 ref: str | None = None, inception: str | None = None, clip: str | None = None,
-                 shapes_metadata: str | None = None, kid_subset_size: int = 1000) -> None:
+    def __init__(
+        self,
+        every_n_steps: int,
+        prompts: list[str],
+        n: int,
+        batch_size: int,
+        sampler: Any,
+        guidance: float,
+        negative_prompt: str,
+        size: int,
+        seed: int = 0,
+        ref: str | None = None,
+        inception: str | None = None,
+        clip: str | None = None,
+        shapes_metadata: str | None = None,
+        kid_subset_size: int = 1000,
+    ) -> None:
         if not prompts:
-            raise ValueError("quality.every_n_steps is set but there are no prompts: set "
-                             "quality.prompts, quality.prompts_file or sampling.prompts")
+            raise ValueError(
+                "quality.every_n_steps is set but there are no prompts: set "
+                "quality.prompts, quality.prompts_file or sampling.prompts"
+            )
         if bool(ref) != bool(inception):
             raise ValueError("quality.ref and quality.inception go together (FID needs both)")
         if not (ref or clip or shapes_metadata):
-            raise ValueError("quality.every_n_steps is set but nothing is measured: set "
-                             "quality.ref + quality.inception, quality.clip or "
-                             "quality.shapes_metadata")
+            raise ValueError(
+                "quality.every_n_steps is set but nothing is measured: set "
+                "quality.ref + quality.inception, quality.clip or "
+                "quality.shapes_metadata"
+            )
         self.every, self.prompts, self.n, self.batch_size = every_n_steps, prompts, n, batch_size
         self.sampler, self.guidance, self.negative = sampler, guidance, negative_prompt
         self.size, self.seed, self.kid_subset_size = size, seed, kid_subset_size
@@ -77,8 +94,9 @@ class QualityMonitor(pl.Callback):
 
                 ex["inception"] = load_fid_inception(self.inception_path, device)
                 with __import__("numpy").load(self.ref, allow_pickle=False) as f:
-                    ex["ref_features"] = (torch.from_numpy(f["features"]) if "features" in f
-                                          else None)
+                    ex["ref_features"] = (
+                        torch.from_numpy(f["features"]) if "features" in f else None
+                    )
             if self.clip_path:
                 from ldm.eval.clip_score import CLIPScorer
 
@@ -90,8 +108,14 @@ class QualityMonitor(pl.Callback):
             self._extractors = ex
         return self._extractors
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every or step == self._last:
             return
@@ -121,9 +145,16 @@ class QualityMonitor(pl.Callback):
             idx = mine[b : b + self.batch_size]
             prompts = [self.prompts[i % len(self.prompts)] for i in idx]
             generators = [torch.Generator().manual_seed(self.seed + i) for i in idx]
-            images, _ = model.generate(prompts, self.sampler, guidance=self.guidance,
-                                       negative_prompts=self.negative, height=self.size,
-                                       width=self.size, net=net, generator=generators)
+            images, _ = model.generate(
+                prompts,
+                self.sampler,
+                guidance=self.guidance,
+                negative_prompts=self.negative,
+                height=self.size,
+                width=self.size,
+                net=net,
+                generator=generators,
+            )
             keep = [j for j, i in enumerate(idx) if i < self.n]  # padding for equal batch counts
             images, prompts = images[keep], [prompts[j] for j in keep]
             if not keep:
@@ -137,16 +168,24 @@ class QualityMonitor(pl.Callback):
             if "geometry" in ex:
                 from ldm.eval.adherence import score_pairs
 
-                for s in score_pairs(zip(prompts, images.cpu(), strict=True),
-                                     geometry=ex["geometry"]):
-                    adherence += torch.tensor([sum(s.correct.values()), len(s.correct)],
-                                              dtype=torch.float64)
+                for s in score_pairs(
+                    zip(prompts, images.cpu(), strict=True), geometry=ex["geometry"]
+                ):
+                    adherence += torch.tensor(
+                        [sum(s.correct.values()), len(s.correct)], dtype=torch.float64
+                    )
         unet.train(was_training)
         return self._reduce(ex, stats, rows, clip_scores, adherence, start)
 
-    def _reduce(self, ex: dict[str, Any], stats: FeatureStats, rows: list[torch.Tensor],
-                clip_scores: list[torch.Tensor], adherence: torch.Tensor,
-                start: float) -> dict[str, float]:
+    def _reduce(
+        self,
+        ex: dict[str, Any],
+        stats: FeatureStats,
+        rows: list[torch.Tensor],
+        clip_scores: list[torch.Tensor],
+        adherence: torch.Tensor,
+        start: float,
+    ) -> dict[str, float]:
         import torch.distributed as dist
 
         metrics: dict[str, float] = {}
@@ -156,11 +195,13 @@ class QualityMonitor(pl.Callback):
             metrics["quality/fid"] = frechet_distance(*stats.mean_cov(), mu, sigma)
             fake = gather_rows(torch.cat(rows) if rows else torch.zeros(0, FEATURE_DIM))
             if ex["ref_features"] is not None:
-                metrics["quality/kid"] = kid(ex["ref_features"], fake,
-                                             subset_size=self.kid_subset_size)[0]
+                metrics["quality/kid"] = kid(
+                    ex["ref_features"], fake, subset_size=self.kid_subset_size
+                )[0]
         if "clip" in ex:
-            scores = gather_rows(torch.cat(clip_scores)[:, None] if clip_scores
-                                 else torch.zeros(0, 1))
+            scores = gather_rows(
+                torch.cat(clip_scores)[:, None] if clip_scores else torch.zeros(0, 1)
+            )
             metrics["quality/clip_score"] = float(scores.mean())
         if "geometry" in ex:
             if dist.is_available() and dist.is_initialized():
@@ -184,7 +225,19 @@ def build_quality_monitor(cfg: Any, sampler: Any) -> QualityMonitor | None:
             raise FileNotFoundError(f"quality.prompts_file not found: {path}")
         prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     prompts = prompts or list(cfg.sampling.prompts)
-    return QualityMonitor(q.every_n_steps, prompts, q.n, q.batch_size, sampler,
-                          cfg.sampling.guidance, cfg.sampling.negative_prompt,
-                          int(cfg.data.image_size), q.seed, q.ref, q.inception, q.clip,
-                          q.shapes_metadata, q.kid_subset_size)
+    return QualityMonitor(
+        q.every_n_steps,
+        prompts,
+        q.n,
+        q.batch_size,
+        sampler,
+        cfg.sampling.guidance,
+        cfg.sampling.negative_prompt,
+        int(cfg.data.image_size),
+        q.seed,
+        q.ref,
+        q.inception,
+        q.clip,
+        q.shapes_metadata,
+        q.kid_subset_size,
+    )

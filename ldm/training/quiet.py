@@ -29,8 +29,11 @@ def quiet_expected_warnings() -> None:
     """Install the filters (idempotent)."""
     for message in _MESSAGES:
         warnings.filterwarnings("ignore", message=message)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                 "lightning.pytorch.utilities.rank_zero"):
+    for name in (
+        "pytorch_lightning.utilities.rank_zero",
+        "lightning_fabric.utilities.rank_zero",
+        "lightning.pytorch.utilities.rank_zero",
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())

@@ -46,8 +46,10 @@ def measure_scale_factor(
         The scale factor (a float).
     """
     autoencoder = autoencoder.eval().to(device)
-    count, total, total_sq = 0, torch.zeros((), dtype=torch.float64), torch.zeros(
-        (), dtype=torch.float64
+    count, total, total_sq = (
+        0,
+        torch.zeros((), dtype=torch.float64),
+        torch.zeros((), dtype=torch.float64),
     )
     bar = tqdm(total=num_batches, desc="measuring scale_factor", disable=not progress)
     for i, batch in enumerate(batches):
@@ -79,8 +81,9 @@ def set_scale_factor(path: str | Path, value: float, out: str | Path | None = No
     for name, tensor in ckpt.tensors.items():
         module, _, param = name.partition(".")
         modules.setdefault(module, {})[param] = tensor
-    extra = {k: v for k, v in ckpt.metadata.items() if k not in ("format", "version", "kind",
-                                                                 "config")}
+    extra = {
+        k: v for k, v in ckpt.metadata.items() if k not in ("format", "version", "kind", "config")
+    }
     return save_checkpoint(out or path, modules, config, ckpt.kind, extra=extra)
 
 
@@ -90,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Measure and store the latent scale factor.")
     parser.add_argument("--ckpt", required=True, help="autoencoder checkpoint (.safetensors)")
-    parser.add_argument("-c", "--config", action="append", default=[],
-                        help="config whose `data` section gives the images")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        help="config whose `data` section gives the images",
+    )
     parser.add_argument("--batches", type=int, default=20, help="batches to measure over")
     parser.add_argument("--out", default=None, help="output checkpoint (default: in place)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -102,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         datamodule = build.build_datamodule(cfg)
         datamodule.setup("fit")
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        value = measure_scale_factor(autoencoder, datamodule.train_dataloader(), args.batches,
-                                     generator=generator)
+        value = measure_scale_factor(
+            autoencoder, datamodule.train_dataloader(), args.batches, generator=generator
+        )
         out = set_scale_factor(args.ckpt, value, args.out)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -100,8 +100,10 @@ class FrozenAwareFSDPStrategy(FSDPStrategy):
             self.kwargs["ignored_modules"] = ignored
             for frozen in ignored:
                 frozen.to(self.root_device)
-            rank_zero_info(f"FSDP: {len(ignored)} frozen module(s) kept whole (not sharded): "
-                           + ", ".join(type(m).__name__ for m in ignored))
+            rank_zero_info(
+                f"FSDP: {len(ignored)} frozen module(s) kept whole (not sharded): "
+                + ", ".join(type(m).__name__ for m in ignored)
+            )
         super().setup(trainer)
 
 
@@ -130,16 +132,19 @@ def build_strategy(
         return DDPStrategy(find_unused_parameters=find_unused_parameters)
     if name == "fsdp":
         if fsdp_sharding not in FSDP_SHARDING:
-            raise ConfigError(f"trainer.fsdp_sharding '{fsdp_sharding}' is not one of "
-                              f"{', '.join(FSDP_SHARDING)}")
+            raise ConfigError(
+                f"trainer.fsdp_sharding '{fsdp_sharding}' is not one of {', '.join(FSDP_SHARDING)}"
+            )
         return FrozenAwareFSDPStrategy(
             auto_wrap_policy=set(FSDP_WRAP_CLASSES),
             sharding_strategy=fsdp_sharding,
             use_orig_params=True,  # mixed requires_grad and torch.compile need it
         )
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"trainer.strategy={name} needs the deepspeed package, which is not "
-                          "installed (pip install deepspeed), or use trainer.strategy=fsdp")
+        raise ConfigError(
+            f"trainer.strategy={name} needs the deepspeed package, which is not "
+            "installed (pip install deepspeed), or use trainer.strategy=fsdp"
+        )
     return name
 
 
@@ -197,12 +202,17 @@ class ExecutionOptions(pl.Callback):
     """Applies :func:`apply_execution_options` when training/validation is set up (before the
     strategy wraps the module, on every rank)."""
 
-    def __init__(self, compile: bool = False, gradient_checkpointing: bool = False,
-                 vae_precision: str = "float32") -> None:
+    def __init__(
+        self,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
+        vae_precision: str = "float32",
+    ) -> None:
         self.compile = compile
         self.gradient_checkpointing = gradient_checkpointing
         self.vae_precision = vae_precision
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        apply_execution_options(pl_module, self.compile, self.gradient_checkpointing,
-                                self.vae_precision)
+        apply_execution_options(
+            pl_module, self.compile, self.gradient_checkpointing, self.vae_precision
+        )

@@ -53,8 +53,10 @@ def grid(specs: Sequence[str]) -> list[list[str]]:
     """All override lists of the sweep's Cartesian product."""
     axes = parse_axes(specs)
     keys = [k for k, _ in axes]
-    return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
-            for combo in itertools.product(*(vals for _, vals in axes))]
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*(vals for _, vals in axes))
+    ]
 
 
 def run_name(base: str, index: int, overrides: Sequence[str]) -> str:
@@ -69,6 +71,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     Losses come first (``val/``, then ``train/``); skip counters (``data/skipped_*``) that are
     zero in every trial are left out.
     """
+
     def wanted(key: str) -> bool:
         return not key.startswith("data/skipped") or any(r["metrics"].get(key) for r in rows)
 
@@ -81,8 +84,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         metrics = [f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "" for k in metric_keys]
-        lines.append("| " + " | ".join([r["name"], " ".join(r["overrides"]), r["status"],
-                                         *metrics]) + " |")
+        lines.append(
+            "| " + " | ".join([r["name"], " ".join(r["overrides"]), r["status"], *metrics]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

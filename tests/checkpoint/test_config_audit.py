@@ -32,12 +32,23 @@ UNET_REFUSED = [
     ("only_cross_attention", True), ("mid_block_only_cross_attention", True),
 ]  # fmt: skip
 # Values that do not change the function (or equal ours): loaded and reproduced.
-UNET_REPRODUCED = [("time_embedding_dim", 128), ("mid_block_only_cross_attention", False),
-                   ("dropout", 0.1), ("sample_size", 12), ("addition_embed_type_num_heads", 8)]
-VAE_REFUSED = [("act_fn", "gelu"), ("norm_num_groups", 16), ("use_quant_conv", False),
-               ("use_post_quant_conv", False), ("shift_factor", 0.1),
-               ("latents_mean", [0.0] * 4), ("latents_std", [1.0] * 4),
-               ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"])]
+UNET_REPRODUCED = [
+    ("time_embedding_dim", 128),
+    ("mid_block_only_cross_attention", False),
+    ("dropout", 0.1),
+    ("sample_size", 12),
+    ("addition_embed_type_num_heads", 8),
+]
+VAE_REFUSED = [
+    ("act_fn", "gelu"),
+    ("norm_num_groups", 16),
+    ("use_quant_conv", False),
+    ("use_post_quant_conv", False),
+    ("shift_factor", 0.1),
+    ("latents_mean", [0.0] * 4),
+    ("latents_std", [1.0] * 4),
+    ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+]
 VAE_REPRODUCED = [("force_upcast", False), ("sample_size", 64)]
 
 
@@ -46,8 +57,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("audit")
     config = tiny_config(tiny_clip_dir(root / "clip"))
     model = tiny_model(config, seed=3)
-    return {"folder": export_diffusers_folder(model, load(base=config), root / "pipe"),
-            "config": config}
+    return {
+        "folder": export_diffusers_folder(model, load(base=config), root / "pipe"),
+        "config": config,
+    }
 
 
 def edited(src: Path, dst: Path, component: str, key: str, value: Any) -> Path:
@@ -61,11 +74,13 @@ def edited(src: Path, dst: Path, component: str, key: str, value: Any) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("component", "key", "value"),
-                         [("unet", *kv) for kv in UNET_REFUSED]
-                         + [("vae", *kv) for kv in VAE_REFUSED])
-def test_changed_key_is_refused_in_one_line(folder: dict[str, Any], tmp_path: Path,
-                                            component: str, key: str, value: Any) -> None:
+@pytest.mark.parametrize(
+    ("component", "key", "value"),
+    [("unet", *kv) for kv in UNET_REFUSED] + [("vae", *kv) for kv in VAE_REFUSED],
+)
+def test_changed_key_is_refused_in_one_line(
+    folder: dict[str, Any], tmp_path: Path, component: str, key: str, value: Any
+) -> None:
     path = edited(folder["folder"], tmp_path / "f", component, key, value)
     with pytest.raises(CheckpointError) as err:
         load_diffusers_folder(path)
@@ -73,8 +88,9 @@ def test_changed_key_is_refused_in_one_line(folder: dict[str, Any], tmp_path: Pa
     assert "\n" not in message and key in message and "not implemented" in message
 
 
-def test_sample_cli_refuses_with_exit_2(folder: dict[str, Any], tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_cli_refuses_with_exit_2(
+    folder: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
 
     path = edited(folder["folder"], tmp_path / "f", "unet", "norm_eps", 1e-3)
@@ -84,8 +100,9 @@ def test_sample_cli_refuses_with_exit_2(folder: dict[str, Any], tmp_path: Path,
 
 
 @pytest.mark.parametrize("key, value", UNET_REPRODUCED)
-def test_unet_key_is_reproduced(folder: dict[str, Any], tmp_path: Path, key: str,
-                                value: Any) -> None:
+def test_unet_key_is_reproduced(
+    folder: dict[str, Any], tmp_path: Path, key: str, value: Any
+) -> None:
     path = edited(folder["folder"], tmp_path / "f", "unet", key, value)
     ours = load_diffusers_folder(path).unet.eval()
     theirs = diffusers.UNet2DConditionModel.from_pretrained(path / "unet").eval()
@@ -99,8 +116,9 @@ def test_unet_key_is_reproduced(folder: dict[str, Any], tmp_path: Path, key: str
 
 
 @pytest.mark.parametrize("key, value", VAE_REPRODUCED)
-def test_vae_key_is_reproduced(folder: dict[str, Any], tmp_path: Path, key: str,
-                               value: Any) -> None:
+def test_vae_key_is_reproduced(
+    folder: dict[str, Any], tmp_path: Path, key: str, value: Any
+) -> None:
     path = edited(folder["folder"], tmp_path / "f", "vae", key, value)
     ours = load_diffusers_folder(path).autoencoder.eval()
     theirs = diffusers.AutoencoderKL.from_pretrained(path / "vae").eval()

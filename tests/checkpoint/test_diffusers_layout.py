@@ -60,14 +60,21 @@ def test_round_trip_is_exact(sd1: dict[str, Any]) -> None:
     sections = diffusers_folder_config(folder)
     cfg = load(base=sd1["config"])
     for key in ("unet", "autoencoder", "diffusion"):
-        ours = {k: v for k, v in build.kwargs(cfg.model[key]).items()
-                if k in sections["model"][key]}
+        ours = {
+            k: v for k, v in build.kwargs(cfg.model[key]).items() if k in sections["model"][key]
+        }
         assert sections["model"][key] == ours, key
     assert sections["data"]["image_size"] == 16
     assert sections["sampling"]["timestep_spacing"] == "leading"
     # the folder decides what its weights fix; the caller's other keys stay
-    merged = folder_config(folder, overrides=["model.unet.num_res_blocks=3", "sampling.steps=7",
-                                              "sampling.timestep_spacing=trailing"])
+    merged = folder_config(
+        folder,
+        overrides=[
+            "model.unet.num_res_blocks=3",
+            "sampling.steps=7",
+            "sampling.timestep_spacing=trailing",
+        ],
+    )
     assert merged.model.unet.num_res_blocks == 1 and merged.sampling.steps == 7
     assert merged.sampling.timestep_spacing == "trailing"  # the caller wins over the folder
 
@@ -79,18 +86,27 @@ def test_diffusers_pipeline_loads_our_export(sd1: dict[str, Any]) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(sd1["folder"])
     assert pipe.safety_checker is None and isinstance(pipe.scheduler, DDIMScheduler)
     unet = build.kwargs(load(base=sd1["config"]).model.unet)
-    expected = unet_ldm_to_diffusers(src.unet.state_dict(), unet["channel_mult"],
-                                     unet["num_res_blocks"], unet["attention_resolutions"])
+    expected = unet_ldm_to_diffusers(
+        src.unet.state_dict(),
+        unet["channel_mult"],
+        unet["num_res_blocks"],
+        unet["attention_resolutions"],
+    )
     assert_same_state(pipe.unet.state_dict(), expected)
-    assert_same_state(pipe.vae.state_dict(),
-                      vae_ldm_to_diffusers(src.autoencoder.state_dict()))
+    assert_same_state(pipe.vae.state_dict(), vae_ldm_to_diffusers(src.autoencoder.state_dict()))
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
     assert pipe.tokenizer.model_max_length == MAX_LEN
     s = pipe.scheduler.config
-    assert (s.beta_schedule, s.prediction_type, s.steps_offset, s.set_alpha_to_one,
-            s.clip_sample) == ("scaled_linear", "epsilon", 1, True, False)  # the config's
-    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=MAX_LEN, truncation=True,
-                         return_tensors="pt").input_ids
+    assert (
+        s.beta_schedule,
+        s.prediction_type,
+        s.steps_offset,
+        s.set_alpha_to_one,
+        s.clip_sample,
+    ) == ("scaled_linear", "epsilon", 1, True, False)  # the config's
+    ids = pipe.tokenizer(
+        PROMPTS, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         theirs = pipe.text_encoder(ids)[0]
     assert torch.equal(theirs, src.text_encoder.encode(PROMPTS)[0])
@@ -118,8 +134,9 @@ def test_sd2_style_export_drops_the_last_text_layer(tmp_path: Path) -> None:
     assert err.max().item() <= 1e-6
 
 
-def test_cli_exports_an_sd_file(sd1: dict[str, Any], tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exports_an_sd_file(
+    sd1: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = sd1["model"]
     ema = perturb(copy.deepcopy(src.unet), seed=33)
     ckpt = save_sd_file(sd_layout(src, "clip", ema_unet=ema), tmp_path / "model.ckpt")
@@ -132,8 +149,12 @@ def test_cli_exports_an_sd_file(sd1: dict[str, Any], tmp_path: Path,
 
     assert main(["--ckpt", str(ckpt), "-c", str(cfg_yaml), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["--ckpt", str(ckpt), "-c", str(cfg_yaml), "--out", str(out), "--no-ema",
-                 "--overwrite"]) == 0
+    assert (
+        main(
+            ["--ckpt", str(ckpt), "-c", str(cfg_yaml), "--out", str(out), "--no-ema", "--overwrite"]
+        )
+        == 0
+    )
     assert_same_state(load_diffusers_folder(out).unet, src.unet)
     # a diffusers folder exports again (its own config, not the caller's)
     again = tmp_path / "again"

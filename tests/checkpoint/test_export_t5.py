@@ -19,8 +19,9 @@ from tests.models.test_text_encoders import _tiny_t5
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:.*prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:.*prompt of"
+)
 
 PROMPTS = ["the red", "a b c d"]
 
@@ -30,12 +31,19 @@ def test_t5_run_exports_and_samples_in_diffusers(tmp_path: Path, layer: str) -> 
     import sample
 
     config: dict[str, Any] = tiny_config(tiny_clip_dir(tmp_path / "clip"))
-    config["model"]["text_encoder"] = {"kind": "t5", "name_or_path": str(
-        _tiny_t5(tmp_path / "t5")), "max_length": 12, "layer": layer}
+    config["model"]["text_encoder"] = {
+        "kind": "t5",
+        "name_or_path": str(_tiny_t5(tmp_path / "t5")),
+        "max_length": 12,
+        "layer": layer,
+    }
     model = tiny_model(config, seed=3)
-    ckpt = save_checkpoint(tmp_path / "run.safetensors",
-                           {"unet": model.unet.state_dict(),
-                            "autoencoder": model.autoencoder.state_dict()}, config, "ldm")
+    ckpt = save_checkpoint(
+        tmp_path / "run.safetensors",
+        {"unet": model.unet.state_dict(), "autoencoder": model.autoencoder.state_dict()},
+        config,
+        "ldm",
+    )
     out = tmp_path / "export"
     assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
     index = json.loads((out / "model_index.json").read_text())
@@ -63,8 +71,15 @@ def test_t5_run_exports_and_samples_in_diffusers(tmp_path: Path, layer: str) -> 
     mine = load_file(str(latents_file))["latents"]
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)).repeat(2, 1, 1, 1)
     with torch.no_grad():
-        ref = pipe(prompt=PROMPTS, negative_prompt=["z"] * 2, height=16, width=16,
-                   num_inference_steps=4, guidance_scale=4.0, latents=noise,
-                   output_type="latent").images
+        ref = pipe(
+            prompt=PROMPTS,
+            negative_prompt=["z"] * 2,
+            height=16,
+            width=16,
+            num_inference_steps=4,
+            guidance_scale=4.0,
+            latents=noise,
+            output_type="latent",
+        ).images
     err = (mine - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), err

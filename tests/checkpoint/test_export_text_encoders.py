@@ -30,9 +30,14 @@ def tiny_bert_dir(root: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, "probe", "prompt"]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizer(str(root / "vocab.txt"), model_max_length=12).save_pretrained(root)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=WIDTH, num_hidden_layers=3,
-                                     num_attention_heads=4, intermediate_size=37,
-                                     max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).eval().save_pretrained(root)
     return root
@@ -44,13 +49,18 @@ def pipeline_embeddings(folder: Path, prompts: list[str]) -> torch.Tensor:
     return embeds
 
 
-@pytest.mark.parametrize(("kind", "layer"), [("hf", "last"), ("hf", "penultimate"),
-                                             ("hf", "1"), ("clip", "penultimate")])
+@pytest.mark.parametrize(
+    ("kind", "layer"), [("hf", "last"), ("hf", "penultimate"), ("hf", "1"), ("clip", "penultimate")]
+)
 def test_exported_text_encoder_conditions_as_ours(tmp_path: Path, kind: str, layer: str) -> None:
     config: dict[str, Any] = tiny_config(tiny_clip_dir(tmp_path / "clip"))
     if kind == "hf":
-        config["model"]["text_encoder"] = {"kind": "hf", "name_or_path": str(
-            tiny_bert_dir(tmp_path / "bert")), "max_length": 12, "layer": layer}
+        config["model"]["text_encoder"] = {
+            "kind": "hf",
+            "name_or_path": str(tiny_bert_dir(tmp_path / "bert")),
+            "max_length": 12,
+            "layer": layer,
+        }
     else:
         config["model"]["text_encoder"]["layer"] = layer
     model = tiny_model(config)
@@ -62,22 +72,32 @@ def test_exported_text_encoder_conditions_as_ours(tmp_path: Path, kind: str, lay
     assert (theirs - ours).abs().max().item() <= 1e-5
 
 
-def test_masked_model_is_refused_in_one_line(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_masked_model_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The demo's set-up (a BERT-like encoder, penultimate layer, context mask): the mask is why."""
     from ldm.checkpoint.format import save_checkpoint
 
     config: dict[str, Any] = tiny_config(tiny_clip_dir(tmp_path / "clip"))
-    config["model"]["text_encoder"] = {"kind": "hf", "name_or_path": str(
-        tiny_bert_dir(tmp_path / "bert")), "max_length": 12, "layer": "penultimate"}
+    config["model"]["text_encoder"] = {
+        "kind": "hf",
+        "name_or_path": str(tiny_bert_dir(tmp_path / "bert")),
+        "max_length": 12,
+        "layer": "penultimate",
+    }
     config["model"]["use_context_mask"] = True
     model = tiny_model(config)
-    ckpt = save_checkpoint(tmp_path / "m.safetensors",
-                           {"unet": model.unet.state_dict(),
-                            "autoencoder": model.autoencoder.state_dict()}, config, "ldm")
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors",
+        {"unet": model.unet.state_dict(), "autoencoder": model.autoencoder.state_dict()},
+        config,
+        "ldm",
+    )
     # an override of the mask cannot help: the model is rebuilt from the checkpoint's config
-    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"),
-                 "model.use_context_mask=false"]) == 2
+    assert (
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "model.use_context_mask=false"])
+        == 2
+    )
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1
     assert "trained with model.use_context_mask=true" in err[0]

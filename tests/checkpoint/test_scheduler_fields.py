@@ -30,8 +30,9 @@ from tests.checkpoint.test_stable_diffusion import (
 
 diffusers = pytest.importorskip("diffusers")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
-                                        "ignore:ClipTextEncoder. prompt of")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
 PROMPTS = ["the red", "a b c"]
 
 
@@ -44,9 +45,27 @@ def run_sample(ckpt: Path, tmp: Path, *args: str) -> torch.Tensor:
     import sample
 
     out = tmp / "z.safetensors"
-    argv = ["--ckpt", str(ckpt), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-            "--negative-prompt", "x y", "--guidance", "4", "--seed", "3", "--steps", "5",
-            "--outdir", str(tmp / "out"), "--save-latents", str(out), *args]
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--negative-prompt",
+        "x y",
+        "--guidance",
+        "4",
+        "--seed",
+        "3",
+        "--steps",
+        "5",
+        "--outdir",
+        str(tmp / "out"),
+        "--save-latents",
+        str(out),
+        *args,
+    ]
     assert sample.main(argv) == 0
     return load_file(str(out))["latents"]
 
@@ -55,30 +74,50 @@ def pipeline_latents(folder: Path, steps: int, eta: float = 0.0) -> torch.Tensor
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        return pipe(prompt=PROMPTS, negative_prompt=["x y"] * 2, height=16, width=16,
-                    num_inference_steps=steps, guidance_scale=4.0, eta=eta,
-                    generator=[torch.Generator().manual_seed(3) for _ in PROMPTS],
-                    output_type="latent").images
+        return pipe(
+            prompt=PROMPTS,
+            negative_prompt=["x y"] * 2,
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            eta=eta,
+            generator=[torch.Generator().manual_seed(3) for _ in PROMPTS],
+            output_type="latent",
+        ).images
 
 
 ROUND_TRIPS = [
-    ("DDIMScheduler", {"sampler": "ddim", "timestep_spacing": "trailing",
-                       "set_alpha_to_one": False, "eta": 1.0}, {"prediction": "v",
-                                                                 "zero_terminal_snr": True}),
-    ("EulerDiscreteScheduler", {"sampler": "euler", "karras": True, "final_sigma": "sigma_min"},
-     {"schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}),
-    ("DPMSolverMultistepScheduler", {"sampler": "dpmpp_2m", "timestep_spacing": "linspace"},
-     {"prediction": "v"}),
-    ("EulerAncestralDiscreteScheduler", {"sampler": "euler_a", "timestep_spacing": "trailing"},
-     {"schedule": "cosine"}),
+    (
+        "DDIMScheduler",
+        {"sampler": "ddim", "timestep_spacing": "trailing", "set_alpha_to_one": False, "eta": 1.0},
+        {"prediction": "v", "zero_terminal_snr": True},
+    ),
+    (
+        "EulerDiscreteScheduler",
+        {"sampler": "euler", "karras": True, "final_sigma": "sigma_min"},
+        {"schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        {"sampler": "dpmpp_2m", "timestep_spacing": "linspace"},
+        {"prediction": "v"},
+    ),
+    (
+        "EulerAncestralDiscreteScheduler",
+        {"sampler": "euler_a", "timestep_spacing": "trailing"},
+        {"schedule": "cosine"},
+    ),
     ("DDPMScheduler", {"sampler": "ddpm", "clip_sample_range": 0.5}, {}),
 ]
 
 
-@pytest.mark.parametrize(("cls", "sampling", "diffusion"), ROUND_TRIPS,
-                         ids=[c for c, _, _ in ROUND_TRIPS])
-def test_ours_to_diffusers_to_ours(clip: Path, tmp_path: Path, cls: str,
-                                   sampling: dict[str, Any], diffusion: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("cls", "sampling", "diffusion"), ROUND_TRIPS, ids=[c for c, _, _ in ROUND_TRIPS]
+)
+def test_ours_to_diffusers_to_ours(
+    clip: Path, tmp_path: Path, cls: str, sampling: dict[str, Any], diffusion: dict[str, Any]
+) -> None:
     config = tiny_config(clip)
     config["model"]["diffusion"].update(diffusion)
     config["sampling"].update(sampling, steps=5)
@@ -115,67 +154,107 @@ def test_ours_to_diffusers_to_ours(clip: Path, tmp_path: Path, cls: str,
     assert json.loads((tmp_path / "twice/scheduler/scheduler_config.json").read_text()) == written
 
 
-def test_caller_config_wins_over_the_folder(clip: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_caller_config_wins_over_the_folder(
+    clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tiny_config(clip)
     config["sampling"].update(timestep_spacing="trailing", sampler="euler")
     config["model"]["diffusion"]["prediction"] = "v"
-    folder = export_diffusers_folder(tiny_model(config, seed=6), load(base=config),
-                                     tmp_path / "pipe")
-    user = write_yaml({"sampling": {"timestep_spacing": "linspace"},
-                       "model": {"text_encoder": {"layer": "penultimate"},
-                                 "unet": {"num_res_blocks": 3}}}, tmp_path / "mine.yaml")
+    folder = export_diffusers_folder(
+        tiny_model(config, seed=6), load(base=config), tmp_path / "pipe"
+    )
+    user = write_yaml(
+        {
+            "sampling": {"timestep_spacing": "linspace"},
+            "model": {"text_encoder": {"layer": "penultimate"}, "unet": {"num_res_blocks": 3}},
+        },
+        tmp_path / "mine.yaml",
+    )
     model, cfg = build.load_for_sampling(folder, [user], ["sampling.steps_offset=0"])
     s = cfg.sampling
     assert (s.timestep_spacing, s.steps_offset, s.sampler) == ("linspace", 0, "euler")
-    assert cfg.model.text_encoder.layer == "penultimate" and model.text_encoder.layer == \
-        "penultimate"
+    assert (
+        cfg.model.text_encoder.layer == "penultimate" and model.text_encoder.layer == "penultimate"
+    )
     assert cfg.model.diffusion.prediction == "v" and cfg.model.unet.num_res_blocks == 1
 
     import sample
 
-    assert sample.main(["--ckpt", str(folder), "-c", str(user), "--prompt", "the", "--steps",
-                        "2", "--outdir", str(tmp_path / "o"), "sampling.steps_offset=0"]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "-c",
+                str(user),
+                "--prompt",
+                "the",
+                "--steps",
+                "2",
+                "--outdir",
+                str(tmp_path / "o"),
+                "sampling.steps_offset=0",
+            ]
+        )
+        == 0
+    )
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("settings:"))
-    for part in ("sampling.timestep_spacing=linspace (mine.yaml)",
-                 "sampling.steps_offset=0 (override)", "sampling.sampler=euler (folder)",
-                 "model.diffusion.prediction=v (folder)",
-                 "model.text_encoder.layer=penultimate (mine.yaml)",
-                 "the folder's weights fix model.unet.num_res_blocks (yours ignored)"):
+    for part in (
+        "sampling.timestep_spacing=linspace (mine.yaml)",
+        "sampling.steps_offset=0 (override)",
+        "sampling.sampler=euler (folder)",
+        "model.diffusion.prediction=v (folder)",
+        "model.text_encoder.layer=penultimate (mine.yaml)",
+        "the folder's weights fix model.unet.num_res_blocks (yours ignored)",
+    ):
         assert part in line, (part, line)
 
 
-@pytest.mark.parametrize(("cls", "field", "value"), [
-    ("DDIMScheduler", "thresholding", True),
-    ("DPMSolverMultistepScheduler", "solver_order", 3),
-    ("EulerDiscreteScheduler", "interpolation_type", "log_linear"),
-])
-def test_unreproduced_scheduler_fields_are_refused(clip: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   cls: str, field: str, value: Any) -> None:
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        ("DDIMScheduler", "thresholding", True),
+        ("DPMSolverMultistepScheduler", "solver_order", 3),
+        ("EulerDiscreteScheduler", "interpolation_type", "log_linear"),
+    ],
+)
+def test_unreproduced_scheduler_fields_are_refused(
+    clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cls: str, field: str, value: Any
+) -> None:
     import sample
 
     config = tiny_config(clip)
     folder = export_diffusers_folder(tiny_model(config), load(base=config), tmp_path / "pipe")
     path = folder / "scheduler" / "scheduler_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": cls,
-                                field: value}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": cls, field: value}))
     capsys.readouterr()
-    assert sample.main(["--ckpt", str(folder), "--prompt", "the", "--outdir",
-                        str(tmp_path / "o")]) == 2
+    assert (
+        sample.main(["--ckpt", str(folder), "--prompt", "the", "--outdir", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith("error: scheduler") and field in err and "not reproduced" in err
 
 
-def test_karras_where_diffusers_has_none_is_one_line(clip: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_karras_where_diffusers_has_none_is_one_line(
+    clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
 
     config = tiny_config(clip)
     folder = export_diffusers_folder(tiny_model(config), load(base=config), tmp_path / "pipe")
-    argv = ["--ckpt", str(folder), "--prompt", "the", "--outdir", str(tmp_path / "o"),
-            "--karras", "--steps", "2"]
+    argv = [
+        "--ckpt",
+        str(folder),
+        "--prompt",
+        "the",
+        "--outdir",
+        str(tmp_path / "o"),
+        "--karras",
+        "--steps",
+        "2",
+    ]
     assert sample.main(argv) == 2
     assert "has no Karras sigmas" in capsys.readouterr().err
     assert sample.main([*argv, "sampling.grid=exact"]) == 0  # our grid has them
@@ -187,5 +266,6 @@ def test_export_refuses_what_the_pipeline_would_reset(clip: Path, tmp_path: Path
     model = tiny_model(config)
     for override in ("sampling.steps_offset=0", "sampling.clip_sample=true"):
         with pytest.raises(ValueError, match="resets steps_offset to 1 and clip_sample to false"):
-            export_diffusers_folder(model, load(base=config, overrides=[override]),
-                                    tmp_path / override)
+            export_diffusers_folder(
+                model, load(base=config, overrides=[override]), tmp_path / override
+            )

@@ -27,9 +27,13 @@ def test_export_reloads_in_diffusers_with_the_same_weights(tmp_path: Path) -> No
         a, b = getattr(want, part).state_dict(), getattr(got, part).state_dict()
         assert set(a) == set(b), part
         assert all(torch.equal(a[k], b[k]) for k in a), part
-    ids = [t(["the red"], padding="max_length", max_length=16).input_ids
-           for t in (got.tokenizer, got.tokenizer_2)]
-    assert ids == [t(["the red"], padding="max_length", max_length=16).input_ids
-                   for t in (want.tokenizer, want.tokenizer_2)]
+    ids = [
+        t(["the red"], padding="max_length", max_length=16).input_ids
+        for t in (got.tokenizer, got.tokenizer_2)
+    ]
+    assert ids == [
+        t(["the red"], padding="max_length", max_length=16).input_ids
+        for t in (want.tokenizer, want.tokenizer_2)
+    ]
     with pytest.raises(FileExistsError, match="is not empty"):
         export_sdxl_folder(model, sdxl_folder_config(source), out)

@@ -51,8 +51,9 @@ AUTOENCODER = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32, scale
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_clip_dir(root: Path, layers: int = 2, hidden_act: str = "quick_gelu",
-                  seed: int = 0) -> Path:
+def tiny_clip_dir(
+    root: Path, layers: int = 2, hidden_act: str = "quick_gelu", seed: int = 0
+) -> Path:
     """A random CLIPTextModel and a byte-less BPE tokenizer over a-z, saved to ``root``."""
     vocab = LETTERS + [c + "</w>" for c in LETTERS]
     vocab += ["th", "the</w>", "re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
@@ -81,10 +82,19 @@ def tiny_config(clip_dir: Path, sd2: bool = False, prediction: str = "eps") -> d
         "model": {
             "unet": dict(SD2_UNET if sd2 else SD1_UNET),
             "autoencoder": dict(AUTOENCODER),
-            "diffusion": {"schedule": "scaled_linear", "beta_start": 0.00085,
-                          "beta_end": 0.012, "num_timesteps": 1000, "prediction": prediction},
-            "text_encoder": {"kind": "clip", "name_or_path": str(clip_dir),
-                             "max_length": MAX_LEN, "layer": "penultimate" if sd2 else "last"},
+            "diffusion": {
+                "schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "num_timesteps": 1000,
+                "prediction": prediction,
+            },
+            "text_encoder": {
+                "kind": "clip",
+                "name_or_path": str(clip_dir),
+                "max_length": MAX_LEN,
+                "layer": "penultimate" if sd2 else "last",
+            },
             "use_context_mask": False,
         },
         "data": {"image_size": 16},
@@ -123,19 +133,26 @@ def hf_text_state(text_model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def sd_layout(model: Any, text: str = "clip", ema_unet: nn.Module | None = None,
-              ema_subset: int | None = None) -> dict[str, torch.Tensor]:
+def sd_layout(
+    model: Any, text: str = "clip", ema_unet: nn.Module | None = None, ema_subset: int | None = None
+) -> dict[str, torch.Tensor]:
     """The model's weights as an original SD checkpoint holds them (written out independently
     of the loader: prefixes, LitEma names, schedule buffers, open_clip text tower for SD2)."""
     sd: dict[str, torch.Tensor] = {}
     sd.update({f"model.diffusion_model.{k}": v for k, v in model.unet.state_dict().items()})
-    sd.update({f"first_stage_model.{k}": v for k, v in model.autoencoder.state_dict().items()
-               if k != "scale_factor"})  # SD v1/v2 keep scale_factor in the YAML
+    sd.update(
+        {
+            f"first_stage_model.{k}": v
+            for k, v in model.autoencoder.state_dict().items()
+            if k != "scale_factor"
+        }
+    )  # SD v1/v2 keep scale_factor in the YAML
     hf = hf_text_state(model.text_encoder.model)
     if text == "clip":
         sd.update({f"cond_stage_model.transformer.{k}": v for k, v in hf.items()})
-        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
-            torch.arange(32)[None]
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(32)[
+            None
+        ]
     else:
         sd.update(convert_hf_clip_to_open_clip(hf, "cond_stage_model.model."))
         sd["cond_stage_model.model.text_projection"] = torch.randn(WIDTH, 8)
@@ -147,8 +164,9 @@ def sd_layout(model: Any, text: str = "clip", ema_unet: nn.Module | None = None,
         sd.update({"model_ema.diffusion_model" + k.replace(".", ""): v.detach() for k, v in items})
     schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
     sd["alphas_cumprod"] = schedule.alphas_cumprod.clone()
-    sd["betas"] = 1 - schedule.alphas_cumprod / torch.cat([torch.ones(1),
-                                                          schedule.alphas_cumprod[:-1]])
+    sd["betas"] = 1 - schedule.alphas_cumprod / torch.cat(
+        [torch.ones(1), schedule.alphas_cumprod[:-1]]
+    )
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
@@ -186,8 +204,13 @@ def sd1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config = tiny_config(tiny_clip_dir(root / "clip"))
     model = tiny_model(config, seed=0)
     ema = perturb(copy.deepcopy(model.unet), seed=9)
-    return {"root": root, "config": config, "yaml": write_yaml(config, root / "cfg.yaml"),
-            "model": model, "ema": ema}
+    return {
+        "root": root,
+        "config": config,
+        "yaml": write_yaml(config, root / "cfg.yaml"),
+        "model": model,
+        "ema": ema,
+    }
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -224,15 +247,19 @@ def test_missing_or_partial_ema(sd1: dict[str, Any]) -> None:
     model, _ = build.load_for_sampling(no_ema, [sd1["yaml"]], use_ema=True)
     assert_same_state(model.unet, src.unet)
 
-    partial = save_sd_file(sd_layout(src, ema_unet=sd1["ema"], ema_subset=5),
-                           root / "partial.safetensors")
+    partial = save_sd_file(
+        sd_layout(src, ema_unet=sd1["ema"], ema_subset=5), root / "partial.safetensors"
+    )
     with pytest.raises(CheckpointError, match="partial EMA"):
         build.load_for_sampling(partial, [sd1["yaml"]])
     model, _ = build.load_for_sampling(partial, [sd1["yaml"]], use_ema=False)
     assert_same_state(model.unet, src.unet)
 
-    only = {k: v for k, v in sd_layout(src, ema_unet=sd1["ema"]).items()
-            if not k.startswith("model.diffusion_model.")}
+    only = {
+        k: v
+        for k, v in sd_layout(src, ema_unet=sd1["ema"]).items()
+        if not k.startswith("model.diffusion_model.")
+    }
     ema_only = save_sd_file(only, root / "ema_only.safetensors")
     model, _ = build.load_for_sampling(ema_only, [sd1["yaml"]])
     assert_same_state(model.unet, sd1["ema"])
@@ -253,7 +280,7 @@ def test_sd2_open_clip_text_tower(tmp_path: Path) -> None:
     encoder = model.text_encoder
     assert encoder.tokenizer.pad_token_id == 0  # open_clip pads with 0 ("!"), as SD2 trained
     tokens = encoder.tokenize(PROMPTS)
-    assert (tokens.ids[0, tokens.mask[0].sum():] == 0).all()
+    assert (tokens.ids[0, tokens.mask[0].sum() :] == 0).all()
     context, _ = encoder.encode(PROMPTS)
     hidden = src.text_encoder.model(input_ids=tokens.ids, output_hidden_states=True)
     body = getattr(src.text_encoder.model, "text_model", src.text_encoder.model)
@@ -277,22 +304,30 @@ def test_refuses_pickled_code_and_bad_files(sd1: dict[str, Any], tmp_path: Path)
     torch.save({"state_dict": sd, "callback": copy.copy}, evil)  # a global: needs unpickling
     with pytest.raises(CheckpointError, match="weights_only=True"):
         build.load_for_sampling(evil, [sd1["yaml"]])
-    no_vae = save_sd_file({k: v for k, v in sd.items() if not k.startswith("first_stage")},
-                          tmp_path / "no_vae.safetensors")
+    no_vae = save_sd_file(
+        {k: v for k, v in sd.items() if not k.startswith("first_stage")},
+        tmp_path / "no_vae.safetensors",
+    )
     with pytest.raises(CheckpointError, match="no autoencoder weights"):
         build.load_for_sampling(no_vae, [sd1["yaml"]])
     with pytest.raises(CheckpointError, match="does not fit model.unet"):
-        build.load_for_sampling(save_sd_file(sd, tmp_path / "ok.safetensors"), [sd1["yaml"]],
-                                ["model.unet.num_res_blocks=2"])
+        build.load_for_sampling(
+            save_sd_file(sd, tmp_path / "ok.safetensors"),
+            [sd1["yaml"]],
+            ["model.unet.num_res_blocks=2"],
+        )
     with pytest.warns(UserWarning, match="alphas_cumprod"):
-        build.load_for_sampling(tmp_path / "ok.safetensors", [sd1["yaml"]],
-                                ["model.diffusion.beta_end=0.02"])
+        build.load_for_sampling(
+            tmp_path / "ok.safetensors", [sd1["yaml"]], ["model.diffusion.beta_end=0.02"]
+        )
 
 
 def test_sd_configs_state_stable_diffusion() -> None:
     """configs/ldm/sd{1,2}.yaml: full ldm configs whose U-Net is unet-sd{1,2}.yaml's."""
-    for name, context, prediction, layer in (("sd1", 768, "eps", "last"),
-                                             ("sd2", 1024, "v", "penultimate")):
+    for name, context, prediction, layer in (
+        ("sd1", 768, "eps", "last"),
+        ("sd2", 1024, "v", "penultimate"),
+    ):
         cfg = load([ROOT / "configs" / "ldm" / f"{name}.yaml"])
         unet = load([ROOT / "configs" / "ldm" / f"unet-{name}.yaml"]).model.unet
         assert cfg.task == "ldm" and cfg.model.unet == unet
@@ -301,10 +336,14 @@ def test_sd_configs_state_stable_diffusion() -> None:
         assert list(cfg.model.autoencoder.ch_mult) == [1, 2, 4, 4]
         d = cfg.model.diffusion
         assert (d.schedule, d.beta_start, d.beta_end, d.num_timesteps, d.prediction) == (
-            "scaled_linear", 0.00085, 0.012, 1000, prediction)
+            "scaled_linear",
+            0.00085,
+            0.012,
+            1000,
+            prediction,
+        )
         t = cfg.model.text_encoder
         assert (t.kind, t.layer, t.max_length) == ("clip", layer, 77)
         assert not cfg.model.use_context_mask
         s = cfg.sampling
-        assert (s.sampler, s.steps, s.guidance, s.timestep_spacing) == ("ddim", 50, 7.5,
-                                                                         "leading")
+        assert (s.sampler, s.steps, s.guidance, s.timestep_spacing) == ("ddim", 50, 7.5, "leading")

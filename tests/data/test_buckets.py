@@ -87,8 +87,11 @@ def test_cover_crop_metadata_and_pixels() -> None:
     out = image_to_bucket(data, spec, buckets, random.Random(0))
     assert out["target_size"] == (40, 24) and out["crop_top_left"] == (0, 2)
     # resizing just the window equals resize-then-crop
-    full = Image.open(io.BytesIO(data)).convert("RGB").resize((28, 40), Image.Resampling.BICUBIC,
-                                                               reducing_gap=3.0)
+    full = (
+        Image.open(io.BytesIO(data))
+        .convert("RGB")
+        .resize((28, 40), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    )
     expected = torch.from_numpy(np.asarray(full.crop((2, 0, 26, 40))).copy()).permute(2, 0, 1)
     assert (out["image"].int() - expected.int()).abs().float().mean() < 4.0
     # random crops are seeded and stay inside the resized image
@@ -153,9 +156,17 @@ def test_two_ranks_two_workers_see_every_sample_once(mixed_aspect_shards: str) -
     shapes = set()
     skipped = Counter()
     for rank in range(2):
-        ds = ShardDataset(mixed_aspect_shards, batch_size=4, rank=rank, world_size=2,
-                          shuffle_buffer=8, random_crop=True, hflip=True, seed=3,
-                          buckets=bucket_set({**BUCKETS, "max_buffered": 5}))
+        ds = ShardDataset(
+            mixed_aspect_shards,
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            shuffle_buffer=8,
+            random_crop=True,
+            hflip=True,
+            seed=3,
+            buckets=bucket_set({**BUCKETS, "max_buffered": 5}),
+        )
         for batch in epoch(ds, workers=2):
             images = batch["image"]
             assert images.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
@@ -172,8 +183,15 @@ def test_two_ranks_two_workers_see_every_sample_once(mixed_aspect_shards: str) -
 
 
 def test_bucketed_resume_skips_exactly(mixed_aspect_shards: str) -> None:
-    dm = ShardDataModule([mixed_aspect_shards], batch_size=3, num_workers=2, shuffle_buffer=8,
-                         random_crop=True, seed=5, buckets={**BUCKETS})
+    dm = ShardDataModule(
+        [mixed_aspect_shards],
+        batch_size=3,
+        num_workers=2,
+        shuffle_buffer=8,
+        random_crop=True,
+        seed=5,
+        buckets={**BUCKETS},
+    )
     dm.train_dataloader()  # binds rank/world
     full = list(dm.train_dataloader())
     resumed_loader = dm.train_dataloader()
@@ -196,8 +214,16 @@ def test_aspect_sizes() -> None:
 
 
 def test_resampled_bucketed_epoch_has_the_fixed_batch_count(mixed_aspect_shards: str) -> None:
-    ds = ShardDataset(mixed_aspect_shards, batch_size=4, resampled=True, epoch_samples=30,
-                      rank=0, world_size=2, shuffle_buffer=8, buckets=bucket_set(BUCKETS))
+    ds = ShardDataset(
+        mixed_aspect_shards,
+        batch_size=4,
+        resampled=True,
+        epoch_samples=30,
+        rank=0,
+        world_size=2,
+        shuffle_buffer=8,
+        buckets=bucket_set(BUCKETS),
+    )
     batches = epoch(ds, workers=2)
     assert len(batches) == len(ds) == 8
     assert [len(b["key"]) for b in batches] == [4] * 7 + [2]

@@ -201,10 +201,25 @@ def test_repeated_captions_are_encoded_once_with_the_same_result(tmp_path: Path)
         for i in range(12):
             writer.write({"__key__": f"k{i:03d}", "png": png_bytes(i), "txt": f"caption {i % 3}"})
     source = str(root / "img-{000000..000001}.tar")
-    memo_summary = precompute(source, str(tmp_path / "memo"), encode_images, encode_texts,
-                              image_size=16, batch_size=4, progress=False)
-    plain_summary = precompute(source, str(tmp_path / "plain"), encode_images, encode_texts,
-                               image_size=16, batch_size=4, progress=False, memo_captions=0)
+    memo_summary = precompute(
+        source,
+        str(tmp_path / "memo"),
+        encode_images,
+        encode_texts,
+        image_size=16,
+        batch_size=4,
+        progress=False,
+    )
+    plain_summary = precompute(
+        source,
+        str(tmp_path / "plain"),
+        encode_images,
+        encode_texts,
+        image_size=16,
+        batch_size=4,
+        progress=False,
+        memo_captions=0,
+    )
     assert (memo_summary.captions_encoded, plain_summary.captions_encoded) == (3, 12)
     for name in ("img-000000.tar", "img-000001.tar"):
         memo = (tmp_path / "memo" / name).read_bytes()

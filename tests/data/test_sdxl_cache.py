@@ -26,8 +26,9 @@ def _first_batch(cfg: object) -> dict:
     return next(iter(dm.train_dataloader())), dm
 
 
-def test_sdxl_cache_matches_raw_text(shapes_data: dict[str, str], tmp_path: Path,
-                                     capsys: pytest.CaptureFixture) -> None:
+def test_sdxl_cache_matches_raw_text(
+    shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     folder = build_tiny_sdxl(tmp_path / "sdxl")
     common = [f"model.text_encoder.name_or_path={folder}", f"model.autoencoder_ckpt={folder}"]
     out = tmp_path / "cache"
@@ -47,14 +48,20 @@ def test_sdxl_cache_matches_raw_text(shapes_data: dict[str, str], tmp_path: Path
     cached, dm = _first_batch(cached_cfg)
     assert raw["key"] == cached["key"] and cached["pooled"].shape == (4, POOLED)
     module = build.build_module(build.resolve(cached_cfg), dm)
-    torch.testing.assert_close(cached["latent_mean"],
-                               module.model.autoencoder.encode(raw["image"]).mean)
+    torch.testing.assert_close(
+        cached["latent_mean"], module.model.autoencoder.encode(raw["image"]).mean
+    )
     z = cached["latent_mean"] * module.model.autoencoder.scale_factor
     losses = []
     for batch in (raw, cached):
         cond = module.unet_conditioning(batch, z)
-        out_ = module.loss_fn(module.model.unet, z, module.model.schedule, cond,
-                              generator=torch.Generator().manual_seed(0))
+        out_ = module.loss_fn(
+            module.model.unet,
+            z,
+            module.model.schedule,
+            cond,
+            generator=torch.Generator().manual_seed(0),
+        )
         losses.append((cond, out_.loss.mean()))
     (raw_cond, raw_loss), (cached_cond, cached_loss) = losses
     torch.testing.assert_close(cached_cond["context"], raw_cond["context"], rtol=0, atol=1e-6)
@@ -71,6 +78,14 @@ def test_sdxl_cache_matches_raw_text(shapes_data: dict[str, str], tmp_path: Path
         torch.testing.assert_close(context, empty.expand_as(context))
         assert (pooled == 0).all() == zero
 
-    run = [*common, "data.cached=true", f"data.train_shards={cached_shards}", "model.p_uncond=0.5",
-           "trainer.max_steps=2", f"run.root={tmp_path}", "run.name=cached", "logging.logger=csv"]
+    run = [
+        *common,
+        "data.cached=true",
+        f"data.train_shards={cached_shards}",
+        "model.p_uncond=0.5",
+        "trainer.max_steps=2",
+        f"run.root={tmp_path}",
+        "run.name=cached",
+        "logging.logger=csv",
+    ]
     assert train.main(["-c", str(TINY), *run]) == 0

@@ -182,8 +182,9 @@ def test_partial_captions_leave_one_attribute_out_and_keep_the_image() -> None:
         omitted.add(meta["omitted"])
         named = parse_attributes(b["txt"])
         assert meta["omitted"] not in named
-        assert all(named[k] == meta[k] for k in {"color", "shape", "size", "position"} - {
-            meta["omitted"]})
+        assert all(
+            named[k] == meta[k] for k in {"color", "shape", "size", "position"} - {meta["omitted"]}
+        )
         held = make_sample(partial, "heldout", index)  # held-out prompts stay complete
         assert "omitted" not in held["json"]
     assert omitted == {"color", "shape", "size", "position"}

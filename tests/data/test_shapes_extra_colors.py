@@ -46,9 +46,20 @@ def test_default_and_demo_samples_are_byte_identical() -> None:
 
 @pytest.mark.parametrize("color", sorted(EXTRA_COLORS))
 def test_extra_color_mixes_in_and_is_recognised(tmp_path: Path, color: str) -> None:
-    meta = shapes.main(["--config", str(ROOT / "configs" / "demo" / "shapes.yaml"),
-                        "--out", str(tmp_path), "num_train=120", "num_val=0", "num_heldout=0",
-                        f"extra_colors=[{color}]", "extra_color_fraction=0.5", "workers=1"])
+    meta = shapes.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "demo" / "shapes.yaml"),
+            "--out",
+            str(tmp_path),
+            "num_train=120",
+            "num_val=0",
+            "num_heldout=0",
+            f"extra_colors=[{color}]",
+            "extra_color_fraction=0.5",
+            "workers=1",
+        ]
+    )
     assert meta["vocabulary"]["color"][-1] == color
     geometry = geometry_from_metadata(tmp_path / "metadata.json")
     assert geometry.colors[-1] == color

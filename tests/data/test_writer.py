@@ -129,15 +129,17 @@ def test_cli(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert os.listdir(out) == ["p-000000.tar"]
 
 
-def test_cli_default_names_and_brace_pattern(folder: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_default_names_and_brace_pattern(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The default names match the README (train-000000.tar...); the printed pattern reads
     back exactly the shards written."""
     from ldm.data.shards import expand_shards
 
     out = tmp_path / "data"
-    assert ws.main(["--folder", str(folder), "--out", str(out), "--max-samples", "1",
-                    "--quiet"]) == 0
+    assert (
+        ws.main(["--folder", str(folder), "--out", str(out), "--max-samples", "1", "--quiet"]) == 0
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line == f"train with: data.train_shards='{out}/train-{{000000..000003}}.tar'"
     pattern = line.split("=", 1)[1].strip("'")
@@ -151,8 +153,9 @@ def test_cli_every_option_has_help() -> None:
 
 
 @pytest.mark.parametrize("flag", ["--folder", "--table"])
-def test_cli_missing_source_exits_2(flag: str, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_missing_source_exits_2(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ws.main([flag, str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} ") and "\n" not in err and "Traceback" not in err
@@ -162,8 +165,9 @@ def test_cli_missing_source_exits_2(flag: str, tmp_path: Path,
 def test_cli_nothing_written_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "src").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "src" / "a.png")  # no caption
-    assert ws.main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
-                    "--quiet"]) == 2
+    assert (
+        ws.main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    )
     assert "no sample written" in capsys.readouterr().err
 
 

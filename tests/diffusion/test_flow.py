@@ -59,15 +59,19 @@ def test_denoiser_is_the_gaussian_posterior_mean_in_sigma_space() -> None:
     d = Denoiser(optimal_velocity, FlowSchedule())
     for sigma in (0.1, 1.0, 9.0):
         # x = x0 + σε: E[x0 | x] = σ_d²/(σ_d² + σ²)·x (the same as for the VE process)
-        torch.testing.assert_close(d(x, sigma), SIGMA_D**2 / (SIGMA_D**2 + sigma**2) * x,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            d(x, sigma), SIGMA_D**2 / (SIGMA_D**2 + sigma**2) * x, rtol=1e-5, atol=1e-6
+        )
     torch.testing.assert_close(d(x, math.inf), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("sampler, order, slack", [("euler", 1, 0.35), ("heun", 2, 0.35),
-                                                   ("ddim", 1, 0.35), ("dpmpp_2m", 1, 0.5)])
-def test_samplers_reach_the_data_distribution_at_their_order(sampler: str, order: int,
-                                                             slack: float) -> None:
+@pytest.mark.parametrize(
+    "sampler, order, slack",
+    [("euler", 1, 0.35), ("heun", 2, 0.35), ("ddim", 1, 0.35), ("dpmpp_2m", 1, 0.5)],
+)
+def test_samplers_reach_the_data_distribution_at_their_order(
+    sampler: str, order: int, slack: float
+) -> None:
     """x_1 ~ N(0, 1) is mapped linearly to x_0 = σ_d·x_1; the error shrinks 2^order per doubling.
 
     diffusers' flow grid for DPM-Solver++(2M) reads the prior noise as x at t_0 = 1 − 1/(N + 1),
@@ -79,8 +83,9 @@ def test_samplers_reach_the_data_distribution_at_their_order(sampler: str, order
     noise = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     errs = []
     for n in (16, 32, 64, 128) if sampler == "dpmpp_2m" else (8, 16, 32, 64):
-        out = Sampler(sampler, n, disable_progress=True)(Denoiser(optimal_velocity, sched),
-                                                         noise, sched)
+        out = Sampler(sampler, n, disable_progress=True)(
+            Denoiser(optimal_velocity, sched), noise, sched
+        )
         exact = SIGMA_D
         if sampler == "dpmpp_2m":
             t0 = float(FlowSchedule.sigma_to_flow_t(flow_dpm_grid(sched, n).sigmas[:1].double()))
@@ -117,7 +122,8 @@ def test_time_densities_and_shift() -> None:
     torch.testing.assert_close(torch.logit(ln).mean(), torch.tensor(1.0), atol=0.02, rtol=0)
     torch.testing.assert_close(torch.logit(ln).std(), torch.tensor(0.5), atol=0.02, rtol=0)
     assert float(sample_flow_t(20000, "mode", g, mode_scale=1.29).std()) < float(
-        sample_flow_t(20000, "uniform", g).std())
+        sample_flow_t(20000, "uniform", g).std()
+    )
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     torch.testing.assert_close(shift_t(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
     assert resolution_shift(1.0, 32, 64, 64) == 2.0 and resolution_shift(3.0, 0, 8, 8) == 3.0
@@ -168,12 +174,18 @@ def unet() -> torch.nn.Module:
     ).eval()  # fmt: skip
 
 
-@pytest.mark.parametrize("sampler, cls", [("euler", "FlowMatchEulerDiscreteScheduler"),
-                                          ("heun", "FlowMatchHeunDiscreteScheduler"),
-                                          ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+@pytest.mark.parametrize(
+    "sampler, cls",
+    [
+        ("euler", "FlowMatchEulerDiscreteScheduler"),
+        ("heun", "FlowMatchHeunDiscreteScheduler"),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ],
+)
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sampler: str,
-                                                      cls: str, shift: float) -> None:
+def test_sampler_matches_diffusers_scheduler_with_cfg(
+    unet: torch.nn.Module, sampler: str, cls: str, shift: float
+) -> None:
     """The scheduler built from_config steps the same U-Net from the same latents, with CFG."""
     steps, scale = 5, 4.0
     g = torch.Generator().manual_seed(3)
@@ -182,7 +194,8 @@ def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sam
     config = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift).config
     if sampler == "dpmpp_2m":  # diffusers' flow DPM-Solver++ (as Wan and SANA configure it)
         config = diffusers.DPMSolverMultistepScheduler(
-            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift).config
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
+        ).config
     sch = getattr(diffusers, cls).from_config(config)
     sch.set_timesteps(steps)
     x = latents * getattr(sch, "init_noise_sigma", 1.0)
@@ -202,10 +215,13 @@ def test_sampler_matches_diffusers_scheduler_with_cfg(unet: torch.nn.Module, sam
     assert rel < 1e-4, rel
 
 
-@pytest.mark.parametrize("cls, sampler", [("FlowMatchEulerDiscreteScheduler", "euler"),
-                                          ("FlowMatchHeunDiscreteScheduler", "heun")])
-def test_flow_scheduler_folder_reads_as_a_flow_model(tmp_path: Path, cls: str,
-                                                    sampler: str) -> None:
+@pytest.mark.parametrize(
+    "cls, sampler",
+    [("FlowMatchEulerDiscreteScheduler", "euler"), ("FlowMatchHeunDiscreteScheduler", "heun")],
+)
+def test_flow_scheduler_folder_reads_as_a_flow_model(
+    tmp_path: Path, cls: str, sampler: str
+) -> None:
     import json
 
     from ldm.checkpoint.diffusers_layout import diffusion_section, sampling_section
@@ -213,8 +229,11 @@ def test_flow_scheduler_folder_reads_as_a_flow_model(tmp_path: Path, cls: str,
 
     getattr(diffusers, cls)(shift=3.0).save_config(tmp_path)
     config = json.loads((tmp_path / "scheduler_config.json").read_text())
-    assert diffusion_section(config) == {"objective": "flow", "num_timesteps": 1000,
-                                         "flow_shift": 3.0}
+    assert diffusion_section(config) == {
+        "objective": "flow",
+        "num_timesteps": 1000,
+        "flow_shift": 3.0,
+    }
     assert sampling_section(config) == {"sampler": sampler}
     with pytest.raises(CheckpointError, match="use_dynamic_shifting=True .* not reproduced"):
         diffusion_section({**config, "use_dynamic_shifting": True})

@@ -51,8 +51,9 @@ def test_euler_sde_reaches_the_data_variance_at_first_order() -> None:
     errs = []
     for n in (8, 16, 32, 64):
         g = torch.Generator().manual_seed(n)
-        out = Sampler("euler_sde", n, disable_progress=True)(Denoiser(optimal_velocity, sched),
-                                                             noise, sched, generator=g)
+        out = Sampler("euler_sde", n, disable_progress=True)(
+            Denoiser(optimal_velocity, sched), noise, sched, generator=g
+        )
         ts = FlowSchedule.sigma_to_flow_t(flow_grid(sched, n).sigmas.double()).tolist()
         exact = chain_variance(ts)
         assert abs(float(out.var()) / exact - 1) < mc, (n, float(out.var()), exact)
@@ -61,8 +62,9 @@ def test_euler_sde_reaches_the_data_variance_at_first_order() -> None:
     ratios = [a / b for a, b in zip(errs, errs[1:], strict=False)]
     assert errs[-1] < 0.03 and all(abs(math.log2(r) - 1) < 0.25 for r in ratios), (errs, ratios)
     # the SDE is not the ODE: the same noise, different samples, the same law
-    ode = Sampler("euler", 64, disable_progress=True)(Denoiser(optimal_velocity, sched), noise,
-                                                      sched)
+    ode = Sampler("euler", 64, disable_progress=True)(
+        Denoiser(optimal_velocity, sched), noise, sched
+    )
     assert float((ode - out).abs().mean()) > 0.1
 
 
@@ -73,14 +75,19 @@ def test_noise_scale_zero_is_euler_and_samples_follow_their_own_seed() -> None:
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(
         sample_flow_euler_maruyama(d, x, sigmas, noise_scale=0.0, disable_progress=True),
-        sample_flow_euler(d, x, sigmas, disable_progress=True), rtol=0, atol=0)
+        sample_flow_euler(d, x, sigmas, disable_progress=True),
+        rtol=0,
+        atol=0,
+    )
     gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
     batch = Sampler("euler_sde", 6, disable_progress=True)(d, x, sched, generator=gens)
     alone = Sampler("euler_sde", 6, disable_progress=True)(
-        d, x[1:2], sched, generator=[torch.Generator().manual_seed(6)])
+        d, x[1:2], sched, generator=[torch.Generator().manual_seed(6)]
+    )
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
     again = Sampler("euler_sde", 6, disable_progress=True)(
-        d, x, sched, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+        d, x, sched, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    )
     torch.testing.assert_close(batch, again, rtol=0, atol=0)
     with pytest.raises(ValueError, match="noise_scale must be >= 0"):
         sample_flow_euler_maruyama(d, x, sigmas, noise_scale=-1.0)

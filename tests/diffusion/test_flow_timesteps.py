@@ -76,8 +76,9 @@ def test_the_maps_at_known_points() -> None:
     u = torch.rand(N, generator=torch.Generator().manual_seed(3))
     for s in (-1.0, 0.0, 1.29, MODE_SCALE_MAX):
         t = sample_flow_t(N, "mode", torch.Generator().manual_seed(3), mode_scale=s)
-        torch.testing.assert_close(t, torch.from_numpy(f_mode(u.double().numpy(), s)).float(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            t, torch.from_numpy(f_mode(u.double().numpy(), s)).float(), rtol=0, atol=1e-6
+        )
         assert abs(f_mode(np.array(0.5), s) - 0.5) < 1e-12 and f_mode(np.array(0.0), s) == 1
         assert abs(f_mode(np.array(1.0), s)) < 1e-12
         if s == MODE_SCALE_MAX:  # f_mode'(½) = 0 there: the density at ½ is unbounded
@@ -86,15 +87,23 @@ def test_the_maps_at_known_points() -> None:
         dens = (mode_cdf(s)(np.array(0.5 + e)) - mode_cdf(s)(np.array(0.5 - e))) / (2 * e)
         assert abs(dens - 1 / (1 + s * (1 - math.pi / 2))) < 1e-4, s
     t = sample_flow_t(N, "cosmap", torch.Generator().manual_seed(3))
-    torch.testing.assert_close(t.double(), 1 - 1 / (torch.tan(math.pi / 2 * u.double()) + 1),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        t.double(), 1 - 1 / (torch.tan(math.pi / 2 * u.double()) + 1), rtol=0, atol=1e-6
+    )
     e = 1e-5
-    assert abs((cosmap_cdf(np.array(0.5 + e)) - cosmap_cdf(np.array(0.5 - e))) / (2 * e)
-               - 4 / math.pi) < 1e-6
+    assert (
+        abs((cosmap_cdf(np.array(0.5 + e)) - cosmap_cdf(np.array(0.5 - e))) / (2 * e) - 4 / math.pi)
+        < 1e-6
+    )
     n = torch.randn(N, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(
-        sample_flow_t(N, "logit_normal", torch.Generator().manual_seed(4), logit_mean=0.5,
-                      logit_std=0.6), torch.sigmoid(0.5 + 0.6 * n), rtol=0, atol=1e-6)
+        sample_flow_t(
+            N, "logit_normal", torch.Generator().manual_seed(4), logit_mean=0.5, logit_std=0.6
+        ),
+        torch.sigmoid(0.5 + 0.6 * n),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("alpha", [3.0, 0.5])
@@ -106,20 +115,34 @@ def test_shifted_t_follow_the_pushed_forward_density(alpha: float) -> None:
     assert stats.kstest(t, lambda x: x).pvalue < 1e-6
 
 
-@pytest.mark.parametrize("method, overrides, cdf", [
-    ("cosmap", [], cosmap_cdf),
-    ("mode", ["model.diffusion.flow_mode_scale=1.75"], mode_cdf(1.75)),
-    ("logit_normal", ["model.diffusion.flow_logit_mean=-0.5", "model.diffusion.flow_logit_std=0.8"],
-     logit_normal_cdf(-0.5, 0.8)),
-])
+@pytest.mark.parametrize(
+    "method, overrides, cdf",
+    [
+        ("cosmap", [], cosmap_cdf),
+        ("mode", ["model.diffusion.flow_mode_scale=1.75"], mode_cdf(1.75)),
+        (
+            "logit_normal",
+            ["model.diffusion.flow_logit_mean=-0.5", "model.diffusion.flow_logit_std=0.8"],
+            logit_normal_cdf(-0.5, 0.8),
+        ),
+    ],
+)
 def test_config_keys_reach_the_training_loss(method: str, overrides: list[str], cdf) -> None:  # noqa: ANN001
     """The loss `train.py` builds from ``model.diffusion.flow_*`` feeds the network T·t with
     t from the configured density, shifted by ``flow_shift``."""
-    cfg = load([ROOT / "configs" / "ldm" / "tiny.yaml"], [
-        "model.diffusion.objective=flow", f"model.diffusion.flow_timestep_sampling={method}",
-        "model.diffusion.flow_shift=2.0", *overrides])
-    loss, schedule = build.build_diffusion_loss(cfg.model.diffusion), build.build_schedule(
-        cfg.model.diffusion)
+    cfg = load(
+        [ROOT / "configs" / "ldm" / "tiny.yaml"],
+        [
+            "model.diffusion.objective=flow",
+            f"model.diffusion.flow_timestep_sampling={method}",
+            "model.diffusion.flow_shift=2.0",
+            *overrides,
+        ],
+    )
+    loss, schedule = (
+        build.build_diffusion_loss(cfg.model.diffusion),
+        build.build_schedule(cfg.model.diffusion),
+    )
     seen: list[torch.Tensor] = []
 
     def net(x_t: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ STEPS = (1, 2, 3, 7, 20, 50, 999)
 def cases() -> list[tuple[str, str, int, bool, bool]]:
     out = []
     for sampler, spacing, steps, zsnr in itertools.product(
-            SCHEDULER_CLASSES, ("leading", "trailing", "linspace"), STEPS, (False, True)):
+        SCHEDULER_CLASSES, ("leading", "trailing", "linspace"), STEPS, (False, True)
+    ):
         if sampler == "heun" and zsnr:
             continue  # diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr
         out.append((sampler, spacing, steps, False, zsnr))
@@ -34,11 +35,18 @@ def cases() -> list[tuple[str, str, int, bool, bool]]:
     return out
 
 
-def reference(sampler: str, spacing: str, steps: int, karras: bool, zsnr: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def reference(
+    sampler: str, spacing: str, steps: int, karras: bool, zsnr: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """diffusers' (σ's at the network calls, timesteps, σ each step lands on, init σ)."""
-    kw = {**SD, "timestep_spacing": spacing, "steps_offset": 1, "rescale_betas_zero_snr": zsnr,
-          "set_alpha_to_one": False, "use_karras_sigmas": karras}
+    kw = {
+        **SD,
+        "timestep_spacing": spacing,
+        "steps_offset": 1,
+        "rescale_betas_zero_snr": zsnr,
+        "set_alpha_to_one": False,
+        "use_karras_sigmas": karras,
+    }
     cls = getattr(diffusers, SCHEDULER_CLASSES[sampler])
     sched = cls(**{k: v for k, v in kw.items() if k in cls.from_config({}).config})
     sched.set_timesteps(steps)
@@ -59,10 +67,12 @@ def reference(sampler: str, spacing: str, steps: int, karras: bool, zsnr: bool
     return sig[:-1], t, sig[1:], float(sched.init_noise_sigma)
 
 
-@pytest.mark.parametrize(("sampler", "spacing", "steps", "karras", "zsnr"), cases(),
-                         ids=lambda v: str(v))
-def test_grid_is_the_schedulers(sampler: str, spacing: str, steps: int, karras: bool,
-                                zsnr: bool) -> None:
+@pytest.mark.parametrize(
+    ("sampler", "spacing", "steps", "karras", "zsnr"), cases(), ids=lambda v: str(v)
+)
+def test_grid_is_the_schedulers(
+    sampler: str, spacing: str, steps: int, karras: bool, zsnr: bool
+) -> None:
     schedule = NoiseSchedule("scaled_linear", zero_terminal_snr=zsnr)
     try:
         grid = diffusers_grid(schedule, sampler, steps, spacing, 1, karras, "zero", False)

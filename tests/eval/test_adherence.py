@@ -165,8 +165,9 @@ def test_scoring_uses_the_dataset_radii(prompts: list[DemoPrompt]) -> None:
     geometry = geometry_from_metadata({"config": {"radii": radii}})
     assert geometry is shape_geometry(radii)
     assert geometry_from_metadata({"config": {}}) is shape_geometry()  # older metadata
-    images = [np.asarray(render_image(ShapeAttributes(**p.target), 32, radii=radii))
-              for p in prompts]
+    images = [
+        np.asarray(render_image(ShapeAttributes(**p.target), 32, radii=radii)) for p in prompts
+    ]
     pairs = list(zip(prompts, images, strict=True))
     (right,) = summarise(score_pairs(pairs, "all", geometry=geometry), total=False)
     assert all(v == 1.0 for v in right.accuracy.values()), right

@@ -30,22 +30,64 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shapes_data: dict[str, str])
 
     root = tmp_path_factory.mktemp("quality")
     cfg = load([TINY_LDM])
-    ckpt = save_checkpoint(root / "ldm.safetensors", build.build_module(cfg).export_modules(),
-                           to_container(cfg), "ldm")
+    ckpt = save_checkpoint(
+        root / "ldm.safetensors", build.build_module(cfg).export_modules(), to_container(cfg), "ldm"
+    )
     inception = random_inception(root / "inception.pth")
-    assert stats.main(["--shards", shapes_data["val"], "--inception", str(inception),
-                       "--out", str(root / "ref.npz"), "--size", "32", "--device", "cpu"]) == 0
+    assert (
+        stats.main(
+            [
+                "--shards",
+                shapes_data["val"],
+                "--inception",
+                str(inception),
+                "--out",
+                str(root / "ref.npz"),
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     prompts = root / "prompts.txt"
     prompts.write_text("a red circle\na small blue square at the top left\n")
-    return {"ckpt": ckpt, "inception": inception, "ref": root / "ref.npz",
-            "clip": tiny_clip(root / "clip"), "prompts": prompts}
+    return {
+        "ckpt": ckpt,
+        "inception": inception,
+        "ref": root / "ref.npz",
+        "clip": tiny_clip(root / "clip"),
+        "prompts": prompts,
+    }
 
 
 def _run(setup: dict[str, Path], out: Path, *extra: str) -> dict:
-    args = ["--ckpt", str(setup["ckpt"]), "--prompts", str(setup["prompts"]), "--n", "5",
-            "--steps", "2", "--ref", str(setup["ref"]), "--inception", str(setup["inception"]),
-            "--clip", str(setup["clip"]), "--out", str(out), "--device", "cpu",
-            "--kid-subset-size", "5", "--kid-subsets", "3", *extra]
+    args = [
+        "--ckpt",
+        str(setup["ckpt"]),
+        "--prompts",
+        str(setup["prompts"]),
+        "--n",
+        "5",
+        "--steps",
+        "2",
+        "--ref",
+        str(setup["ref"]),
+        "--inception",
+        str(setup["inception"]),
+        "--clip",
+        str(setup["clip"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--kid-subset-size",
+        "5",
+        "--kid-subsets",
+        "3",
+        *extra,
+    ]
     assert quality.main(args) == 0
     return json.loads((out / "quality.json").read_text())
 
@@ -56,8 +98,9 @@ def test_reference_stats_file(setup: dict[str, Path], shapes_data: dict[str, str
         assert int(ref["n"]) == 16 and ref["features"].shape == (16, 2048)  # the val split
 
 
-def test_quality_report_and_batch_independence(setup: dict[str, Path], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_quality_report_and_batch_independence(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A stochastic sampler: each sample's noise comes from its own seed's stream.
     a = _run(setup, tmp_path / "a", "--batch-size", "4", "--save-images", "--sampler", "euler_a")
     assert capsys.readouterr().out.count("quality: rank 0:") >= 1  # progress lines
@@ -72,8 +115,9 @@ def test_quality_report_and_batch_independence(setup: dict[str, Path], tmp_path:
 
 
 def test_config_file_and_command_line_precedence(tmp_path: Path) -> None:
-    args = quality.parse_args(["--config", str(ROOT / "configs" / "eval" / "mlperf.yaml"),
-                               "--n", "8"])
+    args = quality.parse_args(
+        ["--config", str(ROOT / "configs" / "eval" / "mlperf.yaml"), "--n", "8"]
+    )
     assert (args.n, args.steps, args.guidance, args.sampler) == (8, 50, 8.0, "ddim")
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
@@ -81,14 +125,18 @@ def test_config_file_and_command_line_precedence(tmp_path: Path) -> None:
         quality.parse_args(["--config", str(bad)])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--n", "0"], "--n and --batch-size must be >= 1"),
-    (["--ref", "missing.npz"], "FID needs both --ref and --inception"),
-    ([], "nothing to measure"),
-    (["--clip", "no-such-folder"], "no CLIP model at"),
-])
-def test_bad_input_is_one_line(setup: dict[str, Path], extra: list[str], message: str,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--n", "0"], "--n and --batch-size must be >= 1"),
+        (["--ref", "missing.npz"], "FID needs both --ref and --inception"),
+        ([], "nothing to measure"),
+        (["--clip", "no-such-folder"], "no CLIP model at"),
+    ],
+)
+def test_bad_input_is_one_line(
+    setup: dict[str, Path], extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert quality.main(["--ckpt", str(setup["ckpt"]), "--prompt", "x", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error:") and message in err

@@ -67,8 +67,10 @@ def _torch_fidelity_extractor() -> type:
 
 def test_inception_features_equal_torch_fidelity(inception_file: Path) -> None:
     reference = _torch_fidelity_extractor()(
-        "inception-v3-compat", ["2048", "logits"],
-        feature_extractor_weights_path=str(inception_file))
+        "inception-v3-compat",
+        ["2048", "logits"],
+        feature_extractor_weights_path=str(inception_file),
+    )
     ours = load_fid_inception(inception_file)
     images = (torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1)) * 255).byte()
     with torch.no_grad():
@@ -84,8 +86,10 @@ def test_inception_features_equal_torch_fidelity(inception_file: Path) -> None:
 
 def test_inception_layout_is_the_reference_file_layout() -> None:
     state = FIDInceptionV3().state_dict()
-    assert sum(v.numel() for k, v in state.items() if "running" not in k
-               and "num_batches" not in k) == 23_850_960  # pt_inception-2015-12-05, 1008 classes
+    assert (
+        sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+        == 23_850_960
+    )  # pt_inception-2015-12-05, 1008 classes
     assert state["fc.weight"].shape == (1008, 2048)
     assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in state and "AuxLogits.fc.weight" not in state
 
@@ -125,8 +129,7 @@ def test_frechet_distance_closed_forms() -> None:
     a, b = rng.uniform(0.1, 2, DIM), rng.uniform(0.1, 2, DIM)
     mu1, mu2 = rng.normal(size=DIM), rng.normal(size=DIM)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected,
-                                                                               rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # General (non-commuting) covariances: Tr((S1 S2)^1/2) = sum sqrt eig(S1^1/2 S2 S1^1/2).
     m1, m2 = rng.normal(size=(DIM, DIM)), rng.normal(size=(DIM, DIM))
     s1, s2 = m1 @ m1.T, m2 @ m2.T
@@ -176,8 +179,7 @@ def test_fid_and_kid_equal_torchmetrics_on_the_same_features() -> None:
     metric.update(fake, real=False)
     assert fid_from_features(real, fake) == pytest.approx(float(metric.compute()), rel=1e-4)
     # One subset of the whole smaller set: no random choice on either side for the fake set.
-    k = KernelInceptionDistance(feature=_Passthrough(), subsets=1, subset_size=200,
-                                normalize=True)
+    k = KernelInceptionDistance(feature=_Passthrough(), subsets=1, subset_size=200, normalize=True)
     k.update(real[:200], real=True)
     k.update(fake, real=False)
     theirs, _ = k.compute()
@@ -186,12 +188,20 @@ def test_fid_and_kid_equal_torchmetrics_on_the_same_features() -> None:
 
 
 def test_kid_is_unbiased_for_equal_distributions() -> None:
-    values = [kid(_gaussian(100, np.zeros(DIM), np.eye(DIM), s),
-                  _gaussian(100, np.zeros(DIM), np.eye(DIM), 100 + s), subsets=1)[0]
-              for s in range(40)]
+    values = [
+        kid(
+            _gaussian(100, np.zeros(DIM), np.eye(DIM), s),
+            _gaussian(100, np.zeros(DIM), np.eye(DIM), 100 + s),
+            subsets=1,
+        )[0]
+        for s in range(40)
+    ]
     assert abs(np.mean(values)) < 3 * np.std(values) / np.sqrt(len(values))
-    shifted = kid(_gaussian(100, np.zeros(DIM), np.eye(DIM), 0),
-                  _gaussian(100, np.ones(DIM), np.eye(DIM), 1), subsets=10)
+    shifted = kid(
+        _gaussian(100, np.zeros(DIM), np.eye(DIM), 0),
+        _gaussian(100, np.ones(DIM), np.eye(DIM), 1),
+        subsets=10,
+    )
     assert shifted[0] > 10 * np.std(values)
 
 
@@ -221,16 +231,31 @@ def tiny_clip(root: Path) -> Path:
     (root / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
     tokenizer.save_pretrained(root)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32},
-                                    crop_size={"height": 32, "width": 32}).save_pretrained(root)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(root)
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "max_position_embeddings": 77, "bos_token_id": len(vocab) - 2,
-                     "eos_token_id": len(vocab) - 1, "pad_token_id": len(vocab) - 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": len(vocab) - 2,
+            "eos_token_id": len(vocab) - 1,
+            "pad_token_id": len(vocab) - 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     transformers.CLIPModel(config).save_pretrained(root)
     return root
@@ -250,8 +275,12 @@ def test_clip_score_matches_the_clip_model_forward(tmp_path: Path) -> None:
     ours = CLIPScorer(path).scores(images, prompts)
     model = transformers.CLIPModel.from_pretrained(path).eval()
     processor = transformers.CLIPProcessor.from_pretrained(path)
-    inputs = processor(text=prompts, images=[im.permute(1, 2, 0).numpy() for im in images],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=prompts,
+        images=[im.permute(1, 2, 0).numpy() for im in images],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         out = model(**inputs)
     cos = (out.image_embeds * out.text_embeds).sum(-1)

@@ -24,9 +24,13 @@ def renders(n: int, seed: int, **fixed: str) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(list(SHAPES)),
-                 "size": rng.choice(list(SIZES)), "position": rng.choice(list(POSITIONS)),
-                 **fixed}
+        attrs = {
+            "color": rng.choice(list(COLORS)),
+            "shape": rng.choice(list(SHAPES)),
+            "size": rng.choice(list(SIZES)),
+            "position": rng.choice(list(POSITIONS)),
+            **fixed,
+        }
         offset = tuple(rng.uniform(-0.03, 0.03, 2))
         out.append(render_image(ShapeAttributes(**attrs), 32, offset, supersample=2))
     return out
@@ -66,8 +70,9 @@ def test_fsd_ranks_sets_by_how_their_content_differs() -> None:
     real, found = feature_matrix(renders(96, 0))
     assert found == 96
     same = frechet_shape_distance(feature_matrix(renders(96, 1))[0], real)
-    skewed = frechet_shape_distance(feature_matrix(renders(96, 2, color="red",
-                                                           shape="circle"))[0], real)
+    skewed = frechet_shape_distance(
+        feature_matrix(renders(96, 2, color="red", shape="circle"))[0], real
+    )
     blank_images = [np.full((32, 32, 3), 255, np.uint8)] * 48 + renders(48, 3)
     blank, n_found = feature_matrix(blank_images)
     floor = fsd_floor(real)
@@ -86,6 +91,7 @@ def test_demo_reads_the_val_split_in_order(shapes_data: dict[str, str]) -> None:
     assert all(torch.equal(a, b) for a, b in zip(images, again, strict=True))
     real, found = feature_matrix(images)
     assert found >= 9  # the analyser finds the dataset's own shapes
-    line = format_fsd({**fsd_report(real, real, found), "guidance": 2.5, "sampler": "ddim",
-                       "steps": 20})
+    line = format_fsd(
+        {**fsd_report(real, real, found), "guidance": 2.5, "sampler": "ddim", "steps": 20}
+    )
     assert "NOT Inception FID" in line and "0.000 for 10 samples" in line

@@ -55,8 +55,9 @@ def degrade(image: np.ndarray, rng: np.random.Generator, sigma: float, blur: flo
     return (np.clip(noisy, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def accuracy(pairs: list[tuple[np.ndarray, dict]], geometry: ShapeGeometry | None = None
-             ) -> dict[str, float]:
+def accuracy(
+    pairs: list[tuple[np.ndarray, dict]], geometry: ShapeGeometry | None = None
+) -> dict[str, float]:
     hits = {name: 0 for name in SCORED_ATTRIBUTES}
     for image, meta in pairs:
         result = analyse_shape(image, geometry)

@@ -39,28 +39,54 @@ sys.exit(train.main({args!r}))
 
 def tiny_ldm_args(shards: str, root: Path, *extra: str) -> list[str]:
     """train.py arguments for the tiny LDM on CPU, quiet, checkpointing every 6 steps."""
-    return ["-c", str(TINY_LDM), f"data.train_shards={shards}", "data.num_workers=0",
-            "data.shuffle_buffer=8", "data.batch_size=4", "logging.logger=csv",
-            "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "trainer.ckpt_every_n_steps=6",
-            "model.ema.decay=0.9", f"run.root={root}", *extra]
+    return [
+        "-c",
+        str(TINY_LDM),
+        f"data.train_shards={shards}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.batch_size=4",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.ckpt_every_n_steps=6",
+        "model.ema.decay=0.9",
+        f"run.root={root}",
+        *extra,
+    ]
 
 
 def run_killed(args: list[str], kill_at: int) -> subprocess.CompletedProcess:
     """Run ``train.main(args)`` in a subprocess SIGKILLed when ``global_step == kill_at``."""
     script = KILLER.format(kill_at=kill_at, args=args)
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def tiny_ae_args(shards: str, root: Path | str, *extra: str) -> list[str]:
     """train.py arguments for the tiny autoencoder on CPU, quiet, two steps, saving every two."""
-    return ["-c", str(TINY_AE), f"data.train_shards={shards}", "data.num_workers=0",
-            "data.image_size=32", "data.batch_size=4", "data.shuffle_buffer=0",
-            "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "trainer.max_steps=2",
-            "trainer.ckpt_every_n_steps=2", f"run.root={root}", *extra]
+    return [
+        "-c",
+        str(TINY_AE),
+        f"data.train_shards={shards}",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.shuffle_buffer=0",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_steps=2",
+        "trainer.ckpt_every_n_steps=2",
+        f"run.root={root}",
+        *extra,
+    ]
 
 
 FSIZE_RUNNER = """
@@ -76,8 +102,13 @@ def run_with_file_size_limit(args: list[str], limit: int) -> subprocess.Complete
     """Run ``train.main(args)`` in a subprocess that cannot write files past ``limit`` bytes
     (``RLIMIT_FSIZE``: a full disk for every file it writes)."""
     script = FSIZE_RUNNER.format(limit=limit, args=args)
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 STAGE_KILLER = """
@@ -106,8 +137,12 @@ def run_killed_in_save(args: list[str], name: str, count: int) -> subprocess.Com
     ``os.<name>`` on a checkpoint path (``replace``: the renames of a save, three per save:
     resume.ckpt, step-N.safetensors, last.safetensors; ``unlink``: pruning)."""
     script = STAGE_KILLER.format(name=name, count=count, args=args)
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 RECORDER = """
@@ -133,15 +168,26 @@ sys.exit(train.main({args!r}))
 """
 
 
-def run_recorded(args: list[str], record: Path, signal_at: int = -1, signum: str = "SIGTERM",
-                 timeout: float = 300) -> subprocess.CompletedProcess:
+def run_recorded(
+    args: list[str],
+    record: Path,
+    signal_at: int = -1,
+    signum: str = "SIGTERM",
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run ``train.main(args)`` in a subprocess of its own process group that appends each
     step's ``{"step", "keys", "loss"}`` to ``record`` (JSON lines) and, when ``global_step ==
     signal_at`` at a batch start, sends ``signum`` to its whole process group."""
     script = RECORDER.format(signal_at=signal_at, signum=signum, record=str(record), args=args)
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          start_new_session=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+        timeout=timeout,
+    )
 
 
 def read_record(record: Path) -> list[dict]:

@@ -47,8 +47,9 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("overrides,needle", CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
-def test_train_config_value_refused(overrides: list[str], needle: str, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_config_value_refused(
+    overrides: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import train
 
     rc = train.main(["-c", str(TINY_AE), f"run.root={tmp_path}", *overrides])
@@ -56,37 +57,47 @@ def test_train_config_value_refused(overrides: list[str], needle: str, tmp_path:
     assert not any(tmp_path.iterdir()), "nothing is written for a refused config"
 
 
-def test_stored_config_that_is_a_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                      ) -> None:
+def test_stored_config_that_is_a_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import train
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("- a\n- b\n")
     torch.save({"state_dict": {}}, run / "checkpoints" / "resume.ckpt")
-    assert_one_line_exit_2(train.main(["--resume", str(run)]), capsys.readouterr().err,
-                           "mapping")
+    assert_one_line_exit_2(train.main(["--resume", str(run)]), capsys.readouterr().err, "mapping")
 
 
-def test_missing_config_file_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_missing_config_file_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import train
 
-    assert_one_line_exit_2(train.main(["-c", str(tmp_path / "nope.yaml")]),
-                           capsys.readouterr().err, "not found")
-    assert_one_line_exit_2(train.main(["--resume", str(tmp_path / "nope")]),
-                           capsys.readouterr().err, "resume checkpoint")
+    assert_one_line_exit_2(
+        train.main(["-c", str(tmp_path / "nope.yaml")]), capsys.readouterr().err, "not found"
+    )
+    assert_one_line_exit_2(
+        train.main(["--resume", str(tmp_path / "nope")]),
+        capsys.readouterr().err,
+        "resume checkpoint",
+    )
 
 
-def test_run_root_that_cannot_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                         ) -> None:
+def test_run_root_that_cannot_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """run.root below a file (as unwritable as a read-only folder, also for root)."""
     import train
 
     (tmp_path / "file").write_text("x")
     shards = tmp_path / "s.tar"
     shards.write_bytes(bytes(1024))
-    rc = train.main(["-c", str(TINY_AE), f"run.root={tmp_path / 'file' / 'runs'}",
-                     f"data.train_shards={shards}", "trainer.accelerator=cpu"])
-    assert_one_line_exit_2(rc, capsys.readouterr().err, "cannot write the run directory",
-                           "run.root")
+    rc = train.main(
+        [
+            "-c",
+            str(TINY_AE),
+            f"run.root={tmp_path / 'file' / 'runs'}",
+            f"data.train_shards={shards}",
+            "trainer.accelerator=cpu",
+        ]
+    )
+    assert_one_line_exit_2(
+        rc, capsys.readouterr().err, "cannot write the run directory", "run.root"
+    )

@@ -36,8 +36,9 @@ def drain(dataset: ShardDataset) -> list[dict]:
     return list(DataLoader(dataset, batch_size=None, num_workers=0))
 
 
-def test_reference_written_bad_members_are_counted(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_written_bad_members_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 8x8 images are fine, 40x40 not
     grey16 = png(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey at 16 bits
     samples = {
@@ -57,18 +58,41 @@ def test_reference_written_bad_members_are_counted(tmp_path: Path,
     path = tmp_path / "ref-000000.tar"
     with wds.TarWriter(str(path)) as writer:
         for key, members in samples.items():
-            writer.write({"__key__": key, **{
-                ext: json.dumps(v).encode() if ext == "json" and isinstance(v, dict)
-                else v.encode() if isinstance(v, str) else v for ext, v in members.items()}})
-    ds = ShardDataset(str(path), batch_size=16, image_size=8, caption_key="json:caption",
-                      shuffle_buffer=0, num_slots=2)
+            writer.write(
+                {
+                    "__key__": key,
+                    **{
+                        ext: json.dumps(v).encode()
+                        if ext == "json" and isinstance(v, dict)
+                        else v.encode()
+                        if isinstance(v, str)
+                        else v
+                        for ext, v in members.items()
+                    },
+                }
+            )
+    ds = ShardDataset(
+        str(path),
+        batch_size=16,
+        image_size=8,
+        caption_key="json:caption",
+        shuffle_buffer=0,
+        num_slots=2,
+    )
     (batch,) = drain(ds)
     assert batch["key"] == ["good0", "grey16", "good1"]
     grey = batch["image"][1]
     torch.testing.assert_close(grey, torch.full_like(grey, 128 / 127.5 - 1))  # not white
     counts = {k: v for k, v in ds.counter.counts().items() if v}
-    assert counts == {"ok": 3, "too_large": 2, "corrupt_caption": 2, "missing_caption": 1,
-                      "missing_image": 1, "corrupt_image": 2, "empty_member": 1}
+    assert counts == {
+        "ok": 3,
+        "too_large": 2,
+        "corrupt_caption": 2,
+        "missing_caption": 1,
+        "missing_image": 1,
+        "corrupt_image": 2,
+        "empty_member": 1,
+    }
 
 
 def _header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
@@ -87,8 +111,11 @@ def _member(name: str, data: bytes) -> bytes:
 
 
 def _pax(records: bytes) -> bytes:
-    return (_header("pax", f"{len(records):011o}\0".encode(), b"x") + records
-            + bytes(-len(records) % 512))
+    return (
+        _header("pax", f"{len(records):011o}\0".encode(), b"x")
+        + records
+        + bytes(-len(records) % 512)
+    )
 
 
 GOOD = _member("ok.png", rgb(0)) + _member("ok.txt", b"fine")
@@ -117,8 +144,12 @@ def test_damaged_tar_metadata_is_bad_tar(damage: bytes, tmp_path: Path) -> None:
 
 def test_cached_sample_with_odd_shapes_is_counted(tmp_path: Path) -> None:
     def sample(key: str, latent: tuple[int, ...], context: tuple[int, int]) -> dict:
-        data = encode_cached_sample(torch.zeros(latent), torch.ones(latent),
-                                    torch.zeros(context), torch.ones(context[0], dtype=bool))
+        data = encode_cached_sample(
+            torch.zeros(latent),
+            torch.ones(latent),
+            torch.zeros(context),
+            torch.ones(context[0], dtype=bool),
+        )
         return {"__key__": key, "safetensors": data, "txt": b"c"}
 
     path = tmp_path / "cache-000000.tar"
@@ -133,13 +164,15 @@ def test_cached_sample_with_odd_shapes_is_counted(tmp_path: Path) -> None:
     assert ds.counter.counts()["corrupt_latent"] == 2
 
 
-def test_source_without_usable_sample_stops_in_one_line(six_batch_shard: str, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_source_without_usable_sample_stops_in_one_line(
+    six_batch_shard: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A caption field no sample has: every epoch would be empty, forever."""
     import train
 
-    rc = train.main(tiny_ae_args(six_batch_shard, tmp_path, "data.caption_key=json:nope",
-                                 "trainer.max_steps=5"))
-    assert_one_line_exit_2(rc, capsys.readouterr().err, "no usable sample", "caption_key",
-                           only=False)
+    rc = train.main(
+        tiny_ae_args(six_batch_shard, tmp_path, "data.caption_key=json:nope", "trainer.max_steps=5")
+    )
+    assert_one_line_exit_2(
+        rc, capsys.readouterr().err, "no usable sample", "caption_key", only=False
+    )

@@ -15,12 +15,19 @@ from tests.faults.test_bad_input import assert_one_line_exit_2
 
 @needs_minilm
 @pytest.mark.parametrize("precision,eps", [("bf16-true", "1e-8"), ("16-true", "1e-4")])
-def test_true_precisions_train(precision: str, eps: str, six_batch_shard: str,
-                               tmp_path: Path) -> None:
+def test_true_precisions_train(
+    precision: str, eps: str, six_batch_shard: str, tmp_path: Path
+) -> None:
     import train
 
-    args = tiny_ldm_args(six_batch_shard, tmp_path, "trainer.max_steps=2",
-                         f"trainer.precision={precision}", f"optim.eps={eps}", "run.name=p")
+    args = tiny_ldm_args(
+        six_batch_shard,
+        tmp_path,
+        "trainer.max_steps=2",
+        f"trainer.precision={precision}",
+        f"optim.eps={eps}",
+        "run.name=p",
+    )
     assert train.main(args) == 0
     ckpt = load_checkpoint(tmp_path / "p" / "checkpoints" / "last.safetensors")
     assert ckpt.metadata["step"] == "2"
@@ -28,13 +35,20 @@ def test_true_precisions_train(precision: str, eps: str, six_batch_shard: str,
     assert unet and all(torch.isfinite(v.float()).all() for v in unet.values())
 
 
-@pytest.mark.parametrize("setting,needle", [
-    (["trainer.precision=16-mixed"], "bf16-mixed"),
-    (["trainer.precision=16-true"], "optim.eps=1e-4"),
-])
-def test_precision_that_cannot_work_is_refused(setting: list[str], needle: str,
-                                               six_batch_shard: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "setting,needle",
+    [
+        (["trainer.precision=16-mixed"], "bf16-mixed"),
+        (["trainer.precision=16-true"], "optim.eps=1e-4"),
+    ],
+)
+def test_precision_that_cannot_work_is_refused(
+    setting: list[str],
+    needle: str,
+    six_batch_shard: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import train
 
     rc = train.main(tiny_ae_args(six_batch_shard, tmp_path, *setting))
@@ -42,11 +56,15 @@ def test_precision_that_cannot_work_is_refused(setting: list[str], needle: str,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_gpu_accelerator_without_gpu(six_batch_shard: str, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_accelerator_without_gpu(
+    six_batch_shard: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import train
 
-    args = [a for a in tiny_ae_args(six_batch_shard, tmp_path)
-            if not a.startswith("trainer.accelerator")]
+    args = [
+        a
+        for a in tiny_ae_args(six_batch_shard, tmp_path)
+        if not a.startswith("trainer.accelerator")
+    ]
     rc = train.main([*args, "trainer.accelerator=gpu"])
     assert_one_line_exit_2(rc, capsys.readouterr().err, "trainer setting", only=False)

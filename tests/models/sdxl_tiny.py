@@ -22,8 +22,9 @@ def _tokenizer(root: Path, pad: str | None):  # noqa: ANN202 - transformers type
     (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (root / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\nr e\nre d</w>\n")
     extra = {"pad_token": pad} if pad else {}
-    return transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"),
-                                      model_max_length=MAX_LEN, **extra), len(vocab)
+    return transformers.CLIPTokenizer(
+        str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=MAX_LEN, **extra
+    ), len(vocab)
 
 
 def _clip(width: int, vocab: int):  # noqa: ANN202 - transformers type

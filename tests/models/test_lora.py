@@ -8,14 +8,25 @@ import torch
 from ldm.models.lora import LoRALinear, add_lora, lora_state_dict, merge_lora
 from ldm.models.unet import UNetModel
 
-UNET = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2],
-            num_res_blocks=1, attention_resolutions=[1], num_heads=4, context_dim=16)
+UNET = dict(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[1],
+    num_heads=4,
+    context_dim=16,
+)
 
 
 def inputs() -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 700.0]),
-            torch.randn(2, 5, 16, generator=g))
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([3.0, 700.0]),
+        torch.randn(2, 5, 16, generator=g),
+    )
 
 
 def test_lora_starts_at_base_trains_adapters_only_and_merges() -> None:

@@ -244,11 +244,14 @@ def test_inner_layer(model_dirs: dict[str, Path], kind: str, layer: str, tmp_pat
     )
 
 
-@pytest.mark.parametrize(("layer", "message"), [
-    ("middle", "unknown text encoder layer 'middle'; valid: last, penultimate, or a block"),
-    ("0", "unknown text encoder layer '0'"),
-    (str(LAYERS + 1), f"layer {LAYERS + 1} does not exist: the model has {LAYERS} blocks"),
-])
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ("middle", "unknown text encoder layer 'middle'; valid: last, penultimate, or a block"),
+        ("0", "unknown text encoder layer '0'"),
+        (str(LAYERS + 1), f"layer {LAYERS + 1} does not exist: the model has {LAYERS} blocks"),
+    ],
+)
 def test_bad_layer_is_one_clear_line(model_dirs: dict[str, Path], layer: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         _build(model_dirs, "hf", layer=layer)
@@ -352,4 +355,3 @@ def test_loading_prints_no_bar_and_restores_it(
     _build(model_dirs, kind)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is put back
-

@@ -65,39 +65,72 @@ def common(shapes_data: dict[str, str], tmp_path: Path) -> list[str]:
 
 
 @needs_minilm
-def test_train_and_sample_at_an_odd_latent_size(shapes_data: dict[str, str], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_and_sample_at_an_odd_latent_size(
+    shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """36 px with the tiny f=4 autoencoder is a 9×9 latent, which the 2-level U-Net halves to
     5×5 and must bring back to 9×9 (before the fix: a traceback in ``torch.cat``)."""
     import sample
     import train
 
-    args = ["-c", str(TINY_LDM), *common(shapes_data, tmp_path), "data.image_size=36",
-            "trainer.max_steps=1", "run.name=odd", "sampling.steps=2"]
+    args = [
+        "-c",
+        str(TINY_LDM),
+        *common(shapes_data, tmp_path),
+        "data.image_size=36",
+        "trainer.max_steps=1",
+        "run.name=odd",
+        "sampling.steps=2",
+    ]
     assert train.main(args) == 0
     ckpt = tmp_path / "odd" / "checkpoints" / "last.safetensors"
     out = tmp_path / "samples"
-    assert sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2",
-                        "--height", "44", "--width", "36", "--outdir", str(out)]) == 0
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--height",
+                "44",
+                "--width",
+                "36",
+                "--outdir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(next(out.glob("0000-*.png"))).size == (36, 44)
 
     capsys.readouterr()
-    assert sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--height", "38",
-                        "--outdir", str(out)]) == 2
+    assert (
+        sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--height", "38", "--outdir", str(out)])
+        == 2
+    )
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "multiples of 4" in err[0]
 
 
 @needs_minilm
-def test_train_refuses_a_size_off_the_autoencoder_grid(shapes_data: dict[str, str],
-                                                       tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_refuses_a_size_off_the_autoencoder_grid(
+    shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import train
 
-    args = ["-c", str(TINY_LDM), *common(shapes_data, tmp_path), "data.image_size=34",
-            "trainer.max_steps=1", "run.name=bad"]
+    args = [
+        "-c",
+        str(TINY_LDM),
+        *common(shapes_data, tmp_path),
+        "data.image_size=34",
+        "trainer.max_steps=1",
+        "run.name=bad",
+    ]
     assert train.main(args) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "data.image_size" in err[0] and "34 is not a multiple of" in err[0]

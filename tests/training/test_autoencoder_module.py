@@ -21,15 +21,23 @@ def overrides(shapes_data: dict[str, str], tmp_path: Path, *extra: str) -> list[
     return [
         f"data.train_shards={shapes_data['train']}",
         f"data.val_shards={shapes_data['val']}",
-        "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
-        "data.shuffle_buffer=8", "logging.logger=csv", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"run.root={tmp_path}", *extra,
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "logging.logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run.root={tmp_path}",
+        *extra,
     ]
 
 
 def test_fast_dev_run(shapes_data: dict[str, str], tmp_path: Path) -> None:
-    cfg = load([TINY], overrides(shapes_data, tmp_path, "trainer.fast_dev_run=2",
-                                 "model.loss.disc_start=1"))
+    cfg = load(
+        [TINY],
+        overrides(shapes_data, tmp_path, "trainer.fast_dev_run=2", "model.loss.disc_start=1"),
+    )
     module = build.build_module(cfg)
     trainer = build.build_trainer(cfg, build.prepare_run_dir(cfg))
     trainer.fit(module, datamodule=build.build_datamodule(cfg))
@@ -37,14 +45,25 @@ def test_fast_dev_run(shapes_data: dict[str, str], tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_train_py_writes_checkpoints_with_config(shapes_data: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_train_py_writes_checkpoints_with_config(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     import train
 
-    args = ["-c", str(TINY), *overrides(shapes_data, tmp_path, "trainer.max_steps=4",
-                                        "trainer.ckpt_every_n_steps=2", "trainer.keep_last_k=1",
-                                        "run.name=ae", "logging.image_every_n_steps=2",
-                                        "trainer.limit_val_batches=1")]
+    args = [
+        "-c",
+        str(TINY),
+        *overrides(
+            shapes_data,
+            tmp_path,
+            "trainer.max_steps=4",
+            "trainer.ckpt_every_n_steps=2",
+            "trainer.keep_last_k=1",
+            "run.name=ae",
+            "logging.image_every_n_steps=2",
+            "trainer.limit_val_batches=1",
+        ),
+    ]
     assert train.main(args) == 0
     run = tmp_path / "ae"
     assert (run / "config.yaml").read_text().startswith("task: autoencoder")
@@ -59,8 +78,13 @@ def test_train_py_writes_checkpoints_with_config(shapes_data: dict[str, str],
     cfg = load([TINY], overrides(shapes_data, tmp_path))
     dm = build.build_datamodule(cfg)
     dm.setup("fit")
-    value = measure_scale_factor(model, dm.train_dataloader(), num_batches=3,
-                                 generator=torch.Generator().manual_seed(0), progress=False)
+    value = measure_scale_factor(
+        model,
+        dm.train_dataloader(),
+        num_batches=3,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert 0 < value < 100
     set_scale_factor(run / "checkpoints" / "last.safetensors", value)
     reloaded = build.load_autoencoder(run / "checkpoints" / "last.safetensors")

@@ -27,9 +27,15 @@ BUCKETS = ["data.buckets.enabled=true", "data.buckets.resolutions=[32]", "data.b
 
 def common(shards: str, tmp_path: Path) -> list[str]:
     return [
-        f"data.train_shards={shards}", "data.num_workers=2", "data.shuffle_buffer=8",
-        "data.batch_size=4", "data.random_crop=true", "logging.image_every_n_steps=0",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"run.root={tmp_path}",
+        f"data.train_shards={shards}",
+        "data.num_workers=2",
+        "data.shuffle_buffer=8",
+        "data.batch_size=4",
+        "data.random_crop=true",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run.root={tmp_path}",
         *BUCKETS,
     ]
 
@@ -49,15 +55,19 @@ class Shapes(pl.Callback):
 def recorded(monkeypatch: pytest.MonkeyPatch) -> Shapes:
     shapes = Shapes()
     original = build.build_trainer
-    monkeypatch.setattr(build, "build_trainer",
-                        lambda cfg, path, extra_callbacks=None, **kw: original(
-                            cfg, path, [*(extra_callbacks or []), shapes], **kw))
+    monkeypatch.setattr(
+        build,
+        "build_trainer",
+        lambda cfg, path, extra_callbacks=None, **kw: original(
+            cfg, path, [*(extra_callbacks or []), shapes], **kw
+        ),
+    )
     return shapes
 
 
-def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, tmp_path: Path,
-                                                      recorded: Shapes,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_bucketed_then_sample_aspect_then_cache(
+    mixed_aspect_shards: str, tmp_path: Path, recorded: Shapes, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
     import train
     from ldm.cache import main as cache_main
@@ -66,9 +76,21 @@ def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, 
     assert train.main(["-c", str(TINY_AE), *base, "trainer.max_steps=2", "run.name=ae"]) == 0
     ae = tmp_path / "ae" / "checkpoints" / "last.safetensors"
     recorded.seen.clear()
-    assert train.main(["-c", str(TINY_LDM), *base, f"model.autoencoder_ckpt={ae}",
-                       "trainer.max_steps=4", "run.name=ldm", "logging.image_every_n_steps=4",
-                       "sampling.steps=2"]) == 0
+    assert (
+        train.main(
+            [
+                "-c",
+                str(TINY_LDM),
+                *base,
+                f"model.autoencoder_ckpt={ae}",
+                "trainer.max_steps=4",
+                "run.name=ldm",
+                "logging.image_every_n_steps=4",
+                "sampling.steps=2",
+            ]
+        )
+        == 0
+    )
     assert len(recorded.seen) == 4
     for shape, targets in recorded.seen:  # one bucket per batch, metadata to match
         assert all(t == list(shape[2:]) for t in targets)
@@ -78,11 +100,27 @@ def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, 
     assert grid.is_file()
 
     ckpt = tmp_path / "ldm" / "checkpoints" / "last.safetensors"
-    for flags, size in ((["--aspect", "3:2"], (40, 24)), (["--aspect", "2:3", "--width", "32"],
-                                                          (32, 48))):
+    for flags, size in (
+        (["--aspect", "3:2"], (40, 24)),
+        (["--aspect", "2:3", "--width", "32"], (32, 48)),
+    ):
         out = tmp_path / f"samples-{size[0]}"
-        assert sample.main(["--ckpt", str(ckpt), "--prompt", "a tall picture", "--steps", "2",
-                            "--outdir", str(out), *flags]) == 0
+        assert (
+            sample.main(
+                [
+                    "--ckpt",
+                    str(ckpt),
+                    "--prompt",
+                    "a tall picture",
+                    "--steps",
+                    "2",
+                    "--outdir",
+                    str(out),
+                    *flags,
+                ]
+            )
+            == 0
+        )
         image = Image.open(next(p for p in out.glob("0000-*.png")))
         assert image.size == size  # (width, height)
 
@@ -103,15 +141,35 @@ def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, 
     assert shapes == {(24, 40), (32, 32), (40, 24)}
     recorded.seen.clear()
     cached = str(tmp_path / "cache" / "train" / "mixed-{000000..000003}.tar")
-    assert train.main([*cfg_args, f"data.train_shards={cached}", "data.cached=true",
-                       "trainer.max_steps=3", "run.name=cached"]) == 0
+    assert (
+        train.main(
+            [
+                *cfg_args,
+                f"data.train_shards={cached}",
+                "data.cached=true",
+                "trainer.max_steps=3",
+                "run.name=cached",
+            ]
+        )
+        == 0
+    )
     assert len(recorded.seen) == 3
     for shape, targets in recorded.seen:
         assert all([4 * n for n in shape[2:]] == t for t in targets)
     # the same cache without buckets: refused at start with the fix
     no_buckets = [a for a in cfg_args if a not in BUCKETS]
-    assert train.main([*no_buckets, f"data.train_shards={cached}", "data.cached=true",
-                       "trainer.max_steps=1", "run.name=square"]) == 2
+    assert (
+        train.main(
+            [
+                *no_buckets,
+                f"data.train_shards={cached}",
+                "data.cached=true",
+                "trainer.max_steps=1",
+                "run.name=square",
+            ]
+        )
+        == 2
+    )
     assert "train on it with data.buckets.enabled=true" in capsys.readouterr().err
 
 
@@ -123,9 +181,13 @@ def test_train_bucketed_then_sample_aspect_then_cache(mixed_aspect_shards: str, 
         (["data.buckets.max_aspect=0.5"], "data.buckets.max_aspect must be >= 1"),
     ],
 )
-def test_bad_buckets_fail_at_start(mixed_aspect_shards: str, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str], overrides: list[str],
-                                   message: str) -> None:
+def test_bad_buckets_fail_at_start(
+    mixed_aspect_shards: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: list[str],
+    message: str,
+) -> None:
     import train
 
     args = ["-c", str(TINY_LDM), *common(mixed_aspect_shards, tmp_path), *overrides]
@@ -135,14 +197,21 @@ def test_bad_buckets_fail_at_start(mixed_aspect_shards: str, tmp_path: Path,
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
-def test_bucketed_resume_mid_epoch_is_exact(mixed_aspect_shards: str, tmp_path: Path,
-                                            recorded: Shapes) -> None:
+def test_bucketed_resume_mid_epoch_is_exact(
+    mixed_aspect_shards: str, tmp_path: Path, recorded: Shapes
+) -> None:
     """6 steps straight equal 3 steps, then --resume (mid-epoch: 46 samples, batch 4) to 6."""
     import train
     from ldm.checkpoint.format import load_checkpoint
 
-    args = ["-c", str(TINY_LDM), *common(mixed_aspect_shards, tmp_path), "logging.logger=csv",
-            "trainer.ckpt_every_n_steps=3", "model.ema.decay=0.9"]
+    args = [
+        "-c",
+        str(TINY_LDM),
+        *common(mixed_aspect_shards, tmp_path),
+        "logging.logger=csv",
+        "trainer.ckpt_every_n_steps=3",
+        "model.ema.decay=0.9",
+    ]
     assert train.main([*args, "trainer.max_steps=6", "run.name=straight"]) == 0
     straight_shapes = [shape for shape, _ in recorded.seen]
     recorded.seen.clear()
@@ -154,5 +223,6 @@ def test_bucketed_resume_mid_epoch_is_exact(mixed_aspect_shards: str, tmp_path: 
     assert resumed.metadata["step"] == straight.metadata["step"] == "6"
     for name, tensor in straight.tensors.items():
         if name.startswith(("unet.", "unet_ema.")):
-            torch.testing.assert_close(resumed.tensors[name], tensor, atol=1e-6, rtol=0,
-                                       msg=f"{name} differs after resume")
+            torch.testing.assert_close(
+                resumed.tensors[name], tensor, atol=1e-6, rtol=0, msg=f"{name} differs after resume"
+            )

@@ -59,8 +59,19 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 # Variables a surrounding launcher could have set; the test starts its own 2-process group.
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID")
+DIST_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+)
 
 
 def even_shards(spec: str) -> list[str]:
@@ -83,9 +94,16 @@ def test_two_process_ddp(shapes_data: dict[str, str], tmp_path: Path) -> None:
 
     shards = even_shards(shapes_data["train"])
     common = [
-        "-c", str(TINY_LDM), f"data.train_shards=[{','.join(shards)}]", "data.num_workers=0",
-        "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"trainer.max_steps={STEPS}", f"run.root={tmp_path}",
+        "-c",
+        str(TINY_LDM),
+        f"data.train_shards=[{','.join(shards)}]",
+        "data.num_workers=0",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"trainer.max_steps={STEPS}",
+        f"run.root={tmp_path}",
     ]
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
@@ -93,10 +111,20 @@ def test_two_process_ddp(shapes_data: dict[str, str], tmp_path: Path) -> None:
     script.write_text(RECORDER.format(out=str(keys_dir)))
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # one thread per rank on 2 cores
-    ddp_args = [*common, "run.name=ddp", "trainer.devices=2", "trainer.strategy=ddp",
-                f"data.batch_size={GLOBAL_BATCH // 2}"]
-    proc = subprocess.run([sys.executable, str(script), *ddp_args], cwd=ROOT, env=env,
-                          capture_output=True, timeout=300)
+    ddp_args = [
+        *common,
+        "run.name=ddp",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"data.batch_size={GLOBAL_BATCH // 2}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *ddp_args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
 
     # Both ranks trained every step on their own, disjoint samples.
@@ -113,9 +141,11 @@ def test_two_process_ddp(shapes_data: dict[str, str], tmp_path: Path) -> None:
     assert ddp.metadata["step"] == single.metadata["step"] == str(STEPS)
     assert set(ddp.metadata) == set(single.metadata)
     assert {k: (tuple(t.shape), t.dtype) for k, t in ddp.tensors.items()} == {
-        k: (tuple(t.shape), t.dtype) for k, t in single.tensors.items()}
-    ddp_state, single_state = (torch.load(d / "resume.ckpt", weights_only=True)
-                               for d in (ddp_dir, single_dir))
+        k: (tuple(t.shape), t.dtype) for k, t in single.tensors.items()
+    }
+    ddp_state, single_state = (
+        torch.load(d / "resume.ckpt", weights_only=True) for d in (ddp_dir, single_dir)
+    )
     assert set(ddp_state) == set(single_state)
     assert set(ddp_state["state_dict"]) == set(single_state["state_dict"])  # no "module." prefix
     assert ddp_state["global_step"] == single_state["global_step"] == STEPS

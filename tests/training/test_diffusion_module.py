@@ -27,9 +27,14 @@ pytestmark = pytest.mark.skipif(
 
 def common(shapes_data: dict[str, str], tmp_path: Path) -> list[str]:
     return [
-        f"data.train_shards={shapes_data['train']}", f"data.val_shards={shapes_data['val']}",
-        "data.num_workers=0", "data.shuffle_buffer=8", "logging.logger=csv",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"run.root={tmp_path}",
+        f"data.train_shards={shapes_data['train']}",
+        f"data.val_shards={shapes_data['val']}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "logging.logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run.root={tmp_path}",
     ]
 
 
@@ -73,8 +78,9 @@ def test_overfits_fixed_batch(shapes_data: dict[str, str], tmp_path: Path) -> No
     assert loss().item() < first / 5
 
 
-def test_cfg_dropout_replaces_with_empty_prompt(shapes_data: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_cfg_dropout_replaces_with_empty_prompt(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     cfg = load([TINY_LDM], [*common(shapes_data, tmp_path), "model.p_uncond=1.0"])
     module = build.build_module(cfg).train()
     context, mask = module.context({"caption": ["a red circle", "a blue square"]})
@@ -86,8 +92,7 @@ def test_cfg_dropout_replaces_with_empty_prompt(shapes_data: dict[str, str],
     assert not torch.allclose(context[0], empty[0])
 
 
-def test_non_finite_loss_is_skipped_then_stops(shapes_data: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_non_finite_loss_is_skipped_then_stops(shapes_data: dict[str, str], tmp_path: Path) -> None:
     cfg = load([TINY_LDM], common(shapes_data, tmp_path))
     module = build.build_module(cfg)
     module.guard.max_bad_steps = 2
@@ -103,22 +108,66 @@ def test_train_then_sample_end_to_end(shapes_data: dict[str, str], tmp_path: Pat
     import train
 
     base = common(shapes_data, tmp_path)
-    assert train.main(["-c", str(TINY_AE), *base, "data.image_size=32", "data.batch_size=4",
-                       "trainer.max_steps=2", "run.name=ae", "logging.image_every_n_steps=0",
-                       "trainer.limit_val_batches=1"]) == 0
+    assert (
+        train.main(
+            [
+                "-c",
+                str(TINY_AE),
+                *base,
+                "data.image_size=32",
+                "data.batch_size=4",
+                "trainer.max_steps=2",
+                "run.name=ae",
+                "logging.image_every_n_steps=0",
+                "trainer.limit_val_batches=1",
+            ]
+        )
+        == 0
+    )
     ae_ckpt = tmp_path / "ae" / "checkpoints" / "last.safetensors"
-    assert train.main(["-c", str(TINY_LDM), *base, f"model.autoencoder_ckpt={ae_ckpt}",
-                       "trainer.max_steps=3", "run.name=ldm", "logging.image_every_n_steps=3",
-                       "trainer.limit_val_batches=1", "sampling.steps=3"]) == 0
+    assert (
+        train.main(
+            [
+                "-c",
+                str(TINY_LDM),
+                *base,
+                f"model.autoencoder_ckpt={ae_ckpt}",
+                "trainer.max_steps=3",
+                "run.name=ldm",
+                "logging.image_every_n_steps=3",
+                "trainer.limit_val_batches=1",
+                "sampling.steps=3",
+            ]
+        )
+        == 0
+    )
     ldm_ckpt = tmp_path / "ldm" / "checkpoints" / "last.safetensors"
     assert list((tmp_path / "ldm" / "images").glob("*samples*.png"))
 
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert sample.main(["--ckpt", str(ldm_ckpt), "--prompt", "a small red circle",
-                            "--prompt", "a large blue square", "--n", "2", "--steps", "3",
-                            "--seed", "7", "--outdir", str(out)]) == 0
+        assert (
+            sample.main(
+                [
+                    "--ckpt",
+                    str(ldm_ckpt),
+                    "--prompt",
+                    "a small red circle",
+                    "--prompt",
+                    "a large blue square",
+                    "--n",
+                    "2",
+                    "--steps",
+                    "3",
+                    "--seed",
+                    "7",
+                    "--outdir",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs.append(out)
     files = sorted(p.name for p in outs[0].glob("*.png"))
     assert len(files) == 5 and "grid.png" in files
@@ -138,9 +187,13 @@ def test_train_then_sample_end_to_end(shapes_data: dict[str, str], tmp_path: Pat
         ([], "no prompts"),
     ],
 )
-def test_sample_cli_bad_input(shapes_data: dict[str, str], tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str], args: list[str],
-                              message: str) -> None:
+def test_sample_cli_bad_input(
+    shapes_data: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
     import sample
 
     cfg = load([TINY_LDM], common(shapes_data, tmp_path))
@@ -148,23 +201,26 @@ def test_sample_cli_bad_input(shapes_data: dict[str, str], tmp_path: Path,
     from ldm.checkpoint.format import save_checkpoint
     from ldm.config import to_container
 
-    ckpt = save_checkpoint(tmp_path / "m.safetensors", module.export_modules(),
-                           to_container(cfg), "ldm")
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors", module.export_modules(), to_container(cfg), "ldm"
+    )
     assert sample.main(["--ckpt", str(ckpt), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1]
 
 
-def test_sample_cli_missing_and_wrong_kind(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_cli_missing_and_wrong_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
 
     assert sample.main(["--ckpt", str(tmp_path / "nope.safetensors"), "--prompt", "x"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     from ldm.checkpoint.format import save_checkpoint
 
-    ae = save_checkpoint(tmp_path / "ae.safetensors", {"autoencoder": {"x": torch.zeros(1)}},
-                         {}, "autoencoder")
+    ae = save_checkpoint(
+        tmp_path / "ae.safetensors", {"autoencoder": {"x": torch.zeros(1)}}, {}, "autoencoder"
+    )
     assert sample.main(["--ckpt", str(ae), "--prompt", "x"]) == 2
     assert "needs an 'ldm' checkpoint" in capsys.readouterr().err
     empty = tmp_path / "prompts.txt"
@@ -173,8 +229,9 @@ def test_sample_cli_missing_and_wrong_kind(tmp_path: Path,
     assert "has no prompts" in capsys.readouterr().err
 
 
-def test_resume_state_leaves_out_the_frozen_parts(shapes_data: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_resume_state_leaves_out_the_frozen_parts(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     from ldm.training.diffusion_module import FROZEN_PREFIXES
 
     cfg = load([TINY_LDM], common(shapes_data, tmp_path))
@@ -195,12 +252,15 @@ def test_resume_state_leaves_out_the_frozen_parts(shapes_data: dict[str, str],
     checkpoint["state_dict"] = dict(kept)
     torch.manual_seed(1)  # tiny.yaml has no autoencoder_ckpt: another seed, another autoencoder
     other = build.build_module(cfg)
-    assert other.frozen_fingerprint["model.text_encoder."] == (
-        module.frozen_fingerprint["model.text_encoder."])
+    assert (
+        other.frozen_fingerprint["model.text_encoder."]
+        == (module.frozen_fingerprint["model.text_encoder."])
+    )
     with pytest.raises(ValueError, match=r"frozen autoencoder differs .* model.autoencoder_ckpt"):
         other.on_load_checkpoint(checkpoint)
 
     # A bf16-true run converts after a resume is loaded: the fingerprint is the as-built one.
     module.to(torch.bfloat16)
-    module.on_load_checkpoint({"state_dict": dict(kept), **{
-        k: v for k, v in checkpoint.items() if k != "state_dict"}})
+    module.on_load_checkpoint(
+        {"state_dict": dict(kept), **{k: v for k, v in checkpoint.items() if k != "state_dict"}}
+    )

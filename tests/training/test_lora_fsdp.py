@@ -66,7 +66,8 @@ def _rank(rank: int, port: int, out: str) -> None:
         )  # fmt: skip
         optimizer = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=0.5)
         reference_optimizer = torch.optim.SGD(
-            [p for p in reference.parameters() if p.requires_grad], lr=0.5)
+            [p for p in reference.parameters() if p.requires_grad], lr=0.5
+        )
         for _ in range(2):
             _train_step(sharded, optimizer)
             _train_step(reference, reference_optimizer)
@@ -77,8 +78,9 @@ def _rank(rank: int, port: int, out: str) -> None:
             ours, theirs = system.ema.model(x, t, context), reference.ema.model(x, t, context)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
         base = {n: p for n, p in system.ema.model.named_parameters() if n in system.ema.shared}
-        assert base and all(p.numel() == reference.ema.model.get_parameter(n).numel()
-                            for n, p in base.items())  # the shared base is whole
+        assert base and all(
+            p.numel() == reference.ema.model.get_parameter(n).numel() for n, p in base.items()
+        )  # the shared base is whole
         if rank == 0:
             torch.save({"ok": True}, out)
     finally:

@@ -11,7 +11,8 @@ from ldm.training.progress import StepProgressBar, progress_callbacks
 def test_progress_line() -> None:
     assert format_duration(3725) == "1:02:05" and format_duration(float("nan")) == "?"
     assert progress_line(120, 500, 0.1234, 3.2, 37.0) == (
-        "step 120/500  loss 0.1234  3.2 it/s  elapsed 0:00:37  ETA 0:01:59")
+        "step 120/500  loss 0.1234  3.2 it/s  elapsed 0:00:37  ETA 0:01:59"
+    )
     assert progress_line(7, None, None, 2.0, 3.5) == "step 7  2 it/s  elapsed 0:00:04"
 
 

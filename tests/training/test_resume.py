@@ -39,24 +39,38 @@ sys.exit(train.main({args!r}))
 """
 
 
-def test_sigkill_then_resume_matches_uninterrupted(shapes_data: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_sigkill_then_resume_matches_uninterrupted(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     import train
 
     args = [
-        "-c", str(TINY_LDM), f"data.train_shards={shapes_data['train']}",
-        "data.num_workers=0", "data.shuffle_buffer=16", "data.batch_size=4",
-        "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", "trainer.ckpt_every_n_steps=3",
-        "trainer.max_steps=6", "model.p_uncond=0.3", "model.ema.decay=0.9",
+        "-c",
+        str(TINY_LDM),
+        f"data.train_shards={shapes_data['train']}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=16",
+        "data.batch_size=4",
+        "logging.logger=csv",
+        "logging.image_every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.ckpt_every_n_steps=3",
+        "trainer.max_steps=6",
+        "model.p_uncond=0.3",
+        "model.ema.decay=0.9",
         f"run.root={tmp_path}",
     ]
     assert train.main([*args, "run.name=straight"]) == 0
 
     # Same run in a subprocess, SIGKILLed during step 5 (after the step-3 checkpoint).
     script = KILLER.format(kill_at=4, args=[*args, "run.name=killed"])
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     resume_state = torch.load(ckpts / "resume.ckpt", weights_only=True)
@@ -69,5 +83,6 @@ def test_sigkill_then_resume_matches_uninterrupted(shapes_data: dict[str, str],
     assert resumed.metadata["step"] == straight.metadata["step"] == "6"
     for name, tensor in straight.tensors.items():
         if name.startswith(("unet.", "unet_ema.")):
-            torch.testing.assert_close(resumed.tensors[name], tensor, atol=1e-6, rtol=0,
-                                       msg=f"{name} differs after resume")
+            torch.testing.assert_close(
+                resumed.tensors[name], tensor, atol=1e-6, rtol=0, msg=f"{name} differs after resume"
+            )

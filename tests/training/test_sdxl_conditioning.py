@@ -26,10 +26,18 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
-def test_y_takes_the_batch_micro_conditioning(folder: Path, mixed_aspect_shards: str,
-                                              tmp_path: Path) -> None:
-    cfg = load([TINY], [f"model.text_encoder.name_or_path={folder}", *BUCKETS,
-                        f"data.train_shards={mixed_aspect_shards}", "data.random_crop=true"])
+def test_y_takes_the_batch_micro_conditioning(
+    folder: Path, mixed_aspect_shards: str, tmp_path: Path
+) -> None:
+    cfg = load(
+        [TINY],
+        [
+            f"model.text_encoder.name_or_path={folder}",
+            *BUCKETS,
+            f"data.train_shards={mixed_aspect_shards}",
+            "data.random_crop=true",
+        ],
+    )
     dm = build.build_datamodule(cfg)
     dm.setup("fit")
     module = build.build_module(cfg).eval()
@@ -44,8 +52,9 @@ def test_y_takes_the_batch_micro_conditioning(folder: Path, mixed_aspect_shards:
 
     plain = {"image": batch["image"], "caption": batch["caption"]}  # no sizes: diffusers' defaults
     defaults = torch.tensor([[h, w, 0, 0, h, w]] * len(z), dtype=torch.float32)
-    torch.testing.assert_close(module.unet_conditioning(plain, z)["y"][:, POOLED:],
-                               embed_numbers(defaults))
+    torch.testing.assert_close(
+        module.unet_conditioning(plain, z)["y"][:, POOLED:], embed_numbers(defaults)
+    )
     with pytest.raises(ValueError, match=r"crop_top_left \[-4, 0\] of sample 0: sizes must be"):
         module.unet_conditioning({**batch, "crop_top_left": batch["crop_top_left"] * 0 - 4 +
                                   torch.tensor([0, 4])}, z)  # fmt: skip
@@ -58,8 +67,15 @@ def test_y_takes_the_batch_micro_conditioning(folder: Path, mixed_aspect_shards:
 
 @pytest.mark.parametrize("mode", ["joint", "per_encoder"])
 def test_caption_dropout_per_encoder(folder: Path, mode: str) -> None:
-    cfg = load([TINY], [f"model.text_encoder.name_or_path={folder}", f"model.sdxl.uncond={mode}",
-                        "model.p_uncond=0.5", "data.train_shards=[x.tar]"])
+    cfg = load(
+        [TINY],
+        [
+            f"model.text_encoder.name_or_path={folder}",
+            f"model.sdxl.uncond={mode}",
+            "model.p_uncond=0.5",
+            "data.train_shards=[x.tar]",
+        ],
+    )
     module = build.build_module(cfg).train()
     batch = {"caption": ["the red"] * 256}
     context, pooled = module.sdxl_context(batch)

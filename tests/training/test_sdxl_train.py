@@ -41,10 +41,17 @@ def _png(path: Path) -> np.ndarray:
     return np.asarray(PIL.open(path).convert("RGB")).astype(np.int16)
 
 
-def test_train_resume_and_sample_sdxl(folder: Path, shapes_data: dict[str, str],
-                                      tmp_path: Path) -> None:
-    common = _args(folder, shapes_data["train"], tmp_path, "model.p_uncond=0.5",
-                   "model.sdxl.uncond=per_encoder", "trainer.ckpt_every_n_steps=2")
+def test_train_resume_and_sample_sdxl(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    common = _args(
+        folder,
+        shapes_data["train"],
+        tmp_path,
+        "model.p_uncond=0.5",
+        "model.sdxl.uncond=per_encoder",
+        "trainer.ckpt_every_n_steps=2",
+    )
     assert train.main([*common, "trainer.max_steps=4", "run.name=straight"]) == 0
     assert (tmp_path / "straight" / "wandb").is_dir()  # the default logger, offline
     assert train.main([*common, "trainer.max_steps=2", "run.name=resumed"]) == 0
@@ -58,23 +65,39 @@ def test_train_resume_and_sample_sdxl(folder: Path, shapes_data: dict[str, str],
     ckpt = tmp_path / "straight" / "checkpoints" / "last.safetensors"
     flags = ["--ckpt", str(ckpt), "--prompt", "the red", "--device", "cpu"]
     assert sample.main([*flags, "--outdir", str(tmp_path / "a")]) == 0
-    assert sample.main([*flags, "--outdir", str(tmp_path / "b"), "--original-size", "64", "64",
-                        "--crop", "8", "8"]) == 0
+    assert (
+        sample.main(
+            [
+                *flags,
+                "--outdir",
+                str(tmp_path / "b"),
+                "--original-size",
+                "64",
+                "64",
+                "--crop",
+                "8",
+                "8",
+            ]
+        )
+        == 0
+    )
     a = _png(tmp_path / "a" / "0000-the-red-s0.png")
     b = _png(tmp_path / "b" / "0000-the-red-s0.png")
     assert a.shape == (32, 32, 3) and np.abs(a - b).max() > 0  # micro-conditioning reaches y
 
 
-def test_fine_tune_from_an_sdxl_single_file(folder: Path, shapes_data: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_fine_tune_from_an_sdxl_single_file(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     from ldm.checkpoint.sdxl_layout import load_sdxl_folder
     from ldm.checkpoint.sdxl_single_file import save_sdxl_single_file
 
     file = save_sdxl_single_file(load_sdxl_folder(folder), tmp_path / "tiny.safetensors")
     configs_only = tmp_path / "encoders"  # configs and vocabularies, no encoder weights
     for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        shutil.copytree(folder / part, configs_only / part,
-                        ignore=shutil.ignore_patterns("*.safetensors"))
+        shutil.copytree(
+            folder / part, configs_only / part, ignore=shutil.ignore_patterns("*.safetensors")
+        )
     args = _args(configs_only, shapes_data["train"], tmp_path, f"model.init_from.path={file}",
                  "model.init_from.text_encoder=true", f"model.autoencoder_ckpt={file}",
                  "optim.lr=0", "trainer.max_steps=1", "run.name=ft")  # fmt: skip
@@ -82,15 +105,32 @@ def test_fine_tune_from_an_sdxl_single_file(folder: Path, shapes_data: dict[str,
     common = ["--prompt", "the red", "--device", "cpu", "--steps", "3", "--height", "32"]
     ckpt = tmp_path / "ft" / "checkpoints" / "last.safetensors"
     assert sample.main(["--ckpt", str(ckpt), "--outdir", str(tmp_path / "ft-s"), *common]) == 0
-    assert sample.main(["--ckpt", str(folder), "--outdir", str(tmp_path / "src"), "--sampler",
-                        "euler", "--guidance", "3", *common]) == 0
-    ours, source = _png(tmp_path / "ft-s" / "0000-the-red-s0.png"), _png(
-        tmp_path / "src" / "0000-the-red-s0.png")
+    assert (
+        sample.main(
+            [
+                "--ckpt",
+                str(folder),
+                "--outdir",
+                str(tmp_path / "src"),
+                "--sampler",
+                "euler",
+                "--guidance",
+                "3",
+                *common,
+            ]
+        )
+        == 0
+    )
+    ours, source = (
+        _png(tmp_path / "ft-s" / "0000-the-red-s0.png"),
+        _png(tmp_path / "src" / "0000-the-red-s0.png"),
+    )
     assert ours.std() > 1 and np.abs(ours - source).max() <= 1  # U-Net, VAE, both encoders
 
 
-def test_lora_on_the_sdxl_unet_trains_and_samples(folder: Path, shapes_data: dict[str, str],
-                                                  tmp_path: Path) -> None:
+def test_lora_on_the_sdxl_unet_trains_and_samples(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
     args = _args(folder, shapes_data["train"], tmp_path, "model.lora.rank=2",
                  f"model.init_from.path={folder}", "trainer.max_steps=2", "run.name=lora",
                  "logging.logger=csv")  # fmt: skip
@@ -104,9 +144,9 @@ def test_lora_on_the_sdxl_unet_trains_and_samples(folder: Path, shapes_data: dic
                         "--outdir", str(tmp_path / "s")]) == 0  # fmt: skip
 
 
-def test_bad_sdxl_inputs_are_one_line_exit_2(folder: Path, shapes_data: dict[str, str],
-                                             tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
+def test_bad_sdxl_inputs_are_one_line_exit_2(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from safetensors.torch import save_file
 
     sd1 = tmp_path / "sd1.safetensors"
@@ -124,17 +164,24 @@ def test_bad_sdxl_inputs_are_one_line_exit_2(folder: Path, shapes_data: dict[str
     base = _args(folder, shapes_data["train"], tmp_path, "run.name=bad")
     cases = {
         "is an SD 1.x/2.x file": [*base, f"model.init_from.path={sd1}"],
-        "has no text_encoder_2/config.json": [*base,
-                                              f"model.text_encoder.name_or_path={no_second}"],
+        "has no text_encoder_2/config.json": [
+            *base,
+            f"model.text_encoder.name_or_path={no_second}",
+        ],
         "model.text_encoder.kind is hf": [*base, "model.text_encoder.kind=hf"],
         "set model.unet.adm_in_channels=1560": [*base, "model.unet.adm_in_channels=1800"],
         "the SDXL refiner's": [*base, "model.unet.adm_in_channels=1304"],
         "set model.unet.context_dim=80": [*base, "model.unet.context_dim=64"],
-        "holds no pooled text embedding": [*base, "data.cached=true",
-                                           f"data.train_shards={sd_cache}/train-000000.tar"],
+        "holds no pooled text embedding": [
+            *base,
+            "data.cached=true",
+            f"data.train_shards={sd_cache}/train-000000.tar",
+        ],
         "SDXL takes both encoders' penultimate states": [*base, "model.text_encoder.layer=2"],
         "is not one: set model.text_encoder.name_or_path": [
-            *base, f"model.text_encoder.name_or_path={tmp_path / 'nowhere'}"],
+            *base,
+            f"model.text_encoder.name_or_path={tmp_path / 'nowhere'}",
+        ],
     }
     for needle, argv in cases.items():
         capsys.readouterr()

@@ -30,8 +30,11 @@ UNET = dict(
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
-            torch.randn(2, 5, 16, generator=g))
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([10, 700]),
+        torch.randn(2, 5, 16, generator=g),
+    )
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -43,7 +46,8 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 def test_names_and_state_dict_without_sharding() -> None:
     assert unwrapped_name("_fsdp_wrapped_module.input_blocks.1._fsdp_wrapped_module.0.w") == (
-        "input_blocks.1.0.w")
+        "input_blocks.1.0.w"
+    )
     assert unwrapped_name("_orig_mod._checkpoint_wrapped_module.out.0.bias") == "out.0.bias"
     torch.manual_seed(0)
     unet = UNetModel(**UNET)
@@ -112,8 +116,9 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=name)
         for name, value in reference_ema.averaged_state_dict().items():
-            torch.testing.assert_close(ema.averaged_state_dict()[name], value, atol=1e-6,
-                                       rtol=1e-5, msg=name)
+            torch.testing.assert_close(
+                ema.averaged_state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name
+            )
         if rank == 0:
             torch.save({"ok": True}, out)
     finally:

@@ -22,20 +22,36 @@ TINY_AE = ROOT / "configs" / "autoencoder" / "kl-tiny.yaml"
 def _train(args: list[str], home: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "WANDB_MODE": "offline"}
     env.pop("WANDB_API_KEY", None)
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as under SLURM
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as under SLURM
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_process_group_signal_saves_and_resumes(signum: signal.Signals,
-                                                shapes_data: dict[str, str],
-                                                tmp_path: Path) -> None:
-    args = ["-c", str(TINY_AE), f"data.train_shards={shapes_data['train']}",
-            "data.num_workers=2", "data.batch_size=2", "data.image_size=32",
-            "trainer.accelerator=cpu", "trainer.max_steps=5000", "trainer.log_every_n_steps=1",
-            "trainer.ckpt_every_n_steps=100000", "logging.image_every_n_steps=0",
-            f"run.root={tmp_path}", "run.name=r"]
+def test_process_group_signal_saves_and_resumes(
+    signum: signal.Signals, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    args = [
+        "-c",
+        str(TINY_AE),
+        f"data.train_shards={shapes_data['train']}",
+        "data.num_workers=2",
+        "data.batch_size=2",
+        "data.image_size=32",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=5000",
+        "trainer.log_every_n_steps=1",
+        "trainer.ckpt_every_n_steps=100000",
+        "logging.image_every_n_steps=0",
+        f"run.root={tmp_path}",
+        "run.name=r",
+    ]
     proc = _train(args, tmp_path)
     watchdog = threading.Timer(120, lambda: os.killpg(proc.pid, signal.SIGKILL))
     watchdog.start()

@@ -45,8 +45,10 @@ def ldm_module() -> nn.Module:
 def test_ddp_and_passthrough() -> None:
     ddp = build_strategy("ddp")
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["find_unused_parameters"] is False
-    assert build_strategy("ddp", find_unused_parameters=True)._ddp_kwargs[
-        "find_unused_parameters"] is True
+    assert (
+        build_strategy("ddp", find_unused_parameters=True)._ddp_kwargs["find_unused_parameters"]
+        is True
+    )
     assert build_strategy("auto") == "auto" and build_strategy("ddp_spawn") == "ddp_spawn"
 
 
@@ -86,8 +88,11 @@ def fsdp_targets(module: nn.Module) -> dict[nn.Module, dict]:
 def test_fsdp_wraps_unet_blocks_and_ignores_frozen(ldm_module: nn.Module) -> None:
     model = ldm_module.model
     frozen = frozen_modules(ldm_module)
-    assert {id(m) for m in frozen} == {id(model.autoencoder), id(model.text_encoder),
-                                       id(ldm_module.ema)}
+    assert {id(m) for m in frozen} == {
+        id(model.autoencoder),
+        id(model.text_encoder),
+        id(ldm_module.ema),
+    }
     targets = fsdp_targets(ldm_module)
     unet_modules = {id(m) for m in model.unet.modules()}
     assert targets and all(id(m) in unet_modules for m in targets), "wraps outside the U-Net"
@@ -121,8 +126,15 @@ def test_only_unet_parameters_are_trainable(ldm_module: nn.Module) -> None:
 
 @needs_minilm
 def test_execution_options(ldm_module: nn.Module, tmp_path: Path) -> None:
-    cfg = load([TINY_LDM], ["trainer.compile=true", "trainer.gradient_checkpointing=true",
-                            "trainer.vae_precision=bfloat16", "logging.logger=none"])
+    cfg = load(
+        [TINY_LDM],
+        [
+            "trainer.compile=true",
+            "trainer.gradient_checkpointing=true",
+            "trainer.vae_precision=bfloat16",
+            "logging.logger=none",
+        ],
+    )
     module = build.build_module(cfg)
     names = list(module.state_dict())
     trainer = build.build_trainer(cfg, tmp_path)
@@ -141,8 +153,9 @@ def test_execution_options(ldm_module: nn.Module, tmp_path: Path) -> None:
     apply_execution_options(ldm_module)
     assert ldm_module.model.unet._compiled_call_impl is None
     assert ldm_module.model.vae_precision == "float32"
-    assert not any(m.use_checkpoint for m in ldm_module.model.unet.modules()
-                   if hasattr(m, "use_checkpoint"))
+    assert not any(
+        m.use_checkpoint for m in ldm_module.model.unet.modules() if hasattr(m, "use_checkpoint")
+    )
 
 
 def test_vae_encode_precision_under_autocast() -> None:
@@ -167,14 +180,30 @@ def test_vae_encode_precision_under_autocast() -> None:
 
 
 def multinode_trainer(tmp_path: Path) -> object:
-    cfg = load([TINY_LDM], ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=2",
-                            "trainer.strategy=ddp", "logging.logger=none"])
+    cfg = load(
+        [TINY_LDM],
+        [
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.num_nodes=2",
+            "trainer.strategy=ddp",
+            "logging.logger=none",
+        ],
+    )
     return build.build_trainer(cfg, tmp_path)
 
 
 def test_torchrun_environment_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = dict(RANK="2", LOCAL_RANK="0", GROUP_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2",
-               MASTER_ADDR="10.0.0.1", MASTER_PORT="29500", TORCHELASTIC_RUN_ID="job")
+    env = dict(
+        RANK="2",
+        LOCAL_RANK="0",
+        GROUP_RANK="1",
+        WORLD_SIZE="4",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="10.0.0.1",
+        MASTER_PORT="29500",
+        TORCHELASTIC_RUN_ID="job",
+    )
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     trainer = multinode_trainer(tmp_path)
@@ -184,9 +213,16 @@ def test_torchrun_environment_detected(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_slurm_environment_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = dict(SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID="3", SLURM_LOCALID="1",
-               SLURM_NODEID="1", SLURM_JOB_NAME="train", SLURM_JOB_ID="7",
-               SLURM_NODELIST="node[1-2]")
+    env = dict(
+        SLURM_NTASKS="4",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_PROCID="3",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="1",
+        SLURM_JOB_NAME="train",
+        SLURM_JOB_ID="7",
+        SLURM_NODELIST="node[1-2]",
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -205,12 +241,22 @@ def test_fsdp_one_gpu_run(shapes_data: dict[str, str], tmp_path: Path) -> None:
 
     from ldm.checkpoint.format import load_checkpoint
 
-    cfg = load([TINY_LDM], [
-        f"data.train_shards={shapes_data['train']}", "data.num_workers=0", "logging.logger=csv",
-        "logging.image_every_n_steps=0", "trainer.accelerator=gpu", "trainer.devices=1",
-        "trainer.strategy=fsdp", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false", f"run.root={tmp_path}",
-    ])
+    cfg = load(
+        [TINY_LDM],
+        [
+            f"data.train_shards={shapes_data['train']}",
+            "data.num_workers=0",
+            "logging.logger=csv",
+            "logging.image_every_n_steps=0",
+            "trainer.accelerator=gpu",
+            "trainer.devices=1",
+            "trainer.strategy=fsdp",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            f"run.root={tmp_path}",
+        ],
+    )
     path = build.prepare_run_dir(cfg)
     datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg, datamodule)

@@ -32,20 +32,30 @@ def test_grid_is_cartesian_product() -> None:
 
 
 def test_summary_table() -> None:
-    table = summary_table([
-        {"name": "a", "overrides": ["x=1"], "status": "ok", "metrics": {"val/loss": 0.5}},
-        {"name": "b", "overrides": ["x=2"], "status": "failed", "metrics": {}},
-    ])
+    table = summary_table(
+        [
+            {"name": "a", "overrides": ["x=1"], "status": "ok", "metrics": {"val/loss": 0.5}},
+            {"name": "b", "overrides": ["x=2"], "status": "failed", "metrics": {}},
+        ]
+    )
     assert "| a | x=1 | ok | 0.5 |" in table and "| b | x=2 | failed |  |" in table
 
 
 def test_summary_table_leads_with_losses_and_drops_zero_skip_counters() -> None:
-    metrics = {"data/skipped_corrupt": 0.0, "data/skipped_total": 0.0, "data/skipped_x": 2.0,
-               "perf/step_time_s": 0.1, "train/loss": 0.25, "val/loss": 0.5}
-    header = summary_table([{"name": "a", "overrides": [], "status": "ok",
-                             "metrics": metrics}]).splitlines()[0]
-    assert header == ("| run | overrides | status | val/loss | train/loss | data/skipped_x | "
-                      "perf/step_time_s |")
+    metrics = {
+        "data/skipped_corrupt": 0.0,
+        "data/skipped_total": 0.0,
+        "data/skipped_x": 2.0,
+        "perf/step_time_s": 0.1,
+        "train/loss": 0.25,
+        "val/loss": 0.5,
+    }
+    header = summary_table(
+        [{"name": "a", "overrides": [], "status": "ok", "metrics": metrics}]
+    ).splitlines()[0]
+    assert header == (
+        "| run | overrides | status | val/loss | train/loss | data/skipped_x | perf/step_time_s |"
+    )
 
 
 def test_wandb_sweep_specs_use_config_keys() -> None:
