@@ -317,10 +317,11 @@ def load_for_sampling(
         cfg = sdxl_folder_config(path, load(config_files, overrides))
         model = load_sdxl_folder(path)
     elif path.is_dir():
-        from ldm.checkpoint.diffusers_layout import folder_config, load_diffusers_folder
+        from ldm.assemble import diffusers_folder_model
+        from ldm.checkpoint.diffusers_layout import folder_config
 
         cfg = folder_config(path, config_files, overrides)  # the caller wins over the folder
-        model = load_diffusers_folder(path, cfg)
+        model = diffusers_folder_model(path, cfg)
     elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
         ckpt = load_checkpoint(path)
         if ckpt.kind != "ldm":
@@ -331,12 +332,12 @@ def load_for_sampling(
         cfg = load(config_files, overrides, base=ckpt.config)
         model = load_latent_diffusion(ckpt, use_ema=use_ema)
     else:
+        from ldm.assemble import sd_single_file_model
         from ldm.checkpoint.sdxl_single_file import (
             check_not_sd_file_for_sdxl_config,
             is_sdxl_file,
             load_sdxl_single_file,
         )
-        from ldm.checkpoint.stable_diffusion import load_sd_single_file
 
         if not config_files:
             raise CheckpointError(
@@ -351,7 +352,7 @@ def load_for_sampling(
             )
         else:
             check_not_sd_file_for_sdxl_config(path, cfg)
-            model = load_sd_single_file(path, cfg, use_ema=use_ema)
+            model = sd_single_file_model(path, cfg, use_ema=use_ema)
     return model.eval(), cfg
 
 

@@ -336,7 +336,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     )
 
     # merge on export: the diffusers folder's plain U-Net computes what the adapted one does
-    from ldm.checkpoint.diffusers_layout import main as export
+    from ldm.export import main as export
 
     out = tmp_path / "merged"
     assert (

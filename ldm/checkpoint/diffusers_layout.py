@@ -9,27 +9,21 @@ A folder holds ``model_index.json`` and one sub-folder per component::
 
 Loading reads the JSON configs into our config sections (:func:`diffusers_folder_config`),
 merges the caller's ``-c`` files and overrides over them (:func:`folder_config`: the caller wins,
-except for what the folder's weights fix, `WEIGHT_KEYS`), builds the
-model with ``ldm.build.build_latent_diffusion`` and loads the U-Net and autoencoder with
-``strict=True`` through the key maps in `unet_keys` / `vae_keys`. The text encoder and tokenizer
+except for what the folder's weights fix, `WEIGHT_KEYS`); :mod:`ldm.assemble` builds the model
+and :func:`load_diffusers_folder` fills the U-Net and autoencoder with ``strict=True`` through the
+key maps in `unet_keys` / `vae_keys`. The text encoder and tokenizer
 load from the folder itself (``model.text_encoder.name_or_path`` = the folder). diffusers itself
 is not needed for either direction.
 
 Export (:func:`export_diffusers_folder`, in `ldm.checkpoint.diffusers_export`) writes the same
 layout, so
-``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` loads our models. The CLI::
-
-    python -m ldm.checkpoint.diffusers_layout --ckpt CKPT [-c cfg.yaml] --out DIR [key=value ...]
-
-exports one of our checkpoints, an original SD file (with its ``-c configs/ldm/sd1.yaml``) or a
-diffusers folder.
+``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` loads our models; the CLI is
+``python -m ldm.export``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +54,7 @@ __all__ = [
     "export_diffusers_folder",
     "folder_config",
     "load_diffusers_folder",
-    "main",
+    "resolve_folder_config",
 ]
 
 CLIP_TEXT_CLASSES = ("CLIPTextModel",)
@@ -351,34 +345,39 @@ def folder_config(
     return pin_weight_keys(load(files, overrides, base=sections), sections)[0]
 
 
-def load_diffusers_folder(
+def resolve_folder_config(
     path: str | Path, cfg: DictConfig | Mapping[str, Any] | None = None
-) -> LatentDiffusion:
-    """A ``LatentDiffusion`` from a diffusers-layout folder.
+) -> DictConfig:
+    """The config of a diffusers-layout folder's model: :func:`folder_config` by default, else
+    ``cfg`` with the folder's `WEIGHT_KEYS` pinned."""
+    root = Path(path)
+    if cfg is None:
+        return folder_config(root)
+    from omegaconf import DictConfig
 
-    The model is built from ``cfg`` (default: :func:`folder_config`) with `WEIGHT_KEYS` taken
-    from the folder; the U-Net and autoencoder weights load with ``strict=True``, the text
-    encoder and tokenizer from the folder's ``text_encoder/`` and ``tokenizer/``.
+    from ldm.config import load
+
+    if not isinstance(cfg, DictConfig):  # a DictConfig was loaded (validated) already
+        cfg = load(base=cfg)
+    return pin_weight_keys(cfg, diffusers_folder_config(root))[0]
+
+
+def load_diffusers_folder(
+    path: str | Path, cfg: DictConfig, model: LatentDiffusion
+) -> LatentDiffusion:
+    """Fill ``model`` from a diffusers-layout folder.
+
+    ``model`` is built from ``cfg`` (:func:`resolve_folder_config`) by the caller
+    (:func:`ldm.assemble.diffusers_folder_model`, on the meta device); the U-Net and autoencoder
+    weights load with ``strict=True``, the text encoder and tokenizer came from the folder's
+    ``text_encoder/`` and ``tokenizer/`` when it was built.
 
     Raises:
-        CheckpointError: Not a diffusers folder, unsupported components, or weights that do not
-            match their configs.
+        CheckpointError: Weights that do not match their configs.
     """
-    from ldm import build
     from ldm.config import to_container
 
     root = Path(path)
-    if cfg is None:
-        cfg = folder_config(root)
-    else:
-        from omegaconf import DictConfig
-
-        from ldm.config import load
-
-        if not isinstance(cfg, DictConfig):  # a DictConfig was loaded (validated) already
-            cfg = load(base=cfg)
-        cfg = pin_weight_keys(cfg, diffusers_folder_config(root))[0]
-    model = build.build_latent_diffusion(cfg, empty_weights=True)  # every weight loads next
     u = to_container(cfg.model.unet)
     unet = read_weights(root / "unet")
     _load_component(
@@ -410,59 +409,3 @@ def _load_component(
         raise CheckpointError(
             f"{folder} does not match its config.json ({' '.join(detail[:2])[:300]})"
         ) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: export a checkpoint (ours, original SD or diffusers) as a diffusers folder."""
-    from ldm import build
-    from ldm.config import ConfigError
-
-    p = argparse.ArgumentParser(
-        prog="python -m ldm.checkpoint.diffusers_layout",
-        description="Export a checkpoint to the diffusers layout (StableDiffusionPipeline).",
-    )
-    p.add_argument("--ckpt", required=True, help="our .safetensors, an SD file or a folder")
-    p.add_argument(
-        "-c",
-        "--config",
-        action="append",
-        default=[],
-        metavar="YAML",
-        help="config merged over the checkpoint's (required for original SD files)",
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) U-Net")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before the slow part
-            raise FileExistsError(f"{out} is not empty (pass --overwrite)")
-        model, cfg = build.load_for_sampling(
-            args.ckpt, args.config, args.overrides, use_ema=not args.no_ema
-        )
-        from ldm.models.lora import merge_lora
-
-        merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters
-        if merged:
-            print(f"merged {merged} LoRA adapters into the U-Net weights")
-        from ldm.models.sdxl import SDXLLatentDiffusion
-
-        if isinstance(model, SDXLLatentDiffusion):  # StableDiffusionXLPipeline's layout
-            from ldm.checkpoint.sdxl_export import export_sdxl_folder
-
-            export_sdxl_folder(model, cfg, out, overwrite=args.overwrite)
-        else:
-            export_diffusers_folder(model, cfg, out, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    from ldm.boundary import error_boundary
-
-    sys.exit(error_boundary(main)())

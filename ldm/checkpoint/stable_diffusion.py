@@ -233,17 +233,21 @@ def check_schedule(state_dict: Mapping[str, Tensor], model: LatentDiffusion) -> 
         )
 
 
-def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True) -> LatentDiffusion:
-    """A ``LatentDiffusion`` from an original SD 1.x/2.x single-file checkpoint.
+def load_sd_single_file(
+    path: str | Path, cfg: DictConfig, model: LatentDiffusion, use_ema: bool = True
+) -> LatentDiffusion:
+    """Fill ``model`` with an original SD 1.x/2.x single-file checkpoint.
 
-    The model is built from ``cfg`` (e.g. ``configs/ldm/sd1.yaml``) with
-    ``ldm.build.build_latent_diffusion`` and every part is loaded with ``strict=True``. The text
+    ``model`` is built from ``cfg`` (e.g. ``configs/ldm/sd1.yaml``) by the caller
+    (:func:`ldm.assemble.sd_single_file_model`, on the meta device); every part is loaded with
+    ``strict=True``. The text
     encoder's tokenizer and config come from ``model.text_encoder.name_or_path``; its weights are
     then replaced by the file's (kept, with a warning, when the file has none).
 
     Args:
         path: ``.safetensors`` or ``.ckpt`` file.
         cfg: The merged config (``ldm.config.load``).
+        model: The model ``cfg`` describes (its U-Net and autoencoder may be empty).
         use_ema: Use the ``model_ema.*`` U-Net weights when present.
 
     Raises:
@@ -251,13 +255,10 @@ def load_sd_single_file(path: str | Path, cfg: DictConfig, use_ema: bool = True)
         CheckpointError: Unreadable file, missing parts, partial EMA, or weights that do not fit
             the config.
     """
-    from ldm import build
-
     state_dict = read_state_dict(path)
     if not any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
         raise CheckpointError(f"{path} has no autoencoder weights (no '{FIRST_STAGE_PREFIX}*')")
     check_in_channels(state_dict, cfg, path)
-    model = build.build_latent_diffusion(cfg, empty_weights=True)  # U-Net, VAE: loaded next
     unet_sd, used_ema = unet_state_dict(state_dict, model.unet, use_ema)
     _load(model.unet, unet_sd, "U-Net", "model.unet", assign=True)
     log.info("U-Net: %s weights", "EMA" if used_ema else "raw")

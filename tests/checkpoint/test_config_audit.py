@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from ldm.checkpoint.diffusers_layout import export_diffusers_folder, load_diffusers_folder
+from ldm.assemble import diffusers_folder_model
+from ldm.checkpoint.diffusers_layout import export_diffusers_folder
 from ldm.checkpoint.format import CheckpointError
 from ldm.config import load
 from tests.checkpoint.test_stable_diffusion import tiny_clip_dir, tiny_config, tiny_model
@@ -83,7 +84,7 @@ def test_changed_key_is_refused_in_one_line(
 ) -> None:
     path = edited(folder["folder"], tmp_path / "f", component, key, value)
     with pytest.raises(CheckpointError) as err:
-        load_diffusers_folder(path)
+        diffusers_folder_model(path)
     message = str(err.value)
     assert "\n" not in message and key in message and "not implemented" in message
 
@@ -104,7 +105,7 @@ def test_unet_key_is_reproduced(
     folder: dict[str, Any], tmp_path: Path, key: str, value: Any
 ) -> None:
     path = edited(folder["folder"], tmp_path / "f", "unet", key, value)
-    ours = load_diffusers_folder(path).unet.eval()
+    ours = diffusers_folder_model(path).unet.eval()
     theirs = diffusers.UNet2DConditionModel.from_pretrained(path / "unet").eval()
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
@@ -120,7 +121,7 @@ def test_vae_key_is_reproduced(
     folder: dict[str, Any], tmp_path: Path, key: str, value: Any
 ) -> None:
     path = edited(folder["folder"], tmp_path / "f", "vae", key, value)
-    ours = load_diffusers_folder(path).autoencoder.eval()
+    ours = diffusers_folder_model(path).autoencoder.eval()
     theirs = diffusers.AutoencoderKL.from_pretrained(path / "vae").eval()
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

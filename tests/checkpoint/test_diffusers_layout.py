@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from ldm import build
+from ldm.assemble import diffusers_folder_model
 from ldm.checkpoint.diffusers_layout import (
     diffusers_folder_config,
     export_diffusers_folder,
     folder_config,
-    load_diffusers_folder,
-    main,
 )
 from ldm.checkpoint.format import CheckpointError
 from ldm.checkpoint.unet_keys import unet_ldm_to_diffusers
 from ldm.checkpoint.vae_keys import vae_ldm_to_diffusers
 from ldm.config import load
+from ldm.export import main
 from tests.checkpoint.test_stable_diffusion import (
     MAX_LEN,
     PROMPTS,
@@ -49,7 +49,7 @@ def sd1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_round_trip_is_exact(sd1: dict[str, Any]) -> None:
     src, folder = sd1["model"], sd1["folder"]
-    model = load_diffusers_folder(folder, load(base=sd1["config"]))
+    model = diffusers_folder_model(folder, load(base=sd1["config"]))
     assert_same_state(model.unet, src.unet)
     assert_same_state(model.autoencoder, src.autoencoder)  # scale_factor included
     assert_same_state(model.text_encoder, src.text_encoder)
@@ -127,7 +127,7 @@ def test_sd2_style_export_drops_the_last_text_layer(tmp_path: Path) -> None:
     cfg = folder_config(folder)
     assert cfg.model.text_encoder.layer == "last" and cfg.model.diffusion.prediction == "v"
     assert cfg.sampling.timestep_spacing == "trailing"
-    model = load_diffusers_folder(folder)  # its own config: layer=last of N − 1 layers
+    model = diffusers_folder_model(folder)  # its own config: layer=last of N − 1 layers
     assert_same_state(model.unet, src.unet)
     assert_same_state(model.autoencoder, src.autoencoder)
     err = (model.text_encoder.encode(PROMPTS)[0] - src.text_encoder.encode(PROMPTS)[0]).abs()
@@ -155,16 +155,16 @@ def test_cli_exports_an_sd_file(
         )
         == 0
     )
-    assert_same_state(load_diffusers_folder(out).unet, src.unet)
+    assert_same_state(diffusers_folder_model(out).unet, src.unet)
     # a diffusers folder exports again (its own config, not the caller's)
     again = tmp_path / "again"
     assert main(["--ckpt", str(out), "--out", str(again)]) == 0
-    assert_same_state(load_diffusers_folder(again).unet, src.unet)
+    assert_same_state(diffusers_folder_model(again).unet, src.unet)
 
 
 def test_errors(sd1: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="model_index.json is missing"):
-        load_diffusers_folder(tmp_path)
+        diffusers_folder_model(tmp_path)
     masked = load(base=sd1["config"], overrides=["model.use_context_mask=true"])
     masked_model = copy.copy(sd1["model"])  # the model decides: it is what gets exported
     masked_model.use_context_mask = True
@@ -176,4 +176,4 @@ def test_errors(sd1: dict[str, Any], tmp_path: Path) -> None:
     config["layers_per_block"] = 2
     (broken / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
-        load_diffusers_folder(broken)
+        diffusers_folder_model(broken)

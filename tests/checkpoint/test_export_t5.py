@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.checkpoint.diffusers_layout import main as export_main
 from ldm.checkpoint.format import save_checkpoint
+from ldm.export import main as export_main
 from tests.checkpoint.test_stable_diffusion import tiny_clip_dir, tiny_config, tiny_model
 from tests.models.test_text_encoders import _tiny_t5
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from ldm.checkpoint.diffusers_layout import export_diffusers_folder, main
+from ldm.checkpoint.diffusers_layout import export_diffusers_folder
 from ldm.config import load
+from ldm.export import main
 from tests.checkpoint.test_stable_diffusion import (
     LETTERS,
     WIDTH,

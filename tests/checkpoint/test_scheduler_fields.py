@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from ldm import build
-from ldm.checkpoint.diffusers_layout import export_diffusers_folder, main
+from ldm.checkpoint.diffusers_layout import export_diffusers_folder
 from ldm.checkpoint.format import save_checkpoint
 from ldm.config import load
+from ldm.export import main
 from tests.checkpoint.test_stable_diffusion import (
     tiny_clip_dir,
     tiny_config,

@@ -154,9 +154,9 @@ def test_train_resume_then_sample_a_flow_model(
     assert "does not run flow-matching models; use sampling.sampler=euler" in err
     assert torch.isfinite(next(iter(loaded.tensors.values()))).all()
 
-    from ldm.checkpoint import diffusers_layout
+    from ldm import export as export_cli
 
     export = tmp_path / "export"
-    assert diffusers_layout.main(["--ckpt", str(ckpt), "--out", str(export)]) == 2
+    assert export_cli.main(["--ckpt", str(ckpt), "--out", str(export)]) == 2
     assert "no pipeline for a flow-matching U-Net" in capsys.readouterr().err
     assert not export.exists() or not any(export.iterdir())
