@@ -409,3 +409,10 @@ def _load_component(
         raise CheckpointError(
             f"{folder} does not match its config.json ({' '.join(detail[:2])[:300]})"
         ) from None
+
+
+if __name__ == "__main__":  # the export CLI moved up, out of the key maps
+    import sys
+
+    print("error: the export CLI is now `python -m ldm.export` (same arguments)", file=sys.stderr)
+    sys.exit(2)
