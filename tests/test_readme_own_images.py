@@ -1,6 +1,8 @@
 """The README's "Train on your own images" block runs verbatim, start to finish, on real photos
 (crops of scikit-image's sample photos with .txt captions), with the default logger (wandb,
-offline): shards, autoencoder, scale factor, reconstruction metrics, cache, LDM, samples.
+offline): shards, autoencoder, scale factor, reconstruction metrics, cache, LDM, samples,
+diffusers export; then the README's Python block loads the export in diffusers' pipeline, whose
+final latents must equal sample.py's for the same prompt and seed.
 Only ``own/`` (the README's working directory) is replaced by a temporary one."""
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ def make_photo_folder(folder: Path, crops: int = 8, size: int = 96, seed: int = 
     return n
 
 
-def readme_block() -> str:
+def readme_block(language: str = "bash") -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the own-images section has exactly one bash block"
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, f"the own-images section has exactly one {language} block"
     return blocks[0]
 
 
@@ -116,3 +118,13 @@ def test_readme_own_images_recipe_runs(tmp_path: Path) -> None:
     assert list((work / "runs" / "ldm" / "images").glob("train_samples_*.png"))
     samples = sorted((work / "samples").glob("*.png"))
     assert len(samples) >= 4 and any(p.name == "grid.png" for p in samples)
+
+    # 8. The export, in diffusers' pipeline: the README's Python block runs as written and
+    # gives sample.py's image for the same prompt and seed (the decoded PNGs, to one level).
+    pytest.importorskip("diffusers")
+    code = readme_block("python").replace("own/", f"{work}/")
+    exec(compile(code, "README.md (own-images python block)", "exec"), {})
+    theirs = np.asarray(Image.open(work / "diffusers-cat.png"), dtype=np.int16)
+    ours = np.asarray(Image.open(work / "samples" / "0000-a-photo-of-a-cat-s0.png"), dtype=np.int16)
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() <= 1, np.abs(theirs - ours).max()
