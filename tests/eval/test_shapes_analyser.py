@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ldm.data.shapes import ShapesConfig, make_sample, render_image
 from ldm.data.shapes_vocab import ShapeAttributes, parse_held_out
+from ldm.eval.image_ops import largest_component
 from ldm.eval.shapes import (
     SCORED_ATTRIBUTES,
     ShapeAnalysis,
     ShapeGeometry,
-    _largest_component,
     analyse_shape,
     shape_geometry,
     srgb_to_lab,
@@ -217,7 +217,7 @@ def test_largest_component_matches_skimage() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
         mask = rng.random((int(rng.integers(1, 25)), int(rng.integers(1, 25)))) < rng.random()
-        ours = _largest_component(mask)
+        ours = largest_component(mask)
         labels = measure.label(mask, connectivity=2)
         if labels.max() == 0:
             assert not ours.any()
