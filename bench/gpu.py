@@ -13,7 +13,9 @@ in ``<out>/gpu.jsonl``):
    and autoencoder (random weights) on 256 px shapes shards with a small local CLIP text
    encoder (the hub is unreachable), bf16-mixed; images/s, MFU and peak memory from the run's
    own throughput log;
-4. the ``gpu``-marked tests.
+4. the graphs ``torch.compile`` builds over aspect-ratio buckets (``bench/compile_buckets.py``
+   on the SD1 U-Net, inductor);
+5. the ``gpu``-marked tests.
 
 Every part runs in its own subprocess under a time limit, so a hang or crash in one (a compile
 that takes too long, an OOM) is a row saying so, not a lost run; parts that would start after
@@ -193,6 +195,26 @@ def part_train(dry: bool, strategy: str, work: Path) -> dict[str, Any]:
     }
 
 
+def part_buckets(dry: bool) -> dict[str, Any]:
+    """How many graphs ``torch.compile`` (inductor) builds for the SD1 U-Net over 4 aspect
+    buckets with full and partial batches (``bench/compile_buckets.py``), and the step times:
+    the expectation is 3 graphs and no recompile after the first partial batch."""
+    import contextlib
+    import io
+
+    args = ["--backend", "eager"] if dry else ["--device", "cuda", "-c", "configs/ldm/sd1.yaml"]
+    args += [] if dry else ["--buckets", "64x64,48x80,80x48,56x72", "--batch", "8"]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the child's stdout carries one JSON line
+        graphs = bench_module("compile_buckets").main(args)
+    times = [
+        float(line.split("step")[-1].split()[0])
+        for line in log.getvalue().splitlines()
+        if "graphs so far" in line
+    ]
+    return {"graphs": graphs[-1], "graphs_per_step": graphs, "step_s": times}
+
+
 def part_tests(dry: bool) -> dict[str, Any]:
     """The ``gpu``-marked tests (on the CPU they are all skipped: the dry run checks the call)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -284,6 +306,7 @@ def plan() -> list[tuple[str, list[str], int]]:
                 (name, ["unet", model, str(int(ckpt)), str(int(comp))], 240 if comp else 120)
             )
     parts += [(f"train {s}", ["train", s], 240) for s in ("ddp", "fsdp")]  # fsdp: GPU only
+    parts.append(("buckets compile", ["buckets"], 240))  # issue 16: graphs per bucket
     parts.append(("gpu tests", ["tests"], 300))
     return parts
 
@@ -341,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             row = part_unet(args.dry_run, rest[0], rest[1] == "1", rest[2] == "1")
         elif kind == "train":
             row = part_train(args.dry_run, rest[0], work)
+        elif kind == "buckets":
+            row = part_buckets(args.dry_run)
         else:
             row = part_tests(args.dry_run)
         print(json.dumps(row))

@@ -1,17 +1,19 @@
-"""Peak memory and step time of ``train.py`` per image size and batch size, measured on this CPU.
+r"""Peak memory and step time of ``train.py`` per image size and batch size, measured on this CPU.
 
 Each point is one real ``train.py`` run (``trainer.max_steps`` steps, no DataLoader workers, csv
 logger) on shards of scikit-image's sample photos at that size; the peak is the run's maximum
 resident set size (``ru_maxrss`` from ``os.wait4``), the step time is taken from the run's last
-two progress lines (1 s resolution; ``--steps`` ≥ 2). The table ends with a least-squares line ``peak ≈ base + per_image × batch`` per
-size, which is how the README extrapolates to batch sizes that do not fit here.
+two progress lines (1 s resolution; ``--steps`` ≥ 2). The table ends with a least-squares line
+``peak ≈ base + per_image × batch`` per size, which is how the README extrapolates to batch
+sizes that do not fit here.
 
 The default is the case issue 13 reported, Stable Diffusion's f=8 autoencoder
 (``configs/autoencoder/kl-f8.yaml``) with its PatchGAN on from the first step
 (``model.loss.disc_start=0``: the later, larger phase of a run), float32:
 
     .venv/bin/python bench/memory.py                                # 128 and 256 px, batch 1 and 2
-    .venv/bin/python bench/memory.py --sizes 64 128 --batches 1 2 4 -c configs/autoencoder/kl-f4-demo.yaml
+    .venv/bin/python bench/memory.py --sizes 64 --batches 1 2 4 \
+        -c configs/autoencoder/kl-f4-demo.yaml
 """
 
 from __future__ import annotations
@@ -90,13 +92,17 @@ def run_point(config: str, shard: Path, size: int, batch: int, steps: int, extra
         wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"train.py failed at {size} px, batch {batch}:\n{out[-2000:]}")
-    # the last step's time: the difference of the last two progress lines' elapsed clocks
+    return usage, last_step_seconds(out), wall
+
+
+def last_step_seconds(output: str) -> float:
+    """The last step's time from train.py's progress lines (``step 2/2  loss ..  elapsed
+    0:01:05  ETA ..``): the difference of the last two elapsed clocks; NaN with fewer."""
     clocks = [
         sum(int(part) * 60**i for i, part in enumerate(reversed(hms.split(":"))))
-        for hms in re.findall(r"^step \d+/\d+  loss .*elapsed (\d+:\d\d:\d\d)", out, re.M)
+        for hms in re.findall(r"^step \d+/\d+  loss .*elapsed (\d+:\d\d:\d\d)", output, re.M)
     ]
-    per_step = clocks[-1] - clocks[-2] if len(clocks) >= 2 else float("nan")
-    return usage, per_step, wall
+    return float(clocks[-1] - clocks[-2]) if len(clocks) >= 2 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
             "--out",
             str(out),
             "--only",
-            "peak,unet ours ckpt=on compile=on,train,gpu tests",
+            "peak,unet ours ckpt=on compile=on,train,buckets,gpu tests",
         ],
         capture_output=True,
         text=True,
@@ -45,6 +45,7 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
         "unet ours ckpt=on compile=on",
         "train ddp",
         "train fsdp",
+        "buckets compile",
         "gpu tests",
     }
     assert by_part["peak"]["measured_tflops"] > 0
@@ -54,6 +55,9 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
     ddp = by_part["train ddp"]
     assert ddp["status"] == "ok" and float(ddp["images_per_s"]) > 0
     assert by_part["train fsdp"]["status"].startswith("skipped")
+    buckets = by_part["buckets compile"]  # eager backend on the CPU: dynamo's guards only
+    assert buckets["status"] == "ok" and buckets["graphs"] == 3, buckets
+    assert len(buckets["step_s"]) == len(buckets["graphs_per_step"]) == 7
     assert by_part["gpu tests"]["exit"] in (0, 5)  # all gpu tests skip on a CPU
     report = (out / "gpu.md").read_text()
     assert report.startswith("| part | status | result |") and "| train ddp | ok |" in report
@@ -73,7 +77,7 @@ def test_table_reads_mfu_against_both_peaks() -> None:
 def test_plan_covers_every_case_within_limits() -> None:
     names = [name for name, _, _ in gpu.plan()]
     assert sum(n.startswith("unet ") for n in names) == 8  # 2 models x checkpointing x compile
-    assert {"train ddp", "train fsdp", "gpu tests"} <= set(names)
+    assert {"train ddp", "train fsdp", "buckets compile", "gpu tests"} <= set(names)
     assert sum(limit for _, _, limit in gpu.plan()) < 3600
 
 
