@@ -104,6 +104,22 @@ def test_layouts_hold_sdxl_names_and_round_trip_bit_exact(sdxl: dict[str, Any]) 
                 for layer, (down, up, alpha) in adapters.items():
                     d, u, a = got[part][layer]
                     assert torch.equal(d, down) and torch.equal(u, up) and a == alpha, layer
+    # kohya SDXL files converted from diffusers name the U-Net as diffusers does
+    from ldm.checkpoint.lora_sdxl import sdxl_unet_layer_names
+
+    theirs_names = sdxl_unet_layer_names(parts["unet"], sdxl["layout"])
+    renamed = {}
+    for key, value in kohya.items():
+        module, _, suffix = key.partition(".")
+        layer = next((o for o in parts["unet"] if "lora_unet_" + o.replace(".", "_") == module),
+                     None)  # fmt: skip
+        if layer is not None:
+            module = "lora_unet_" + theirs_names[layer].replace(".", "_")
+        renamed[f"{module}.{suffix}"] = value
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in renamed)
+    save_file(renamed, str(root / "kohya_diffusers_names.safetensors"))
+    back = read(sdxl, root / "kohya_diffusers_names.safetensors")
+    assert all(torch.equal(back["unet"][n][1], up) for n, (_, up, _) in parts["unet"].items())
     # ours -> diffusers -> ours: alpha / r folded into B, the same update bit for bit
     back = read(sdxl, sdxl["files"]["diffusers"])
     again = read(sdxl, write_lora(root / "again.st", back, "diffusers", sdxl["layout"], sdxl=True))
@@ -201,10 +217,22 @@ def test_bad_sdxl_lora_files_fail_in_one_line(
         message = run_bad(sdxl, tmp_path, capsys, tmp_path / f"{name}.safetensors")
         assert needle in message, (name, message)
     assert "(and 1 more)" in message  # no_module: three keys named, the count of the rest
-    # the refiner has the second encoder only
+    # the refiner has the second encoder only: first-encoder adapters are refused, the
+    # second's merge into it
     refiner = {"folder": build_tiny_refiner(tmp_path / "refiner")}
     message = run_bad(refiner, tmp_path, capsys, sdxl["files"]["kohya"])
     assert "lora_te1_" in message and "SDXL refiner does not have" in message, message
+    from ldm import build
+    from ldm.pretrained import apply_lora_files
+
+    te2 = tmp_path / "te2.safetensors"
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_te2_")}, str(te2))
+    model, cfg = build.load_for_sampling(refiner["folder"])
+    before = {k: v.clone() for k, v in model.text_encoder.text_encoder_2.state_dict().items()}
+    apply_lora_files(model, cfg.model.unet, [str(te2)])
+    after = model.text_encoder.text_encoder_2.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert len(changed) == len(sdxl["parts"]["text_encoder_2"]), changed  # each adapted weight
 
 
 def pipeline_xl(sdxl: dict[str, Any]) -> Any:
