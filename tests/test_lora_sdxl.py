@@ -120,6 +120,10 @@ def test_layouts_hold_sdxl_names_and_round_trip_bit_exact(sdxl: dict[str, Any]) 
     save_file(renamed, str(root / "kohya_diffusers_names.safetensors"))
     back = read(sdxl, root / "kohya_diffusers_names.safetensors")
     assert all(torch.equal(back["unet"][n][1], up) for n, (_, up, _) in parts["unet"].items())
+    # older diffusers files may carry network alphas as <module>.alpha keys
+    with_alpha = {**peft, "unet.mid_block.attentions.0.proj_in.alpha": torch.tensor(8.0)}
+    save_file(with_alpha, str(root / "alpha.safetensors"))
+    assert read(sdxl, root / "alpha.safetensors")["unet"]["middle_block.1.proj_in"][2] == 8.0
     # ours -> diffusers -> ours: alpha / r folded into B, the same update bit for bit
     back = read(sdxl, sdxl["files"]["diffusers"])
     again = read(sdxl, write_lora(root / "again.st", back, "diffusers", sdxl["layout"], sdxl=True))
