@@ -335,9 +335,11 @@ def load_for_sampling(
         from ldm.assemble import sd_single_file_model
         from ldm.checkpoint.sdxl_single_file import (
             check_not_sd_file_for_sdxl_config,
+            check_refiner_config,
             is_sdxl_file,
             load_sdxl_single_file,
         )
+        from ldm.consistency import check_consistency
 
         if not config_files:
             raise CheckpointError(
@@ -345,8 +347,13 @@ def load_for_sampling(
                 "-c configs/ldm/sd1.yaml (SD 1.x), -c configs/ldm/sd2.yaml (SD 2.x) or "
                 "-c configs/ldm/sdxl.yaml (SDXL)"
             )
-        cfg = load(config_files, overrides)
-        if is_sdxl_file(path):
+        sdxl = is_sdxl_file(path)
+        # The refiner's layout samples but does not train, which the load-time checks refuse;
+        # an SDXL file's own checks name a refiner/base mix-up first.
+        cfg = load(config_files, overrides, consistency=not sdxl)
+        if sdxl and check_refiner_config(path, cfg):
+            check_consistency(cfg)
+        if sdxl:
             model = load_sdxl_single_file(
                 path, cfg, cfg.model.text_encoder.name_or_path, use_ema=use_ema
             )

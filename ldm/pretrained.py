@@ -398,16 +398,22 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def lora_targets(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """The U-Net and the text encoder's transformers model (None if it has none) of a
-    ``LatentDiffusion``: the modules LoRA files adapt."""
-    text = getattr(getattr(model, "text_encoder", None), "model", None)
-    return model.unet, text if isinstance(text, nn.Module) and hasattr(text, "config") else None
+def lora_targets(model: nn.Module) -> dict[str, nn.Module | None]:
+    """The modules LoRA files adapt, by part: the U-Net, the text encoder's transformers model
+    (None if it has none) and, for SDXL, both encoders (``text_encoder`` None on the refiner)."""
+    encoder = getattr(model, "text_encoder", None)
+    if hasattr(encoder, "text_encoder_2"):  # SDXLConditioner
+        return {"unet": model.unet, "text_encoder": encoder.text_encoder,
+                "text_encoder_2": encoder.text_encoder_2}  # fmt: skip
+    text = getattr(encoder, "model", None)
+    text = text if isinstance(text, nn.Module) and hasattr(text, "config") else None
+    return {"unet": model.unet, "text_encoder": text}
 
 
 def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
     """Merge each ``path[:scale]`` LoRA file (ldm, diffusers/peft or kohya layout, told apart by
-    its keys) into the model's U-Net and text encoder weights, in order (files add up).
+    its keys; SD 1.x/2.x or SDXL) into the model's U-Net and text encoder weights, in order
+    (files add up).
 
     Args:
         model: A ``LatentDiffusion``.
@@ -421,13 +427,14 @@ def apply_lora_files(model: nn.Module, unet_cfg: Any, specs: list[str]) -> None:
     from ldm.checkpoint.lora_keys import read_lora, unet_layout
     from ldm.models.lora import merge_adapters
 
-    unet, text_model = lora_targets(model)
+    modules = lora_targets(model)
     for spec in specs:
         path, scale = parse_lora_spec(spec)
-        parts = read_lora(path, unet, unet_layout(unet_cfg), text_model)
+        parts = read_lora(path, modules["unet"], unet_layout(unet_cfg), modules["text_encoder"],
+                          modules.get("text_encoder_2"))  # fmt: skip
         try:
             for part, adapters in parts.items():
-                merge_adapters(unet if part == "unet" else text_model, adapters, scale)
+                merge_adapters(modules[part], adapters, scale)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         counts = ", ".join(f"{len(a)} {part} layers" for part, a in parts.items())

@@ -77,8 +77,10 @@ def initial_latents() -> torch.Tensor:
     return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(SEED))
 
 
-def ours(base: dict[str, Any], tmp: Path, *loras: Path | str) -> torch.Tensor:
-    """Final latents of ``sample.py --ckpt folder --lora ...``."""
+def ours(
+    base: dict[str, Any], tmp: Path, *loras: Path | str, extra: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """Final latents of ``sample.py --ckpt folder --lora ... [extra flags]``."""
     import sample
 
     out = tmp / "latents.safetensors"
@@ -104,7 +106,7 @@ def ours(base: dict[str, Any], tmp: Path, *loras: Path | str) -> torch.Tensor:
     ]
     for lora in loras:
         argv += ["--lora", str(lora)]
-    assert sample.main(argv) == 0
+    assert sample.main([*argv, *extra]) == 0
     return load_file(str(out))["latents"]
 
 
@@ -262,6 +264,14 @@ def test_bad_lora_files_fail_in_one_line(
         "sdxl": (
             {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2)},
             "SDXL",
+        ),
+        "sdxl_te2": (  # SDXL's second encoder, on a model with one
+            {**kohya, "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)},
+            "SD 1.x/2.x with one",
+        ),
+        "sdxl_diffusers": (
+            {**peft_file, "text_encoder_2.text_projection.lora_A.weight": torch.zeros(2, 2)},
+            "is from an SDXL LoRA",
         ),
         "shape": ({**kohya, down: torch.zeros(2, 7)}, down.removesuffix(".lora_down.weight")),
         "half_pair": (

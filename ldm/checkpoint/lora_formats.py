@@ -1,4 +1,5 @@
-"""LoRA files in the layouts other tools exchange: diffusers/peft and kohya (SD 1.x/2.x).
+"""LoRA files in the layouts other tools exchange: diffusers/peft and kohya (SD 1.x/2.x; SDXL's
+names in `ldm.checkpoint.lora_sdxl`).
 
 Every layout holds, per adapted layer, ``A`` (r × in, "down") and ``B`` (out × r, "up") of Hu et
 al. 2021 and a scale ``alpha / r``; they differ in names and in where alpha lives::
@@ -25,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from ldm.checkpoint.unet_keys import unet_ldm_to_diffusers
 
 #: layer -> (A: r × in[, 1, 1], B: out × r[, 1, 1], alpha); the update is (alpha / r) · B A
 Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-#: "unet" / "text_encoder" -> its adapters
+#: "unet" / "text_encoder" (/ "text_encoder_2", SDXL) -> its adapters
 LoRAParts = dict[str, Adapters]
 #: (part, layer) -> a file key of that layer (for messages)
 FileKeys = dict[tuple[str, str], str]
@@ -46,8 +47,16 @@ Layout = tuple[Sequence[int], int, Sequence[int]]
 FORMATS = ("ldm", "diffusers", "kohya")
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 TEXT_PREFIX = "text_model."
-_DIFFUSERS_PART = {"unet": "unet.", "text_encoder": "text_encoder."}
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+_DIFFUSERS_PART = {
+    "unet": "unet.",
+    "text_encoder": "text_encoder.",
+    "text_encoder_2": "text_encoder_2.",
+}
 _KOHYA_PART = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+#: sd-scripts' prefixes for SDXL (networks/lora.py LORA_PREFIX_TEXT_ENCODER1/2)
+KOHYA_SDXL_PART = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _PEFT_SUFFIX = re.compile(r"\.lora_([AB])\.weight$")
 _KOHYA_SUFFIX = re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -60,14 +69,34 @@ class LayerNames:
         unet: Our U-Net layer -> diffusers ``UNet2DConditionModel`` module.
         text_encoder: The layer's name in our text encoder's transformers model ->
             ``text_model.<module>`` (transformers 5 drops the ``text_model.`` level in names).
+        text_encoder_2: SDXL's second encoder, likewise (``text_projection`` stays as is).
+        kohya_unet: Our U-Net layer -> kohya's module name (None: diffusers'; SDXL: ours, the
+            original SGM names sd-scripts trains SDXL under).
     """
 
     unet: dict[str, str]
     text_encoder: dict[str, str]
+    text_encoder_2: dict[str, str] = field(default_factory=dict)
+    kohya_unet: dict[str, str] | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether these are SDXL names (kohya's ``lora_te1_``/``lora_te2_``, SGM U-Net)."""
+        return self.kohya_unet is not None
 
     def part(self, part: str) -> dict[str, str]:
-        """The map of ``part`` ("unet" or "text_encoder")."""
-        return self.unet if part == "unet" else self.text_encoder
+        """The map of ``part`` ("unet", "text_encoder" or "text_encoder_2")."""
+        return getattr(self, part)
+
+    def kohya(self, part: str) -> dict[str, str]:
+        """The map of ``part`` to kohya's module names (before dots become underscores)."""
+        return (
+            self.kohya_unet if part == "unet" and self.kohya_unet is not None else self.part(part)
+        )
+
+    def kohya_prefixes(self) -> dict[str, str]:
+        """kohya's key prefix of each part."""
+        return KOHYA_SDXL_PART if self.sdxl else _KOHYA_PART
 
 
 def unet_layer_names(layers: Iterable[str], layout: Layout) -> dict[str, str]:
@@ -88,9 +117,11 @@ def unet_layer_names(layers: Iterable[str], layout: Layout) -> dict[str, str]:
 
 
 def text_layer_names(layers: Iterable[str]) -> dict[str, str]:
-    """A transformers text model's module names -> ``text_model.<module>``."""
+    """A transformers text model's module names -> ``text_model.<module>`` (``text_projection``
+    of a ``CLIPTextModelWithProjection`` stays outside ``text_model.``)."""
     return {
-        layer: layer if layer.startswith(TEXT_PREFIX) else TEXT_PREFIX + layer for layer in layers
+        layer: layer if layer.startswith((TEXT_PREFIX, "text_projection")) else TEXT_PREFIX + layer
+        for layer in layers
     }
 
 
@@ -140,10 +171,11 @@ def to_kohya(parts: LoRAParts, names: LayerNames) -> tuple[dict[str, torch.Tenso
     """Tensors and metadata of a kohya (sd-scripts) LoRA file."""
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
+    prefixes = names.kohya_prefixes()
     for part, adapters in parts.items():
-        table = names.part(part)
+        table = names.kohya(part)
         for layer, (down, up, alpha) in adapters.items():
-            key = _KOHYA_PART[part] + _exported_name(table, part, layer).replace(".", "_")
+            key = prefixes[part] + _exported_name(table, part, layer).replace(".", "_")
             tensors[key + ".lora_down.weight"] = down.float()
             tensors[key + ".lora_up.weight"] = up.float()
             tensors[key + ".alpha"] = torch.tensor(float(alpha))
@@ -180,16 +212,10 @@ def detect_format(keys: Iterable[str], metadata: Mapping[str, str], path: Any) -
         raise CheckpointError(f"{path} holds no tensors")
     if metadata.get("format") == "ldm-lora":
         return "ldm"
-    if all(k.startswith(tuple(_KOHYA_PART.values())) for k in keys):
+    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
     if any(_PEFT_SUFFIX.search(k) for k in keys):
         return "diffusers"
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise CheckpointError(
-            f"{path}: key {next(k for k in keys if 'lora_te' in k)!r} is "
-            "from an SDXL kohya LoRA (lora_te1_/lora_te2_); this model is "
-            "SD 1.x/2.x"
-        )
     if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
         return "ldm"
     raise CheckpointError(
@@ -198,14 +224,17 @@ def detect_format(keys: Iterable[str], metadata: Mapping[str, str], path: Any) -
     )
 
 
-def _lookup(path: Any, key: str, part: str, module: str, inverse: Mapping[str, str]) -> str:
-    if module not in inverse:
-        what = "U-Net" if part == "unet" else "text encoder"
-        raise CheckpointError(
-            f"{path}: key {key!r} names no layer of this model's {what} "
-            "(a LoRA for another base model or layout?)"
-        )
-    return inverse[module]
+def unmatched_error(path: Any, unmatched: Sequence[tuple[str, str]], sdxl: bool) -> CheckpointError:
+    """One line naming how many keys match no layer of the model, and the first three."""
+    parts = sorted({part for _, part in unmatched})
+    what = " or ".join("U-Net" if p == "unet" else p.replace("_", " ") for p in parts)
+    family = "SDXL" if sdxl else "SD 1.x/2.x"
+    shown = ", ".join(repr(k) for k, _ in unmatched[:3])
+    more = f" (and {len(unmatched) - 3} more)" if len(unmatched) > 3 else ""
+    return CheckpointError(
+        f"{path}: {len(unmatched)} key(s) name no layer of this {family} model's {what}: "
+        f"{shown}{more} (a LoRA for another base model or layout?)"
+    )
 
 
 def _pair(path: Any, found: dict[str, dict[str, Any]]) -> Adapters:
@@ -239,29 +268,39 @@ def from_kohya(
     Raises:
         CheckpointError: A key outside the layout or naming no layer of the model.
     """
+    prefixes = names.kohya_prefixes()
     inverse = {
         part: {
-            _KOHYA_PART[part] + theirs.replace(".", "_"): ours
-            for ours, theirs in names.part(part).items()
+            prefix + theirs.replace(".", "_"): ours for ours, theirs in names.kohya(part).items()
         }
-        for part in _KOHYA_PART
+        for part, prefix in prefixes.items()
     }
-    found: dict[str, dict[str, dict[str, Any]]] = {"unet": {}, "text_encoder": {}}
+    if names.sdxl:  # SDXL files converted from diffusers name the U-Net as diffusers does
+        inverse["unet"].update(
+            {"lora_unet_" + t.replace(".", "_"): o for o, t in names.unet.items()}
+        )
+    found: dict[str, dict[str, dict[str, Any]]] = {part: {} for part in prefixes}
+    unmatched: list[tuple[str, str]] = []
     for key, value in tensors.items():
         match = _KOHYA_SUFFIX.search(key)
-        part = "unet" if key.startswith(_KOHYA_PART["unet"]) else "text_encoder"
+        part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), "text_encoder")
         if match is None:
             raise CheckpointError(
                 f"{path}: key {key!r} is not a kohya LoRA weight (expected "
                 "<module>.lora_down.weight / .lora_up.weight / .alpha)"
             )
-        layer = _lookup(path, key, part, key[: match.start()], inverse[part])
+        layer = inverse[part].get(key[: match.start()])
+        if layer is None:
+            unmatched.append((key, part))
+            continue
         entry = found[part].setdefault(layer, {"key": key})
         what = match.group(1)
         if what == "alpha":
             entry["alpha"] = float(value)
         else:
             entry["down" if what.startswith("lora_down") else "up"] = value
+    if unmatched:
+        raise unmatched_error(path, unmatched, names.sdxl)
     return {part: _pair(path, f) for part, f in found.items() if f}, file_keys(found)
 
 
@@ -303,58 +342,44 @@ def from_diffusers(
         part: {theirs: ours for ours, theirs in names.part(part).items()}
         for part in _DIFFUSERS_PART
     }
-    if names.text_encoder:  # files from transformers 5 may drop the text_model. level
-        inverse["text_encoder"].update(
-            {theirs.removeprefix(TEXT_PREFIX): ours for ours, theirs in names.text_encoder.items()}
+    for part in TEXT_PARTS:  # files from transformers 5 may drop the text_model. level
+        inverse[part].update(
+            {theirs.removeprefix(TEXT_PREFIX): ours for ours, theirs in names.part(part).items()}
         )
-    found: dict[str, dict[str, dict[str, Any]]] = {"unet": {}, "text_encoder": {}}
+    found: dict[str, dict[str, dict[str, Any]]] = {part: {} for part in _DIFFUSERS_PART}
     modules: dict[tuple[str, str], str] = {}
+    unmatched: list[tuple[str, str]] = []
+    alphas: dict[tuple[str, str], float] = {}
     for key, value in tensors.items():
         part = next((p for p, prefix in _DIFFUSERS_PART.items() if key.startswith(prefix)), None)
         match = _PEFT_SUFFIX.search(key)
-        if part is None or match is None:
+        is_alpha = part is not None and key.endswith(".alpha")  # older files' network alphas
+        if part is None or (match is None and not is_alpha):
             raise CheckpointError(
                 f"{path}: key {key!r} is not a diffusers LoRA weight "
                 "(expected unet.<module>.lora_A.weight / .lora_B.weight, or "
-                "text_encoder.…)"
+                "text_encoder.… / text_encoder_2.…)"
             )
-        module = key[len(_DIFFUSERS_PART[part]) : match.start()]
-        layer = _lookup(path, key, part, module, inverse[part])
+        module = key[len(_DIFFUSERS_PART[part]) : -len(".alpha") if is_alpha else match.start()]
+        layer = inverse[part].get(module)
+        if layer is None:
+            unmatched.append((key, part))
+            continue
+        if is_alpha:
+            alphas[part, layer] = float(value)
+            continue
         entry = found[part].setdefault(layer, {"key": key})
         entry["down" if match.group(1) == "A" else "up"] = value
         modules[part, layer] = module
+    if unmatched:
+        raise unmatched_error(path, unmatched, names.sdxl)
     for part, entries in found.items():
         config = _peft_config(metadata, part)
         for layer, entry in entries.items():
-            if "down" in entry:
+            if (part, layer) in alphas:
+                entry["alpha"] = alphas[part, layer]
+            elif "down" in entry:
                 entry["alpha"] = _peft_alpha(
                     config, modules[part, layer], entry["down"].shape[0], path, entry["key"]
                 )
     return {part: _pair(path, f) for part, f in found.items() if f}, file_keys(found)
-
-
-def check_shapes(
-    parts: LoRAParts, modules: Mapping[str, nn.Module], keys: FileKeys, path: Any
-) -> None:
-    """Each adapter fits its layer: ``A`` takes the layer's input, ``B`` gives its output.
-
-    Raises:
-        CheckpointError: A mismatch, naming the file, its key, the layer and the shapes.
-    """
-    for part, adapters in parts.items():
-        for layer, (down, up, _) in adapters.items():
-            target = modules[part].get_submodule(layer)
-            weight = target.weight
-            ok = (
-                down.shape[1] == weight.shape[1]
-                and up.shape[0] == weight.shape[0]
-                and up.shape[1] == down.shape[0]
-                and all(s == 1 for s in (*down.shape[2:], *up.shape[2:]))
-                and down.dim() == up.dim() == weight.dim()
-            )
-            if not ok:
-                raise CheckpointError(
-                    f"{path}: key {keys[part, layer]!r} ({part} layer {layer}): lora_down "
-                    f"{tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit its weight "
-                    f"{tuple(weight.shape)} (a LoRA for another base model?)"
-                )

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sample
 import train
 from ldm.checkpoint.format import load_checkpoint
 from tests.models.sdxl_tiny import build_tiny_sdxl
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL.Image")
 TINY = Path(__file__).resolve().parents[1] / "configs" / "sdxl-tiny.yaml"
 
@@ -142,6 +143,22 @@ def test_lora_on_the_sdxl_unet_trains_and_samples(
     assert sample.main(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
                         "--prompt", "the red", "--device", "cpu",
                         "--outdir", str(tmp_path / "s")]) == 0  # fmt: skip
+    # the run's adapters as SDXL kohya and diffusers files: diffusers' load_lora_weights of the
+    # one samples what sample.py --lora of the other does (tests/test_lora_sdxl.py: all layouts)
+    from ldm.checkpoint.lora_keys import main as export
+    from tests.test_lora_interop import assert_close, ours, theirs
+
+    files = {fmt: tmp_path / f"{fmt}.safetensors" for fmt in ("kohya", "diffusers")}
+    for fmt, file in files.items():
+        assert export(["--ckpt", str(tmp_path / "lora" / "checkpoints" / "last.safetensors"),
+                       "--out", str(file), "--format", fmt]) == 0  # fmt: skip
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(files["kohya"])))
+    assert any(k.startswith("unet.down_blocks.") for k in load_file(str(files["diffusers"])))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path), weight_name=files["diffusers"].name)
+    got = ours({"folder": folder}, tmp_path, files["kohya"], extra=("--sampler", "euler"))
+    assert_close(got, theirs(pipe), "the run's kohya file in ours, its diffusers one in diffusers")
 
 
 def test_bad_sdxl_inputs_are_one_line_exit_2(
