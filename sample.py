@@ -340,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args)
         check_args(args, prompts)
         micro = micro_conditioning_flags(args)
-        from ldm import build
+        from ldm import assemble, build
 
-        model, cfg = build.load_for_sampling(
+        model, cfg = assemble.load_for_sampling(
             args.ckpt, args.config, args.overrides, use_ema=not args.no_ema
         )
         if args.lora:
-            from ldm.pretrained import apply_lora_files
+            from ldm.lora_files import apply_lora_files
 
             apply_lora_files(model, cfg.model.unet, args.lora)
         s = cfg.sampling

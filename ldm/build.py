@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ldm.checkpoint.format import Checkpoint, CheckpointError, assign_weights, load_checkpoint
+from ldm.checkpoint.format import Checkpoint, CheckpointError, assign_weights
 from ldm.config import to_container
 from ldm.run_dir import RunDirError, prepare_run_dir, run_dir  # noqa: F401 (build's API)
 from ldm.text_tuning import load_text_encoder_weights, trainable_text_encoder
@@ -280,87 +279,6 @@ def load_latent_diffusion(ckpt: Checkpoint, use_ema: bool = True) -> LatentDiffu
         pretrained.apply_text_init(model, cfg.model.init_from)
     load_text_encoder_weights(model, ckpt)
     return model
-
-
-def load_for_sampling(
-    path: str | Path,
-    config_files: Sequence[str | Path] = (),
-    overrides: Sequence[str] = (),
-    use_ema: bool = True,
-) -> tuple[LatentDiffusion, DictConfig]:
-    """A ``LatentDiffusion`` (eval mode) and its config from any supported checkpoint.
-
-    Args:
-        path: One of our ``ldm`` checkpoints, an original Stable Diffusion single file
-            (``.safetensors``/``.ckpt``) or a diffusers-layout folder.
-        config_files: Configs merged over the checkpoint's own or the folder's (required for
-            SD files, which carry none, e.g. ``configs/ldm/sd1.yaml``): they win over what the
-            checkpoint or folder says, except for what its weights fix (`ldm.config_sources`).
-        overrides: ``key=value`` overrides (win over everything).
-        use_ema: Use EMA U-Net weights when the checkpoint has them.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: Not a diffusion checkpoint (e.g. an autoencoder-only one).
-    """
-    from ldm.checkpoint.format import FORMAT, read_metadata
-    from ldm.config import load
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    from ldm.checkpoint.sdxl_layout import is_sdxl_folder
-
-    if path.is_dir() and is_sdxl_folder(path):
-        from ldm.checkpoint.sdxl_layout import load_sdxl_folder, sdxl_folder_config
-
-        cfg = sdxl_folder_config(path, load(config_files, overrides))
-        model = load_sdxl_folder(path)
-    elif path.is_dir():
-        from ldm.assemble import diffusers_folder_model
-        from ldm.checkpoint.diffusers_layout import folder_config
-
-        cfg = folder_config(path, config_files, overrides)  # the caller wins over the folder
-        model = diffusers_folder_model(path, cfg)
-    elif path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT:
-        ckpt = load_checkpoint(path)
-        if ckpt.kind != "ldm":
-            raise CheckpointError(
-                f"{path} is a '{ckpt.kind}' checkpoint; sampling needs an 'ldm' checkpoint "
-                "(train one with task=ldm)"
-            )
-        cfg = load(config_files, overrides, base=ckpt.config)
-        model = load_latent_diffusion(ckpt, use_ema=use_ema)
-    else:
-        from ldm.assemble import sd_single_file_model
-        from ldm.checkpoint.sdxl_single_file import (
-            check_not_sd_file_for_sdxl_config,
-            check_refiner_config,
-            is_sdxl_file,
-            load_sdxl_single_file,
-        )
-        from ldm.consistency import check_consistency
-
-        if not config_files:
-            raise CheckpointError(
-                f"{path} is an original Stable Diffusion file, which carries no config: pass "
-                "-c configs/ldm/sd1.yaml (SD 1.x), -c configs/ldm/sd2.yaml (SD 2.x) or "
-                "-c configs/ldm/sdxl.yaml (SDXL)"
-            )
-        sdxl = is_sdxl_file(path)
-        # The refiner's layout samples but does not train, which the load-time checks refuse;
-        # an SDXL file's own checks name a refiner/base mix-up first.
-        cfg = load(config_files, overrides, consistency=not sdxl)
-        if sdxl and check_refiner_config(path, cfg):
-            check_consistency(cfg)
-        if sdxl:
-            model = load_sdxl_single_file(
-                path, cfg, cfg.model.text_encoder.name_or_path, use_ema=use_ema
-            )
-        else:
-            check_not_sd_file_for_sdxl_config(path, cfg)
-            model = sd_single_file_model(path, cfg, use_ema=use_ema)
-    return model.eval(), cfg
 
 
 # ---------------------------------------------------------------------------------------------

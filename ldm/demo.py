@@ -65,7 +65,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate ``n`` images per demo prompt at each guidance and score them (``sampler``:
     overrides of the checkpoint's ``sampling`` section, e.g. ``steps=8``)."""
-    from ldm import build
+    from ldm import assemble, build
     from ldm.eval.adherence import (
         demo_prompts_from_metadata,
         format_report,
@@ -74,7 +74,7 @@ def evaluate(
         summarise,
     )
 
-    model, cfg = build.load_for_sampling(ckpt)
+    model, cfg = assemble.load_for_sampling(ckpt)
     sampler = build.build_sampler(cfg.sampling, disable_progress=True, **sampler)
     prompts = demo_prompts_from_metadata(metadata)
     geometry = geometry_from_metadata(metadata)

@@ -53,11 +53,11 @@ def demo_fsd(
     Returns:
         `ldm.eval.shape_fid.fsd_report`'s dict plus the guidance, sampler and steps used.
     """
-    from ldm import build
+    from ldm import assemble, build
     from ldm.eval.adherence import geometry_from_metadata
     from ldm.eval.shape_fid import feature_matrix, fsd_report
 
-    model, cfg = build.load_for_sampling(ckpt)
+    model, cfg = assemble.load_for_sampling(ckpt)
     sampler = build.build_sampler(cfg.sampling, disable_progress=True)
     size = int(cfg.data.image_size)
     reference, captions = val_images(val_shards, n, size)

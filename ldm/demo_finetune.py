@@ -98,10 +98,10 @@ def score(
 ) -> dict[str, dict[str, Any]]:
     """Sample ``n`` images per prompt from ``ckpt`` at its configured guidance (fixed noise, the
     same for every model) and return the adherence row of each group by group name."""
-    from ldm import build
+    from ldm import assemble, build
     from ldm.eval.adherence import score_pairs, summarise
 
-    model, cfg = build.load_for_sampling(ckpt)
+    model, cfg = assemble.load_for_sampling(ckpt)
     if steps is not None:
         cfg.sampling.steps = steps
     sampler = build.build_sampler(cfg.sampling, disable_progress=True)
@@ -152,7 +152,7 @@ def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -
 
     from PIL import Image
 
-    from ldm import build
+    from ldm import assemble
     from ldm.eval.shapes import analyse_shape
 
     images = []
@@ -162,7 +162,7 @@ def autoencoder_round_trip(ckpt: Path, shard: Path, color: str, geometry: Any) -
             if name.endswith(".json") and json.load(tar.extractfile(member))["color"] == color:
                 png = tar.extractfile(members[name[: -len("json")] + "png"]).read()
                 images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-    model, _ = build.load_for_sampling(ckpt)
+    model, _ = assemble.load_for_sampling(ckpt)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     with torch.no_grad():
         decoded = model.decode_latents(model.encode_images(x, torch.Generator().manual_seed(0)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: export a checkpoint (ours, original SD or diffusers) as a diffusers folder."""
-    from ldm import build
+    from ldm import assemble
     from ldm.checkpoint.diffusers_layout import export_diffusers_folder
     from ldm.checkpoint.format import CheckpointError
     from ldm.config import ConfigError
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before the slow part
             raise FileExistsError(f"{out} is not empty (pass --overwrite)")
-        model, cfg = build.load_for_sampling(
+        model, cfg = assemble.load_for_sampling(
             args.ckpt, args.config, args.overrides, use_ema=not args.no_ema
         )
         from ldm.models.lora import merge_lora

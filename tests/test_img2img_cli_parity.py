@@ -244,10 +244,10 @@ def sd_inpainting_file(folders: dict[str, Path]) -> dict[str, Path]:
     layout: CompVis keys, ``in_channels`` 9) and its YAML config."""
     from omegaconf import OmegaConf
 
-    from ldm import build
+    from ldm import assemble
     from tests.checkpoint.test_stable_diffusion import save_sd_file, sd_layout, write_yaml
 
-    model, cfg = build.load_for_sampling(str(folders["pipe9"]))
+    model, cfg = assemble.load_for_sampling(str(folders["pipe9"]))
     assert model.unet_in_channels == 9
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model"]["text_encoder"]["name_or_path"] = str(folders["root"] / "clip")  # SD1

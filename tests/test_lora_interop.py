@@ -299,7 +299,7 @@ def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
     base: dict[str, Any], tmp_path: Path
 ) -> None:
     import train
-    from ldm import build
+    from ldm import assemble
 
     straight = text_state(base["root"] / "lora")
     assert straight and all(".lora_" in k for k in straight)  # the adapters only, not the base
@@ -316,7 +316,7 @@ def test_text_encoder_lora_resumes_exactly_and_samples_from_our_checkpoint(
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
     # sampling from our checkpoint uses the trained text adapters
-    model, _ = build.load_for_sampling(base["ckpt"])
+    model, _ = assemble.load_for_sampling(base["ckpt"])
     live = model.text_encoder.state_dict()
     for k, v in straight.items():
         assert torch.equal(live[k], v), k
@@ -326,7 +326,7 @@ def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
     base: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     import train
-    from ldm import build
+    from ldm import assemble
 
     args = [
         a
@@ -345,7 +345,7 @@ def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
     from ldm.checkpoint.format import load_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
-    start, _ = build.load_for_sampling(base["folder"])
+    start, _ = assemble.load_for_sampling(base["folder"])
     # lr 0: the U-Net is the source's; the text encoder moved at its own rate
     for k, v in start.unet.state_dict().items():
         assert torch.equal(ckpt.module_state("unet")[k], v), k
@@ -354,7 +354,7 @@ def test_full_text_encoder_fine_tune_at_its_own_learning_rate(
     assert set(trained) == {n for n, _ in start.text_encoder.named_parameters()}
     changed = [k for k, v in trained.items() if not torch.equal(v, source[k])]
     assert len(changed) > len(trained) // 2
-    model, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
+    model, _ = assemble.load_for_sampling(run / "checkpoints" / "last.safetensors")
     for k, v in trained.items():
         assert torch.equal(model.text_encoder.state_dict()[k], v), k
 

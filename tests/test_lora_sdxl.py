@@ -58,12 +58,12 @@ def random_parts(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, Any
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny SDXL folder, our model's LoRA targets, a random LoRA and its files."""
-    from ldm import build
-    from ldm.pretrained import lora_targets
+    from ldm import assemble
+    from ldm.lora_files import lora_targets
 
     root = tmp_path_factory.mktemp("lora_sdxl")
     folder = build_tiny_sdxl(root)
-    model, cfg = build.load_for_sampling(folder)
+    model, cfg = assemble.load_for_sampling(folder)
     modules, layout = lora_targets(model), unet_layout(cfg.model.unet)
     parts = random_parts(modules)
     files = {
@@ -226,12 +226,12 @@ def test_bad_sdxl_lora_files_fail_in_one_line(
     refiner = {"folder": build_tiny_refiner(tmp_path / "refiner")}
     message = run_bad(refiner, tmp_path, capsys, sdxl["files"]["kohya"])
     assert "lora_te1_" in message and "SDXL refiner does not have" in message, message
-    from ldm import build
-    from ldm.pretrained import apply_lora_files
+    from ldm import assemble
+    from ldm.lora_files import apply_lora_files
 
     te2 = tmp_path / "te2.safetensors"
     save_file({k: v for k, v in kohya.items() if k.startswith("lora_te2_")}, str(te2))
-    model, cfg = build.load_for_sampling(refiner["folder"])
+    model, cfg = assemble.load_for_sampling(refiner["folder"])
     before = {k: v.clone() for k, v in model.text_encoder.text_encoder_2.state_dict().items()}
     apply_lora_files(model, cfg.model.unet, [str(te2)])
     after = model.text_encoder.text_encoder_2.state_dict()

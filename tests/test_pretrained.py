@@ -160,12 +160,12 @@ def test_raw_weights_text_encoder_and_rerun(
     run = tmp_path / "raw"
     assert_equal_states(unet_of(run), src["model"].unet.state_dict())
     # the text encoder is frozen (not in our checkpoints): the run's config rebuilds it
-    from ldm import build
+    from ldm import assemble, build
 
     cfg = build.resolve(load([run / "config.yaml"]))
     module = build.build_module(cfg)
     assert_equal_states(module.model.text_encoder.model.state_dict(), perturbed_text.state_dict())
-    sampled, _ = build.load_for_sampling(run / "checkpoints" / "last.safetensors")
+    sampled, _ = assemble.load_for_sampling(run / "checkpoints" / "last.safetensors")
     assert_equal_states(sampled.text_encoder.model.state_dict(), perturbed_text.state_dict())
 
     # the saved config alone reruns the same start
@@ -292,7 +292,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     sources: dict[str, Any], shapes_data: dict, tmp_path: Path
 ) -> None:
     import train
-    from ldm import build
+    from ldm import assemble
 
     src = sources["sd1"]
     args = run_args(
@@ -328,7 +328,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
         for k in lora:
             torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
 
-    model, cfg = build.load_for_sampling(tmp_path / "lora" / "checkpoints" / "last.safetensors")
+    model, cfg = assemble.load_for_sampling(tmp_path / "lora" / "checkpoints" / "last.safetensors")
     assert cfg.model.lora.rank == 2
     assert_equal_states(
         {k: v for k, v in model.unet.state_dict().items() if ".lora_" in k},
@@ -350,7 +350,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
         )
         == 0
     )
-    plain, _ = build.load_for_sampling(out)
+    plain, _ = assemble.load_for_sampling(out)
     assert not any(".lora_" in k for k in plain.unet.state_dict())
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 16, 32, generator=g)
@@ -362,7 +362,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     # the small LoRA file, merged into the base by sample.py --lora, gives the same U-Net
     import sample
     from ldm.checkpoint.lora_keys import main as extract
-    from ldm.pretrained import apply_lora_files
+    from ldm.lora_files import apply_lora_files
 
     small = tmp_path / "adapters.safetensors"
     assert (
@@ -380,7 +380,7 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
         small.stat().st_size
         < (tmp_path / "lora" / "checkpoints" / "last.safetensors").stat().st_size / 10
     )
-    base, base_cfg = build.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
+    base, base_cfg = assemble.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)
     with torch.no_grad():
         # two halves add up
         apply_lora_files(base, base_cfg.model.unet, [f"{small}:0.5", f"{small}:0.5"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm import build
+from ldm import assemble
 from ldm.diffusion import Sampler
 from tests.models.sdxl_tiny import build_tiny_refiner
 
@@ -26,7 +26,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_refiner_img2img_matches_diffusers(
     folder: Path, scores: tuple[float, float] | None, negative: str | None
 ) -> None:
-    model, _ = build.load_for_sampling(folder)
+    model, _ = assemble.load_for_sampling(folder)
     assert model.is_refiner and not model.zero_empty_prompts
     pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(

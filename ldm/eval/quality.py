@@ -121,10 +121,10 @@ def generate(
 ) -> dict[str, Any]:
     """Generate this rank's samples, feed each batch to the metric sinks; returns the sampling
     settings used (the checkpoint's config filled in what the command line left unset)."""
-    from ldm import build
+    from ldm import assemble, build
     from ldm.images import save_png, to_uint8
 
-    model, cfg = build.load_for_sampling(args.ckpt, args.model_config, args.overrides)
+    model, cfg = assemble.load_for_sampling(args.ckpt, args.model_config, args.overrides)
     sampler = build.build_sampler(
         cfg.sampling, steps=args.steps, sampler=args.sampler, disable_progress=True
     )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from ldm import build
+from ldm import assemble, build
 from ldm.assemble import diffusers_folder_model
 from ldm.checkpoint.diffusers_layout import (
     diffusers_folder_config,
@@ -143,7 +143,7 @@ def test_cli_exports_an_sd_file(
     cfg_yaml = write_yaml(sd1["config"], tmp_path / "cfg.yaml")
     out = tmp_path / "exported"
     assert main(["--ckpt", str(ckpt), "-c", str(cfg_yaml), "--out", str(out)]) == 0
-    model, _ = build.load_for_sampling(out)  # folders load through the sampling entry point
+    model, _ = assemble.load_for_sampling(out)  # folders load through the sampling entry point
     assert_same_state(model.unet, ema)
     assert_same_state(model.autoencoder, src.autoencoder)
 

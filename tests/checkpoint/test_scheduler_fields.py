@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm import build
+from ldm import assemble
 from ldm.checkpoint.diffusers_layout import export_diffusers_folder
 from ldm.checkpoint.format import save_checkpoint
 from ldm.config import load
@@ -171,7 +171,7 @@ def test_caller_config_wins_over_the_folder(
         },
         tmp_path / "mine.yaml",
     )
-    model, cfg = build.load_for_sampling(folder, [user], ["sampling.steps_offset=0"])
+    model, cfg = assemble.load_for_sampling(folder, [user], ["sampling.steps_offset=0"])
     s = cfg.sampling
     assert (s.timestep_spacing, s.steps_offset, s.sampler) == ("linspace", 0, "euler")
     assert (

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm import build
+from ldm import assemble, build
 from ldm.checkpoint.format import CheckpointError
 from ldm.checkpoint.text_keys import convert_hf_clip_to_open_clip
 from ldm.config import load
@@ -220,7 +220,7 @@ def test_sd1_file_loads_exactly_with_ema(sd1: dict[str, Any], suffix: str) -> No
     assert "model_ema.diffusion_modelinput_blocks00weight" in sd_layout(src, ema_unet=ema)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, cfg = build.load_for_sampling(path, [sd1["yaml"]])
+        model, cfg = assemble.load_for_sampling(path, [sd1["yaml"]])
     assert not [w for w in caught if "alphas_cumprod" in str(w.message)]  # schedule matches
     assert cfg.model.autoencoder.scale_factor == pytest.approx(0.18215)
     assert_same_state(model.unet, ema)
@@ -237,22 +237,22 @@ def test_sd1_file_loads_exactly_with_ema(sd1: dict[str, Any], suffix: str) -> No
         ref, ref_mask = src.text_encoder.encode(PROMPTS)
     assert torch.equal(ours, ref) and torch.equal(mask, ref_mask)
 
-    raw, _ = build.load_for_sampling(path, [sd1["yaml"]], use_ema=False)
+    raw, _ = assemble.load_for_sampling(path, [sd1["yaml"]], use_ema=False)
     assert_same_state(raw.unet, src.unet)
 
 
 def test_missing_or_partial_ema(sd1: dict[str, Any]) -> None:
     src, root = sd1["model"], sd1["root"]
     no_ema = save_sd_file(sd_layout(src), root / "no_ema.safetensors")
-    model, _ = build.load_for_sampling(no_ema, [sd1["yaml"]], use_ema=True)
+    model, _ = assemble.load_for_sampling(no_ema, [sd1["yaml"]], use_ema=True)
     assert_same_state(model.unet, src.unet)
 
     partial = save_sd_file(
         sd_layout(src, ema_unet=sd1["ema"], ema_subset=5), root / "partial.safetensors"
     )
     with pytest.raises(CheckpointError, match="partial EMA"):
-        build.load_for_sampling(partial, [sd1["yaml"]])
-    model, _ = build.load_for_sampling(partial, [sd1["yaml"]], use_ema=False)
+        assemble.load_for_sampling(partial, [sd1["yaml"]])
+    model, _ = assemble.load_for_sampling(partial, [sd1["yaml"]], use_ema=False)
     assert_same_state(model.unet, src.unet)
 
     only = {
@@ -261,10 +261,10 @@ def test_missing_or_partial_ema(sd1: dict[str, Any]) -> None:
         if not k.startswith("model.diffusion_model.")
     }
     ema_only = save_sd_file(only, root / "ema_only.safetensors")
-    model, _ = build.load_for_sampling(ema_only, [sd1["yaml"]])
+    model, _ = assemble.load_for_sampling(ema_only, [sd1["yaml"]])
     assert_same_state(model.unet, sd1["ema"])
     with pytest.raises(CheckpointError, match="no U-Net weights"):
-        build.load_for_sampling(ema_only, [sd1["yaml"]], use_ema=False)
+        assemble.load_for_sampling(ema_only, [sd1["yaml"]], use_ema=False)
 
 
 def test_sd2_open_clip_text_tower(tmp_path: Path) -> None:
@@ -272,7 +272,7 @@ def test_sd2_open_clip_text_tower(tmp_path: Path) -> None:
     config = tiny_config(tiny_clip_dir(tmp_path / "clip", 3, "gelu"), sd2=True, prediction="v")
     src = tiny_model(config, seed=3)
     path = save_sd_file(sd_layout(src, "openclip"), tmp_path / "sd2.safetensors")
-    model, cfg = build.load_for_sampling(path, [write_yaml(config, tmp_path / "sd2.yaml")])
+    model, cfg = assemble.load_for_sampling(path, [write_yaml(config, tmp_path / "sd2.yaml")])
     assert cfg.model.diffusion.prediction == "v" and model.prediction == "v"
     assert_same_state(model.unet, src.unet)
     assert_same_state(model.text_encoder, src.text_encoder)
@@ -290,12 +290,12 @@ def test_sd2_open_clip_text_tower(tmp_path: Path) -> None:
     # diffusers' SD2 text encoder layout: N − 1 layers, layer=last, same conditioning
     short = tiny_config(tiny_clip_dir(tmp_path / "clip2", 2, "gelu"), sd2=True, prediction="v")
     short["model"]["text_encoder"]["layer"] = "last"
-    model2, _ = build.load_for_sampling(path, [write_yaml(short, tmp_path / "short.yaml")])
+    model2, _ = assemble.load_for_sampling(path, [write_yaml(short, tmp_path / "short.yaml")])
     assert (model2.text_encoder.encode(PROMPTS)[0] - context).abs().max().item() <= 1e-6
 
     short["model"]["text_encoder"]["layer"] = "penultimate"
     with pytest.raises(CheckpointError, match="3 layers with layer=penultimate"):
-        build.load_for_sampling(path, [write_yaml(short, tmp_path / "bad.yaml")])
+        assemble.load_for_sampling(path, [write_yaml(short, tmp_path / "bad.yaml")])
 
 
 def test_refuses_pickled_code_and_bad_files(sd1: dict[str, Any], tmp_path: Path) -> None:
@@ -303,21 +303,21 @@ def test_refuses_pickled_code_and_bad_files(sd1: dict[str, Any], tmp_path: Path)
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": sd, "callback": copy.copy}, evil)  # a global: needs unpickling
     with pytest.raises(CheckpointError, match="weights_only=True"):
-        build.load_for_sampling(evil, [sd1["yaml"]])
+        assemble.load_for_sampling(evil, [sd1["yaml"]])
     no_vae = save_sd_file(
         {k: v for k, v in sd.items() if not k.startswith("first_stage")},
         tmp_path / "no_vae.safetensors",
     )
     with pytest.raises(CheckpointError, match="no autoencoder weights"):
-        build.load_for_sampling(no_vae, [sd1["yaml"]])
+        assemble.load_for_sampling(no_vae, [sd1["yaml"]])
     with pytest.raises(CheckpointError, match="does not fit model.unet"):
-        build.load_for_sampling(
+        assemble.load_for_sampling(
             save_sd_file(sd, tmp_path / "ok.safetensors"),
             [sd1["yaml"]],
             ["model.unet.num_res_blocks=2"],
         )
     with pytest.warns(UserWarning, match="alphas_cumprod"):
-        build.load_for_sampling(
+        assemble.load_for_sampling(
             tmp_path / "ok.safetensors", [sd1["yaml"]], ["model.diffusion.beta_end=0.02"]
         )
 
