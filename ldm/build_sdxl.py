@@ -11,6 +11,7 @@ run and every checkpoint it writes rebuild the same encoders from the config alo
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +66,8 @@ def sdxl_latent_diffusion(
     cfg: Any, unet: nn.Module, autoencoder: nn.Module, schedule: Any
 ) -> SDXLLatentDiffusion:
     """The SDXL composite of a ``kind: sdxl`` config, with its encoders' weights from the
-    folder or from ``model.init_from`` (see the module docstring)."""
+    folder or from ``model.init_from`` (see the module docstring), unfrozen or given LoRA
+    adapters as ``model.train_text_encoder`` / ``model.lora.text_encoder`` say."""
     from ldm.config import to_container
 
     m = cfg.model
@@ -73,6 +75,9 @@ def sdxl_latent_diffusion(
     conditioner = build_conditioner(to_container(m.text_encoder), weights=not from_init)
     if from_init:
         load_text_encoders(conditioner, m.init_from.path)
+    from ldm.text_tuning import trainable_text_encoder
+
+    trainable_text_encoder(conditioner, m)  # after loading: adapters add keys, loading freezes
     model = SDXLLatentDiffusion(unet, autoencoder, conditioner, schedule, m.diffusion.prediction)
     model.zero_empty_prompts = bool(m.sdxl.zero_empty_prompt)
     return model
@@ -187,3 +192,22 @@ def check_source_family(path: str | Path, cfg: Any) -> None:
             f"{path} is an SDXL source but the config's U-Net is not SDXL's "
             "(no adm_in_channels): use -c configs/ldm/sdxl.yaml"
         )
+    if sdxl_source and is_refiner_source(path, kind):  # the config is the base's: the
+        how = "-c configs/ldm/sdxl-refiner.yaml " if kind == "sd" else ""  # refiner's refused
+        raise CheckpointError(  # at load (ldm.consistency), the reverse of this
+            f"{path} is the SDXL refiner (second text encoder only, aesthetic-score "
+            f"conditioning) but the config is the SDXL base's: the refiner samples (sample.py "
+            f"--ckpt {path} {how}--aesthetic-score 6) but does not train here; start "
+            "configs/ldm/sdxl.yaml from an SDXL base file or folder"
+        )
+
+
+def is_refiner_source(path: Path, kind: str) -> bool:
+    """Whether an SDXL single file (``kind`` "sd") or diffusers folder is the refiner's: its
+    only embedder is ViT-bigG (a folder's ``model_index.json`` has no ``text_encoder``)."""
+    if kind == "sd":
+        from ldm.checkpoint.sdxl_single_file import is_refiner_file
+
+        return is_refiner_file(path)
+    index = path / "model_index.json"
+    return index.is_file() and not any(json.loads(index.read_text()).get("text_encoder") or [None])

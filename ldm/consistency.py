@@ -175,30 +175,35 @@ def _check_sdxl(cfg: DictConfig) -> None:
     root = Path(os.path.expanduser(str(m.text_encoder.name_or_path)))
     if not root.is_dir():
         return  # reported in one line when built
-    widths = []
-    for part in ("text_encoder", "text_encoder_2"):
-        config = root / part / "config.json"
-        if not config.is_file():
-            raise ConsistencyError(
-                f"model.text_encoder.name_or_path {root} has no {part}/config.json: SDXL needs "
-                "both encoders (text_encoder/ CLIP ViT-L, text_encoder_2/ OpenCLIP ViT-bigG "
-                "with projection); point it at a complete diffusers SDXL folder"
-            )
-        widths.append(json.loads(config.read_text()))
-    context = sum(int(w.get("hidden_size", 0)) for w in widths)
-    pooled = int(widths[1].get("projection_dim", 0))
-    if unet.context_dim != context:
-        raise ConsistencyError(
-            f"model.unet.context_dim is {unet.context_dim} but the SDXL encoders of {root} give "
-            f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}"
+    configs = {part: root / part / "config.json" for part in ("text_encoder", "text_encoder_2")}
+
+    def missing(part: str) -> ConsistencyError:
+        return ConsistencyError(
+            f"model.text_encoder.name_or_path {root} has no {part}/config.json: SDXL needs "
+            "both encoders (text_encoder/ CLIP ViT-L, text_encoder_2/ OpenCLIP ViT-bigG "
+            "with projection); point it at a complete diffusers SDXL folder"
         )
+
+    if not configs["text_encoder_2"].is_file():
+        raise missing("text_encoder_2")
+    second = json.loads(configs["text_encoder_2"].read_text())
+    pooled = int(second.get("projection_dim", 0))
     numbers, rest = divmod(unet.adm_in_channels - pooled, SIZE_EMBED_DIM)
-    if numbers == 5 and not rest:
+    if numbers == 5 and not rest:  # before the first encoder, which the refiner lacks
         raise ConsistencyError(
             f"model.unet.adm_in_channels {unet.adm_in_channels} is the SDXL refiner's (pooled "
             f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
             "--aesthetic-score) but does not train here; train the base layout "
             f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)"
+        )
+    if not configs["text_encoder"].is_file():
+        raise missing("text_encoder")
+    first = json.loads(configs["text_encoder"].read_text())
+    context = int(first.get("hidden_size", 0)) + int(second.get("hidden_size", 0))
+    if unet.context_dim != context:
+        raise ConsistencyError(
+            f"model.unet.context_dim is {unet.context_dim} but the SDXL encoders of {root} give "
+            f"{context}-wide context (both hidden sizes): set model.unet.context_dim={context}"
         )
     if numbers != 6 or rest:
         raise ConsistencyError(

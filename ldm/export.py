@@ -48,9 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from ldm.models.lora import merge_lora
 
-        merged = merge_lora(model.unet)  # diffusers' UNet2DConditionModel has no adapters
+        # diffusers' UNet2DConditionModel and transformers' encoders have no adapters
+        merged = merge_lora(model.unet) + merge_lora(model.text_encoder)
         if merged:
-            print(f"merged {merged} LoRA adapters into the U-Net weights")
+            print(f"merged {merged} LoRA adapters into the U-Net and text encoder weights")
         from ldm.models.sdxl import SDXLLatentDiffusion
 
         if isinstance(model, SDXLLatentDiffusion):  # StableDiffusionXLPipeline's layout

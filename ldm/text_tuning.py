@@ -5,6 +5,13 @@ adapters (Hu et al. 2021) to its transformers model, on ``model.lora.text_encode
 Either way its trainable weights train at ``optim.text_encoder_lr`` (a parameter group of the
 Lightning module), go into ``resume.ckpt`` and into every exported checkpoint as
 ``text_encoder.*``; the frozen rest is rebuilt from the config, like the frozen U-Net base.
+
+SDXL's two-encoder conditioner (``kind: sdxl``) trains both encoders the same way, as kohya's
+``sdxl_train_network`` (``lora_te1_``/``lora_te2_``) and diffusers'
+``train_dreambooth_lora_sdxl`` (``text_encoder``, ``text_encoder_2``) do: CLIP ViT-L
+(``text_encoder.text_encoder.*`` in our checkpoints) and ViT-bigG
+(``text_encoder.text_encoder_2.*``; unfrozen with its ``text_projection``, so the pooled vector
+follows its weights); the refiner has the second only.
 """
 
 from __future__ import annotations
@@ -25,19 +32,32 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
     """
     if not (m.train_text_encoder or m.lora.text_encoder):
         return text_encoder
-    model = getattr(text_encoder, "model", None)
-    if not hasattr(model, "config"):
+    models = transformers_models(text_encoder)
+    if not models:
         raise ValueError(
             f"training the text encoder needs a transformers model (kind clip, "
-            f"hf or t5), not kind={m.text_encoder.kind}"
+            f"hf, t5 or sdxl), not kind={m.text_encoder.kind}"
         )
-    if m.train_text_encoder:
-        model.requires_grad_(True)
-        return text_encoder
     from ldm.models.lora import add_lora
 
-    add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout, list(m.lora.text_encoder_targets))
+    for model in models:
+        if m.train_text_encoder:
+            model.requires_grad_(True)
+        else:
+            add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,
+                     list(m.lora.text_encoder_targets))  # fmt: skip
     return text_encoder
+
+
+def transformers_models(text_encoder: nn.Module) -> list[nn.Module]:
+    """The transformers models a text encoder trains: SDXL's two (one on the refiner), the
+    ``.model`` of the others; empty for an encoder without one."""
+    if hasattr(text_encoder, "text_encoder_2"):  # ldm.models.conditioner.SDXLConditioner
+        return [
+            e for e in (text_encoder.text_encoder, text_encoder.text_encoder_2) if e is not None
+        ]
+    model = getattr(text_encoder, "model", None)
+    return [model] if hasattr(model, "config") else []
 
 
 def load_text_encoder_weights(model: nn.Module, ckpt: Checkpoint) -> None:

@@ -301,13 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         model_cfg = ckpt.config.get("model", {})
         alpha = model_cfg.get("lora", {}).get("alpha")
-        parts = {
-            "unet": adapters_from_state(ckpt.module_state(key), alpha),
-            # names inside the text encoder's transformers model (its ``model.``)
-            "text_encoder": adapters_from_state(ckpt.module_state("text_encoder.model"), alpha),
-        }
-        layout = unet_layout(model_cfg["unet"]) if args.format != "ldm" else None
         sdxl = model_cfg.get("text_encoder", {}).get("kind") == "sdxl"
+        # names inside the text encoders' transformers models (SD: the encoder's ``model.``;
+        # SDXL: the conditioner's ``text_encoder.`` and ``text_encoder_2.``)
+        encoders = ({"text_encoder": "text_encoder.text_encoder",
+                     "text_encoder_2": "text_encoder.text_encoder_2"}
+                    if sdxl else {"text_encoder": "text_encoder.model"})  # fmt: skip
+        parts = {"unet": adapters_from_state(ckpt.module_state(key), alpha)}
+        for part, prefix in encoders.items():
+            parts[part] = adapters_from_state(ckpt.module_state(prefix), alpha)
+        layout = unet_layout(model_cfg["unet"]) if args.format != "ldm" else None
         path = write_lora(args.out, parts, args.format, layout, sdxl=sdxl)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

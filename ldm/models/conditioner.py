@@ -24,6 +24,9 @@ from torch import Tensor, nn
 class SDXLConditioner(nn.Module):
     """Frozen CLIP ViT-L + OpenCLIP ViT-bigG text encoders: prompts → (context, pooled).
 
+    Built frozen and in eval mode; a fine-tune may unfreeze both encoders or add LoRA adapters
+    to them (`ldm.text_tuning`); it stays in eval mode (no dropout), as the SD 1.x/2.x encoder.
+
     Args:
         text_encoder: The first encoder (``CLIPTextModel``, ViT-L in SDXL); None for the SDXL
             refiner, whose context is the second encoder's states alone.
@@ -136,9 +139,14 @@ class SDXLConditioner(nn.Module):
                         truncation=True, return_tensors="pt")  # fmt: skip
         return out.input_ids.to(next(self.parameters()).device)
 
-    @torch.no_grad()
+    @property
+    def trainable(self) -> bool:
+        """Whether any weight trains (``model.train_text_encoder`` or text-encoder LoRA,
+        `ldm.text_tuning`): encoding then keeps the graph."""
+        return any(p.requires_grad for p in self.parameters())
+
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Encodes B prompts.
+        """Encodes B prompts (with gradients only where a weight trains and grad is enabled).
 
         Returns:
             context: (B, L, D1 + D2) float32, both encoders' penultimate hidden states.
@@ -147,6 +155,10 @@ class SDXLConditioner(nn.Module):
         prompts = list(prompts)
         if not prompts:
             raise ValueError("encode() needs at least one prompt")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         second = self.text_encoder_2(self._ids(self.tokenizer_2, prompts),
                                      output_hidden_states=True)  # fmt: skip
         if self.text_encoder is None:  # the refiner: ViT-bigG alone

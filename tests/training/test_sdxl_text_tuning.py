@@ -1,0 +1,162 @@
+"""SDXL's two text encoders trained through train.py (tests/configs/sdxl-tiny.yaml on a tiny random
+SDXL folder): LoRA adapters on both (``model.lora.text_encoder``), exported in our, diffusers'
+and kohya's layouts, sample in diffusers' ``StableDiffusionXLPipeline`` + ``load_lora_weights``
+what our ``sample.py --ckpt`` samples from the run; the whole encoders
+(``model.train_text_encoder``) train, resume exactly and sample from the run's checkpoint; cached
+embeddings and refiner sources for the base config are refused in one line, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sample
+import train
+from ldm.checkpoint.format import load_checkpoint
+from tests.models.sdxl_tiny import build_tiny_refiner, build_tiny_sdxl
+from tests.test_lora_interop import assert_close, ours, theirs
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning", "ignore:ClipTextEncoder. prompt of"
+)
+TINY = Path(__file__).resolve().parents[1] / "configs" / "sdxl-tiny.yaml"
+EULER = ("--sampler", "euler")  # the folder's scheduler (EulerDiscreteScheduler)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl_te"))
+
+
+def _args(folder: Path, shards: str, root: Path, *extra: str) -> list[str]:
+    return ["-c", str(TINY), f"model.text_encoder.name_or_path={folder}",
+            f"data.train_shards={shards}", f"run.root={root}", "logging.logger=csv",
+            *extra]  # fmt: skip
+
+
+def _pipe(folder: Path) -> Any:
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_lora_on_both_sdxl_encoders_exports_and_samples_as_diffusers(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    args = _args(folder, shapes_data["train"], tmp_path, "model.lora.rank=2",
+                 "model.lora.text_encoder=true", f"model.init_from.path={folder}",
+                 "optim.text_encoder_lr=3e-2", "trainer.max_steps=2", "run.name=te")  # fmt: skip
+    assert train.main(args) == 0
+    ckpt = tmp_path / "te" / "checkpoints" / "last.safetensors"
+    tensors = load_checkpoint(ckpt).tensors
+    for part in ("text_encoder", "text_encoder_2"):  # both encoders' attention, trained from 0
+        ups = [k for k in tensors if k.startswith(f"text_encoder.{part}.text_model.")
+               and k.endswith("lora_up.weight")]  # fmt: skip
+        assert {k.split(".")[-3] for k in ups} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+        assert all(tensors[k].abs().max() > 0 for k in ups), part
+    from ldm.checkpoint.lora_keys import main as export
+
+    files = {fmt: tmp_path / f"{fmt}.safetensors" for fmt in ("ldm", "diffusers", "kohya")}
+    for fmt, file in files.items():
+        assert export(["--ckpt", str(ckpt), "--out", str(file), "--format", fmt]) == 0
+    peft, kohya = load_file(str(files["diffusers"])), load_file(str(files["kohya"]))
+    assert any(k.startswith("text_encoder.text_model.") for k in peft)
+    assert any(k.startswith("text_encoder_2.text_model.") for k in peft)
+    assert any(k.startswith("lora_te1_text_model_") for k in kohya)
+    assert any(k.startswith("lora_te2_text_model_") for k in kohya)
+
+    pipe = _pipe(folder)
+    pipe.load_lora_weights(str(tmp_path), weight_name=files["diffusers"].name)
+    expected = theirs(pipe)  # diffusers' pipeline, the run's diffusers file
+    got = ours({"folder": ckpt}, tmp_path, extra=EULER)  # sample.py --ckpt <the run>
+    assert_close(got, expected, "sample.py --ckpt the run vs diffusers with its LoRA file")
+    for fmt in ("ldm", "kohya"):  # each file on the base folder, in ours
+        assert_close(ours({"folder": folder}, tmp_path, files[fmt], extra=EULER), expected, fmt)
+    # the encoders' adapters matter: without them diffusers samples something else
+    unet_only = {k: v for k, v in peft.items() if k.startswith("unet.")}
+    save_file(unet_only, str(tmp_path / "unet_only.safetensors"))
+    pipe = _pipe(folder)
+    pipe.load_lora_weights(str(tmp_path), weight_name="unet_only.safetensors")
+    assert (theirs(pipe) - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+def _trained(run: Path) -> dict[str, torch.Tensor]:
+    tensors = load_checkpoint(run / "checkpoints" / "last.safetensors").tensors
+    return {k: v for k, v in tensors.items() if k.startswith(("unet.", "text_encoder."))}
+
+
+def test_full_sdxl_encoder_training_resumes_exactly_and_samples(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    common = _args(folder, shapes_data["train"], tmp_path, "model.train_text_encoder=true",
+                   "optim.text_encoder_lr=1e-3", "trainer.ckpt_every_n_steps=2")  # fmt: skip
+    assert train.main([*common, "trainer.max_steps=4", "run.name=straight"]) == 0
+    assert train.main([*common, "trainer.max_steps=2", "run.name=resumed"]) == 0
+    assert train.main(["--resume", str(tmp_path / "resumed"), "trainer.max_steps=4"]) == 0
+    straight, resumed = _trained(tmp_path / "straight"), _trained(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    first = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    second = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").state_dict()
+    for prefix, source in (("text_encoder.text_encoder.", first),
+                           ("text_encoder.text_encoder_2.", second)):  # fmt: skip
+        saved = {k[len(prefix) :]: v for k, v in straight.items() if k.startswith(prefix)}
+        assert saved.keys() == {k for k, v in source.items() if v.is_floating_point()}
+        assert not torch.equal(saved["text_model.encoder.layers.0.self_attn.q_proj.weight"],
+                               source["text_model.encoder.layers.0.self_attn.q_proj.weight"])
+    # the pooled vector's projection trains with the second encoder
+    projection = straight["text_encoder.text_encoder_2.text_projection.weight"]
+    assert not torch.equal(projection, second["text_projection.weight"])
+
+    from ldm import assemble
+
+    ckpt = tmp_path / "straight" / "checkpoints" / "last.safetensors"
+    model, _ = assemble.load_for_sampling(ckpt)  # what sample.py --ckpt builds
+    assert torch.equal(model.text_encoder.text_encoder_2.text_projection.weight, projection)
+    assert sample.main(["--ckpt", str(ckpt), "--prompt", "the red", "--device", "cpu",
+                        "--outdir", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert (tmp_path / "s" / "0000-the-red-s0.png").is_file()
+
+
+def test_sdxl_text_training_refuses_caches_and_refiner_sources(
+    folder: Path, shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from ldm.checkpoint.sdxl_layout import load_sdxl_folder
+    from ldm.checkpoint.sdxl_single_file import save_sdxl_single_file
+
+    refiner = build_tiny_refiner(tmp_path)
+    refiner_file = save_sdxl_single_file(load_sdxl_folder(refiner), tmp_path / "ref.safetensors")
+    base_file = save_sdxl_single_file(load_sdxl_folder(folder), tmp_path / "base.safetensors")
+    base = _args(folder, shapes_data["train"], tmp_path, "run.name=bad")
+    refiner_cfg = ["-c", str(TINY), f"model.text_encoder.name_or_path={refiner}",
+                   f"data.train_shards={shapes_data['train']}", f"run.root={tmp_path}",
+                   "run.name=bad", "model.unet.context_dim=48", "model.unet.adm_in_channels=1304",
+                   f"model.init_from.path={base_file}"]  # fmt: skip
+    cached = "data.cached shards hold the frozen encoder's text embeddings"
+    refused = "is the SDXL refiner (second text encoder only, aesthetic-score conditioning) but"
+    cases = {
+        cached: [*base, "data.cached=true", "model.lora.rank=2", "model.lora.text_encoder=true"],
+        f"{cached} ": [*base, "data.cached=true", "model.train_text_encoder=true"],
+        f"{refiner_file} {refused}": [*base, f"model.init_from.path={refiner_file}"],
+        "-c configs/ldm/sdxl-refiner.yaml --aesthetic-score 6) but does not train here; start "
+        "configs/ldm/sdxl.yaml from an SDXL base": [*base, f"model.init_from.path={refiner_file}"],
+        f"{refiner} {refused}": [*base, f"model.init_from.path={refiner}"],
+        "the refiner samples (sample.py --aesthetic-score) but does not train here; train the "
+        "base layout (adm_in_channels=1560, configs/ldm/sdxl.yaml)": refiner_cfg,
+    }
+    for needle, argv in cases.items():
+        capsys.readouterr()
+        assert train.main(argv) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle.strip() in err, err
+        assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
