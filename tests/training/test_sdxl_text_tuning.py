@@ -80,6 +80,16 @@ def test_lora_on_both_sdxl_encoders_exports_and_samples_as_diffusers(
     assert_close(got, expected, "sample.py --ckpt the run vs diffusers with its LoRA file")
     for fmt in ("ldm", "kohya"):  # each file on the base folder, in ours
         assert_close(ours({"folder": folder}, tmp_path, files[fmt], extra=EULER), expected, fmt)
+    # python -m ldm.export merges the adapters into both encoders (and the U-Net)
+    from ldm.export import main as export_folder
+
+    assert export_folder(["--ckpt", str(ckpt), "--out", str(tmp_path / "merged")]) == 0
+    euler = diffusers.EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    merged = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged",
+                                                                 scheduler=euler)  # fmt: skip
+    merged.set_progress_bar_config(disable=True)
+    merged = theirs(merged)
+    assert_close(merged, expected, "the run exported by ldm.export vs diffusers with its LoRA")
     # the encoders' adapters matter: without them diffusers samples something else
     unet_only = {k: v for k, v in peft.items() if k.startswith("unet.")}
     save_file(unet_only, str(tmp_path / "unet_only.safetensors"))
