@@ -196,8 +196,9 @@ class LoRAConfig:
     )
     text_encoder: bool = opt(
         False,
-        "Also adapt the text encoder (a transformers model: kind clip/hf/t5) with the "
-        "same rank, alpha and dropout; its adapters train at optim.text_encoder_lr.",
+        "Also adapt the text encoder (a transformers model: kind clip/hf/t5; sdxl: both "
+        "encoders) with the same rank, alpha and dropout; its adapters train at "
+        "optim.text_encoder_lr.",
     )
     text_encoder_targets: list[str] = opt(
         ["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"],
@@ -262,7 +263,7 @@ class ModelConfig:
     ema: EMAConfig = section(EMAConfig, "EMA of the U-Net weights.")
     train_text_encoder: bool = opt(
         False,
-        "Fine-tune the whole text encoder too (a transformers model), at "
+        "Fine-tune the whole text encoder too (a transformers model; sdxl: both), at "
         "optim.text_encoder_lr; not with data.cached (whose embeddings it would outdate) or "
         "model.lora.text_encoder. Saved in checkpoints; not EMA'd.",
     )

@@ -173,3 +173,57 @@ def test_sdxl_text_training_refuses_caches_and_refiner_sources(
         assert err.startswith("error:") and needle.strip() in err, err
         assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_sdxl_text_commands_load_with_the_tiny_model(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import re
+    import shlex
+
+    text = README.read_text()
+    block = text[text.index("<!-- sdxl-text:begin -->") : text.index("<!-- sdxl-text:end -->")]
+    swaps = {"configs/ldm/sdxl.yaml": str(TINY), "$SDXL": str(folder), "sdxl/": f"{tmp_path}/",
+             "$BUCKETS": "data.buckets.enabled=true data.buckets.resolutions=[32] "
+                         "data.buckets.step=8"}  # fmt: skip
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("python ")]
+    trains = [c for c in commands if c.startswith("python train.py ")]
+    assert len(trains) == 2 and any("lora_keys --ckpt" in c for c in commands)
+    for command, key in zip(trains, ("lora.text_encoder", "train_text_encoder"), strict=True):
+        for old, new in swaps.items():
+            command = command.replace(old, new)
+        capsys.readouterr()
+        assert train.main([*shlex.split(command)[2:], "--print-config"]) == 0, command
+        assert re.search(rf"{key.split('.')[-1]}: true", capsys.readouterr().out), command
+
+
+def test_readme_text_encoder_memory_rows_follow_the_parameter_counts() -> None:
+    import transformers
+
+    from ldm.models.lora import add_lora
+
+    clip = transformers.CLIPTextConfig  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers
+    with torch.device("meta"):
+        vit_l = transformers.CLIPTextModel(clip(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            hidden_act="quick_gelu"))  # fmt: skip
+        vit_g = transformers.CLIPTextModelWithProjection(clip(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))  # fmt: skip
+        encoders = [sum(p.numel() for p in e.parameters()) for e in (vit_l, vit_g)]
+        for e in (vit_l, vit_g):  # the default model.lora.text_encoder_targets
+            add_lora(e, 16, targets=["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"])
+        adapters = [sum(p.numel() for p in e.parameters()) - n
+                    for e, n in zip((vit_l, vit_g), encoders, strict=True)]  # fmt: skip
+    rows = {line.split("|")[1].strip(): line for line in README.read_text().splitlines()
+            if line.startswith("| `model.")}  # fmt: skip
+    lora = rows["`model.lora.text_encoder=true`, rank 16 on q/k/v/out_proj of both"]
+    assert f"{sum(adapters):,} adapter parameters (ViT-L {adapters[0]:,}, ViT-bigG " in lora
+    assert f"{adapters[1]:,})" in lora and lora.endswith(f"+{16 * sum(adapters) / 1e9:.1f} GB |")
+    full = rows["`model.train_text_encoder=true`, both encoders whole"]
+    assert f"| {sum(encoders):,} |" in full and full.endswith(
+        f"+{12 * sum(encoders) / 1e9:.1f} GB |"
+    )
