@@ -95,10 +95,10 @@ class SDXLLatentDiffusion(LatentDiffusion):
         y = sdxl_vector(pooled.to(context.device).float(), numbers)
         return {"context": context, "context_mask": None, "y": y.to(context.dtype)}
 
-    @torch.no_grad()
     def empty_prompt(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """(1, L, D) states and (1, P) pooled vector of the empty prompt: zeros with
-        ``zero_empty_prompts`` (SDXL's unconditional input), else the encoded ``""``."""
+        ``zero_empty_prompts`` (SDXL's unconditional input), else the encoded ``""`` (with
+        gradients into encoders that train, as their captions)."""
         c = self.text_encoder
         if self.zero_empty_prompts:
             return (torch.zeros(1, c.max_length, c.dim, device=device),
