@@ -11,7 +11,8 @@ SDXL's two-encoder conditioner (``kind: sdxl``) trains both encoders the same wa
 ``train_dreambooth_lora_sdxl`` (``text_encoder``, ``text_encoder_2``) do: CLIP ViT-L
 (``text_encoder.text_encoder.*`` in our checkpoints) and ViT-bigG
 (``text_encoder.text_encoder_2.*``; unfrozen with its ``text_projection``, so the pooled vector
-follows its weights); the refiner has the second only.
+follows its weights), less what SDXL never reads of the first (:func:`sdxl_unused_modules`); the
+refiner has the second only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint.format import Checkpoint, CheckpointError
+from ldm.models.lora import add_lora, merge_lora
 
 
 def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
@@ -38,15 +40,26 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
             f"training the text encoder needs a transformers model (kind clip, "
             f"hf, t5 or sdxl), not kind={m.text_encoder.kind}"
         )
-    from ldm.models.lora import add_lora
-
     for model in models:
         if m.train_text_encoder:
             model.requires_grad_(True)
         else:
             add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,
                      list(m.lora.text_encoder_targets))  # fmt: skip
+    if hasattr(text_encoder, "text_encoder_2") and text_encoder.text_encoder is not None:
+        for module in sdxl_unused_modules(text_encoder.text_encoder):
+            merge_lora(module)  # untrained adapters (B = 0) fold away exactly
+            module.requires_grad_(False)
     return text_encoder
+
+
+def sdxl_unused_modules(first: nn.Module) -> list[nn.Module]:
+    """The parts of SDXL's first encoder that its output never reaches: SDXL conditions on its
+    penultimate hidden states (Podell et al. 2023, sec. 2.1), past the last layer and the final
+    norm. They stay frozen, so that every trained parameter gets a gradient each step (DDP's
+    default ``find_unused_parameters=False`` needs that) and no optimiser state is spent."""
+    text = getattr(first, "text_model", first)  # transformers 5's CLIPTextModel has none
+    return [text.encoder.layers[-1], text.final_layer_norm]
 
 
 def transformers_models(text_encoder: nn.Module) -> list[nn.Module]:
