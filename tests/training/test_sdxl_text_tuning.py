@@ -211,6 +211,7 @@ def test_readme_text_encoder_memory_rows_follow_the_parameter_counts() -> None:
     import transformers
 
     from ldm.models.lora import add_lora
+    from ldm.text_tuning import sdxl_unused_modules
 
     clip = transformers.CLIPTextConfig  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers
     with torch.device("meta"):
@@ -220,17 +221,22 @@ def test_readme_text_encoder_memory_rows_follow_the_parameter_counts() -> None:
         vit_g = transformers.CLIPTextModelWithProjection(clip(
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
             num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))  # fmt: skip
-        encoders = [sum(p.numel() for p in e.parameters()) for e in (vit_l, vit_g)]
+
+        def count(modules: list[torch.nn.Module]) -> int:
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        unused = sdxl_unused_modules(vit_l)  # what SDXL never reads: frozen, no adapters
+        frozen = count(unused)
+        trained = count([vit_l, vit_g]) - frozen
+        before = count([vit_l]) - frozen, count([vit_g])
         for e in (vit_l, vit_g):  # the default model.lora.text_encoder_targets
             add_lora(e, 16, targets=["*.q_proj", "*.k_proj", "*.v_proj", "*.out_proj"])
-        adapters = [sum(p.numel() for p in e.parameters()) - n
-                    for e, n in zip((vit_l, vit_g), encoders, strict=True)]  # fmt: skip
+        adapters = [count([vit_l]) - count(unused) - before[0], count([vit_g]) - before[1]]
     rows = {line.split("|")[1].strip(): line for line in README.read_text().splitlines()
             if line.startswith("| `model.")}  # fmt: skip
     lora = rows["`model.lora.text_encoder=true`, rank 16 on q/k/v/out_proj of both"]
     assert f"{sum(adapters):,} adapter parameters (ViT-L {adapters[0]:,}, ViT-bigG " in lora
     assert f"{adapters[1]:,})" in lora and lora.endswith(f"+{16 * sum(adapters) / 1e9:.1f} GB |")
-    full = rows["`model.train_text_encoder=true`, both encoders whole"]
-    assert f"| {sum(encoders):,} |" in full and full.endswith(
-        f"+{12 * sum(encoders) / 1e9:.1f} GB |"
-    )
+    full = rows["`model.train_text_encoder=true`, both encoders"]
+    assert f"| {trained:,} |" in full and full.endswith(f"+{12 * trained / 1e9:.1f} GB |")
+    assert f"final norm,\n{frozen:,} parameters, stay frozen" in README.read_text()
