@@ -33,6 +33,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl_te"))
 
 
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_refiner(tmp_path_factory.mktemp("sdxl_te_refiner"))
+
+
 def _args(folder: Path, shards: str, root: Path, *extra: str) -> list[str]:
     return ["-c", str(TINY), f"model.text_encoder.name_or_path={folder}",
             f"data.train_shards={shards}", f"run.root={root}", "logging.logger=csv",
@@ -148,12 +153,15 @@ def test_full_sdxl_encoder_training_resumes_exactly_and_samples(
 
 
 def test_sdxl_text_training_refuses_caches_and_refiner_sources(
-    folder: Path, shapes_data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
+    folder: Path,
+    refiner: Path,
+    shapes_data: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     from ldm.checkpoint.sdxl_layout import load_sdxl_folder
     from ldm.checkpoint.sdxl_single_file import save_sdxl_single_file
 
-    refiner = build_tiny_refiner(tmp_path)
     refiner_file = save_sdxl_single_file(load_sdxl_folder(refiner), tmp_path / "ref.safetensors")
     base_file = save_sdxl_single_file(load_sdxl_folder(folder), tmp_path / "base.safetensors")
     base = _args(folder, shapes_data["train"], tmp_path, "run.name=bad")
@@ -240,3 +248,21 @@ def test_readme_text_encoder_memory_rows_follow_the_parameter_counts() -> None:
     full = rows["`model.train_text_encoder=true`, both encoders"]
     assert f"| {trained:,} |" in full and full.endswith(f"+{12 * trained / 1e9:.1f} GB |")
     assert f"final norm,\n{frozen:,} parameters, stay frozen" in README.read_text()
+
+
+def test_the_refiner_conditioner_trains_its_one_encoder(refiner: Path) -> None:
+    from ldm.config import load
+    from ldm.models.conditioner import SDXLConditioner
+    from ldm.text_tuning import trainable_text_encoder
+
+    for flag in ("model.train_text_encoder=true", "model.lora.text_encoder=true"):
+        cfg = load([TINY], [f"model.text_encoder.name_or_path={refiner}", "model.lora.rank=2",
+                            flag], consistency=False)  # fmt: skip
+        conditioner = SDXLConditioner.from_diffusers_folder(refiner, 16)
+        trainable_text_encoder(conditioner, cfg.model)
+        assert conditioner.text_encoder is None and conditioner.trainable
+        trained = [n for n, p in conditioner.named_parameters() if p.requires_grad]
+        assert trained and all(n.startswith("text_encoder_2.") for n in trained), flag
+        assert any("text_projection" in n for n in trained) == flag.startswith("model.train")
+        context, pooled = conditioner.encode(["a red"])
+        assert context.requires_grad and pooled.requires_grad
