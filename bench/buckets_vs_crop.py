@@ -32,6 +32,7 @@ from ldm.data.reader import ShardDataset
 from ldm.data.write_shards import ShardWriter
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.grids import exact_grid
+from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.losses import diffusion_loss
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.schedules import NoiseSchedule
@@ -66,7 +67,8 @@ def write_data(root: Path, n: int, seed: int) -> tuple[str, list[np.ndarray]]:
     """``n`` samples (classes in turn) as shards; also the images, for the crop's loss."""
     rng = np.random.default_rng(seed)
     images = []
-    with ShardWriter(str(root / "train-%06d.tar"), max_samples=n // 4) as writer:
+    per_shard = -(-n // 4)  # 4 shards (fewer for n < 4)
+    with ShardWriter(str(root / "train-%06d.tar"), max_samples=per_shard) as writer:
         for i in range(n):
             aspect, position, color = CLASSES[i % len(CLASSES)]
             img = render(aspect, position, color, rng)
@@ -75,7 +77,8 @@ def write_data(root: Path, n: int, seed: int) -> tuple[str, list[np.ndarray]]:
             img.save(buffer, format="PNG")
             writer.write({"__key__": f"s{i:05d}", "png": buffer.getvalue(),
                           "txt": f"{aspect} {position} {color}"})  # fmt: skip
-    return str(root / "train-{000000..000003}.tar"), images
+    last = -(-n // per_shard) - 1
+    return str(root / f"train-{{000000..{last:06d}}}.tar"), images
 
 
 def shape_mask(rgb: np.ndarray) -> np.ndarray:
@@ -83,9 +86,37 @@ def shape_mask(rgb: np.ndarray) -> np.ndarray:
     return np.linalg.norm(1.0 - rgb, axis=-1) > 0.35
 
 
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask`` (flood fill; the images are tiny)."""
+    seen = np.zeros_like(mask)
+    best = np.zeros_like(mask)
+    h, w = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        blob, stack = [], [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            blob.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(blob) > best.sum():
+            best = np.zeros_like(mask)
+            best[tuple(np.array(blob).T)] = True
+    return best
+
+
 def analyse(rgb: np.ndarray, aspect: str, position: str, color: str) -> dict[str, bool]:
-    """Found / colour / position / whole for one image in [0, 1] (any size)."""
-    mask = shape_mask(rgb)
+    """Found / colour / position / whole for one image in [0, 1] (any size).
+
+    The disc is the largest connected blob of non-background pixels (isolated specks of
+    leftover sampling noise are not part of it): found when it has ≥ 3 pixels, its colour is
+    the nearest of `COLORS` to its mean, its position the third of the long side that holds its
+    centroid, and it is whole when it touches no image border."""
+    mask = largest_blob(shape_mask(rgb))
     if mask.sum() < 3:
         return {"found": False, "color": False, "position": False, "whole": False}
     mean = rgb[mask].mean(0) * 255
@@ -112,19 +143,31 @@ def crop_loss(images: list[np.ndarray]) -> tuple[float, float]:
     return float(np.mean(lost)), float(np.mean(cut))
 
 
+NULL = len(CLASSES)  # the "no class" label of classifier-free guidance
+
+
 def make_unet() -> UNetModel:
     torch.manual_seed(0)
     return UNetModel(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2),
                      num_res_blocks=1, attention_resolutions=(), num_heads=4, context_dim=None,
-                     num_classes=len(CLASSES))  # fmt: skip
+                     num_classes=len(CLASSES) + 1)  # fmt: skip
 
 
-def label(captions: list[str]) -> torch.Tensor:
-    return torch.tensor([CLASSES.index(tuple(c.split())) for c in captions])
+def label(captions: list[str], p_uncond: float = 0.0,
+          generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """Class indices of the captions; each replaced by `NULL` with probability ``p_uncond``."""
+    y = torch.tensor([CLASSES.index(tuple(c.split())) for c in captions])
+    drop = torch.rand(len(y), generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, NULL), y)
 
 
-def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule) -> tuple[UNetModel, float]:
-    """``steps`` AdamW steps on ``dataset`` (epoch after epoch); the model and seconds taken."""
+def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule, prediction: str = "v",
+          p_uncond: float = 0.1) -> tuple[UNetModel, float]:  # fmt: skip
+    """``steps`` AdamW steps on ``dataset`` (epoch after epoch); the model and seconds taken.
+
+    Each label is dropped to `NULL` with probability ``p_uncond`` (classifier-free guidance,
+    Ho & Salimans 2022, Sec. 3.2); the loss is the plain (uniformly weighted) MSE on the
+    ``prediction`` target."""
     net = make_unet()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
@@ -132,8 +175,9 @@ def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule) -> tuple[U
     while step < steps:
         dataset.set_position(epoch)
         for batch in dataset:
-            out = diffusion_loss(net, batch["image"], schedule, {"y": label(batch["caption"])},
-                                 prediction="eps", generator=gen)  # fmt: skip
+            y = label(batch["caption"], p_uncond, gen)
+            out = diffusion_loss(net, batch["image"], schedule, {"y": y}, prediction=prediction,
+                                 generator=gen)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             out.loss.mean().backward()
             opt.step()
@@ -148,34 +192,63 @@ def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule) -> tuple[U
 
 @torch.no_grad()
 def sample(net: UNetModel, schedule: NoiseSchedule, cls: int, hw: tuple[int, int], n: int,
-           steps: int) -> np.ndarray:  # fmt: skip
+           steps: int, prediction: str = "v", guidance: float = 1.0) -> np.ndarray:  # fmt: skip
     """``n`` DDIM samples of class ``cls`` at size ``hw``: (n, H, W, 3) in [0, 1]."""
     grid = exact_grid(schedule, steps)
     noise = torch.randn(n, 3, *hw, generator=torch.Generator().manual_seed(cls))
-    x = sample_ddim(Denoiser(net, schedule, "eps"), noise * grid.init_scale, grid.sigmas,
-                    extra_args={"y": torch.full((n,), cls)}, disable_progress=True)  # fmt: skip
+    cond, uncond = {"y": torch.full((n,), cls)}, {"y": torch.full((n,), NULL)}
+    denoiser = CFGDenoiser(Denoiser(net, schedule, prediction), cond, uncond, scale=guidance)
+    x = sample_ddim(denoiser, noise * grid.init_scale, grid.sigmas, disable_progress=True)
     x = (x / grid.final_scale).clamp(-1, 1)
     return ((x + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
-def score(images_per_class: dict[int, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Mean of each analyser attribute, per aspect."""
-    acc: dict[str, list[dict[str, bool]]] = {a: [] for a in ASPECTS}
+def score(images_per_class: dict[int, np.ndarray]) -> dict[tuple[str, str], dict[str, float]]:
+    """Mean of each analyser attribute per (aspect, position), over colours and samples."""
+    acc: dict[tuple[str, str], list[dict[str, bool]]] = {}
     for cls, images in images_per_class.items():
         aspect, position, color = CLASSES[cls]
-        acc[aspect] += [analyse(img, aspect, position, color) for img in images]
-    return {a: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for a, rows in
+        acc.setdefault((aspect, position), [])
+        acc[aspect, position] += [analyse(img, aspect, position, color) for img in images]
+    return {key: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for key, rows in
             acc.items()}  # fmt: skip
+
+
+def table(rows: dict[str, dict[tuple[str, str], dict[str, float]]]) -> str:
+    """One block per aspect: found and colour over the aspect, position and whole per position."""
+    lines = []
+    for aspect, ((h, w), positions) in ASPECTS.items():
+        names = " ".join(f"{p:>6s}" for p in positions)
+        lines += ["", f"{aspect} {h}x{w:<8} found colour | position {names} | whole {names}"]
+        for name, per in rows.items():
+            cells = [per[aspect, p] for p in positions]
+            found = np.mean([c["found"] for c in cells])
+            colour = np.mean([c["color"] for c in cells])
+            pos = " ".join(f"{c['position']:6.0%}" for c in cells)
+            whole = " ".join(f"{c['whole']:6.0%}" for c in cells)
+            lines.append(f"{name:21s} {found:5.0%} {colour:6.0%} |          {pos} |       {whole}")
+    return "\n".join(lines)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-samples", type=int, default=1536)
-    p.add_argument("--steps", type=int, default=400, help="training steps of each model")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--samples", type=int, default=8, help="samples per class")
-    p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-samples", type=positive, default=1536)
+    p.add_argument("--steps", type=positive, default=300, help="training steps of each model")
+    p.add_argument("--batch", type=positive, default=32)
+    p.add_argument("--samples", type=positive, default=8, help="samples per class")
+    p.add_argument("--sample-steps", type=positive, default=15, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--prediction", choices=("v", "eps"), default="v",
+                   help="network target (eps: what the first, inconclusive run used)")  # fmt: skip
+    p.add_argument("--threads", type=positive, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,32 +265,31 @@ def main(argv: list[str] | None = None) -> None:
         nets = {}
         for name, ds in (("bucketed", bucketed), ("centre crop", cropped)):
             print(f"training {name}", flush=True)
-            nets[name] = train(ds, args.steps, schedule)
+            nets[name] = train(ds, args.steps, schedule, args.prediction)
     lost, cut = crop_loss(images)
     print(f"{args.train_samples} training images (half 16x24, half 24x16), {args.steps} steps "
-          f"of batch {args.batch} per model, {args.samples} DDIM-{args.sample_steps} samples "
-          f"per class ({len(CLASSES)} classes)")  # fmt: skip
+          f"of batch {args.batch} per model ({args.prediction}-prediction), {args.samples} "
+          f"DDIM-{args.sample_steps} samples per class ({len(CLASSES)} classes) at guidance "
+          f"{args.guidance:g}")  # fmt: skip
     print(f"the 16x16 centre crop cuts the disc in {cut:.0%} of the training images and removes "
           f"{lost:.0%} of all disc pixels")  # fmt: skip
     for name, (_, seconds) in nets.items():
         print(f"train {name}: {seconds:.0f} s")
-    rows = {"real images": score({i: np.stack([images[j] / 255.0 for j in
-                                               range(i, len(images), len(CLASSES))][:8])
-                                  for i in range(len(CLASSES))})}  # fmt: skip
+    real = {i: np.stack([images[j] / 255.0 for j in range(i, len(images), len(CLASSES))][:8])
+            for i in range(min(len(CLASSES), len(images)))}  # fmt: skip
+    rows = {"real images": score(real)}
+    start = time.perf_counter()
     for name, (net, _) in nets.items():
         sizes = {"bucketed": ["bucket"], "centre crop": ["16x16", "bucket"]}[name]
         for size in sizes:
             outs = {}
             for cls, (aspect, _, _) in enumerate(CLASSES):
                 hw = ASPECTS[aspect][0] if size == "bucket" else (16, 16)
-                outs[cls] = sample(net, schedule, cls, hw, args.samples, args.sample_steps)
+                outs[cls] = sample(net, schedule, cls, hw, args.samples, args.sample_steps,
+                                   args.prediction, args.guidance)  # fmt: skip
             rows[f"{name} @ {size}"] = score(outs)
-    print(f"\n{'model @ sampled size':26s} {'aspect':10s} {'found':>6s} {'colour':>7s} "
-          f"{'position':>9s} {'whole':>6s}")  # fmt: skip
-    for name, per_aspect in rows.items():
-        for aspect, m in per_aspect.items():
-            print(f"{name:26s} {aspect:10s} {m['found']:6.0%} {m['color']:7.0%} "
-                  f"{m['position']:9.0%} {m['whole']:6.0%}")  # fmt: skip
+    print(f"sampling: {time.perf_counter() - start:.0f} s")
+    print(table(rows))
 
 
 if __name__ == "__main__":
