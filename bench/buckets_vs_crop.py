@@ -44,16 +44,17 @@ ASPECTS = {
     "portrait": ((24, 16), ("top", "centre", "bottom")),
 }  # (h, w), positions
 CLASSES = [(a, p, c) for a, (_, ps) in ASPECTS.items() for p in ps for c in COLORS]
-FRACTIONS = (0.2, 0.5, 0.8)  # disc centre along the long side, per position
+FRACTIONS = (0.22, 0.5, 0.78)  # disc centre along the long side, per position
 RADIUS = 3.0  # px
+JITTER = 0.5  # px: a far disc keeps ≥ 1.78 px to the border, and the 16x16 crop cuts each one
 
 
 def render(aspect: str, position: str, color: str, rng: np.random.Generator) -> Image.Image:
-    """One image: a disc of ``color`` at ``position`` along the long side (±1 px jitter)."""
+    """One image: a disc of ``color`` at ``position`` along the long side (±`JITTER`)."""
     (h, w), positions = ASPECTS[aspect]
     f = FRACTIONS[positions.index(position)]
     along, across = (w, h) if aspect == "landscape" else (h, w)
-    a, b = f * along + rng.uniform(-1, 1), across / 2 + rng.uniform(-1, 1)
+    a, b = f * along + rng.uniform(-JITTER, JITTER), across / 2 + rng.uniform(-JITTER, JITTER)
     cx, cy = (a, b) if aspect == "landscape" else (b, a)
     ss = 4  # supersampling
     img = Image.new("RGB", (w * ss, h * ss), (255, 255, 255))
@@ -109,16 +110,19 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
     return best
 
 
-def analyse(rgb: np.ndarray, aspect: str, position: str, color: str) -> dict[str, bool]:
-    """Found / colour / position / whole for one image in [0, 1] (any size).
+def analyse(rgb: np.ndarray, aspect: str, position: str, color: str) -> dict[str, float]:
+    """Found / colour / position / whole (0 or 1) and offset (px) for one image in [0, 1].
 
     The disc is the largest connected blob of non-background pixels (isolated specks of
     leftover sampling noise are not part of it): found when it has ≥ 3 pixels, its colour is
     the nearest of `COLORS` to its mean, its position the third of the long side that holds its
-    centroid, and it is whole when it touches no image border."""
+    centroid, and it is whole when it touches no image border. The offset is the distance along
+    the long side from its centroid to where the training images put that position's disc
+    (NaN unless found, and at the aspect's own size; a cut disc's centroid is the visible
+    part's, so the offset understates how far out it is)."""
     mask = largest_blob(shape_mask(rgb))
     if mask.sum() < 3:
-        return {"found": False, "color": False, "position": False, "whole": False}
+        return {"found": 0, "color": 0, "position": 0, "whole": 0, "offset": np.nan}
     mean = rgb[mask].mean(0) * 255
     nearest = min(COLORS, key=lambda c: np.linalg.norm(mean - np.array(COLORS[c])))
     ys, xs = np.nonzero(mask)
@@ -126,8 +130,17 @@ def analyse(rgb: np.ndarray, aspect: str, position: str, color: str) -> dict[str
     along, size = (xs.mean(), w) if aspect == "landscape" else (ys.mean(), h)
     third = min(2, int(3 * (along + 0.5) / size))
     border = mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
-    return {"found": True, "color": nearest == color,
-            "position": ASPECTS[aspect][1][third] == position, "whole": not border}  # fmt: skip
+    (sizes, positions) = ASPECTS[aspect]
+    target = FRACTIONS[positions.index(position)] * size  # pixel i spans [i, i + 1)
+    offset = abs(along + 0.5 - target) if (h, w) == sizes else np.nan
+    return {"found": 1, "color": int(nearest == color), "position": int(positions[third] ==
+            position), "whole": int(not border), "offset": offset}  # fmt: skip
+
+
+def centre_crop(img: np.ndarray, side: int = 16) -> np.ndarray:
+    """The ``side``×``side`` centre crop of an (H, W, ...) image (what ``data.image_size`` does)."""
+    top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
+    return img[top : top + side, left : left + side]
 
 
 def crop_loss(images: list[np.ndarray]) -> tuple[float, float]:
@@ -135,9 +148,7 @@ def crop_loss(images: list[np.ndarray]) -> tuple[float, float]:
     lost, cut = [], []
     for img in images:
         mask = shape_mask(img / 255.0)
-        h, w = mask.shape
-        top, left = (h - 16) // 2, (w - 16) // 2
-        kept = mask[top : top + 16, left : left + 16].sum()
+        kept = centre_crop(mask).sum()
         lost.append(1 - kept / mask.sum())
         cut.append(kept < mask.sum())
     return float(np.mean(lost)), float(np.mean(cut))
@@ -205,28 +216,37 @@ def sample(net: UNetModel, schedule: NoiseSchedule, cls: int, hw: tuple[int, int
 
 def score(images_per_class: dict[int, np.ndarray]) -> dict[tuple[str, str], dict[str, float]]:
     """Mean of each analyser attribute per (aspect, position), over colours and samples."""
-    acc: dict[tuple[str, str], list[dict[str, bool]]] = {}
+    acc: dict[tuple[str, str], list[dict[str, float]]] = {}
     for cls, images in images_per_class.items():
         aspect, position, color = CLASSES[cls]
         acc.setdefault((aspect, position), [])
         acc[aspect, position] += [analyse(img, aspect, position, color) for img in images]
-    return {key: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for key, rows in
-            acc.items()}  # fmt: skip
+
+    def mean(values: list[float]) -> float:
+        kept = [v for v in values if not np.isnan(v)]
+        return float(np.mean(kept)) if kept else np.nan
+
+    return {key: {k: mean([r[k] for r in rows]) for k in rows[0]} for key, rows in acc.items()}
 
 
 def table(rows: dict[str, dict[tuple[str, str], dict[str, float]]]) -> str:
-    """One block per aspect: found and colour over the aspect, position and whole per position."""
+    """One block per aspect: found and colour over the aspect; position, whole and offset (px,
+    "-" where not measured) per position."""
     lines = []
     for aspect, ((h, w), positions) in ASPECTS.items():
         names = " ".join(f"{p:>6s}" for p in positions)
-        lines += ["", f"{aspect} {h}x{w:<8} found colour | position {names} | whole {names}"]
+        lines += ["", f"{aspect} {h}x{w:<8} found colour | position {names} | whole {names} "
+                      f"| offset px {names}"]  # fmt: skip
         for name, per in rows.items():
             cells = [per[aspect, p] for p in positions]
             found = np.mean([c["found"] for c in cells])
             colour = np.mean([c["color"] for c in cells])
             pos = " ".join(f"{c['position']:6.0%}" for c in cells)
             whole = " ".join(f"{c['whole']:6.0%}" for c in cells)
-            lines.append(f"{name:21s} {found:5.0%} {colour:6.0%} |          {pos} |       {whole}")
+            off = " ".join("     -" if np.isnan(c["offset"]) else f"{c['offset']:6.1f}"
+                           for c in cells)  # fmt: skip
+            lines.append(f"{name:21s} {found:5.0%} {colour:6.0%} |          {pos} |       "
+                         f"{whole} |           {off}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -241,7 +261,7 @@ def positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-samples", type=positive, default=1536)
-    p.add_argument("--steps", type=positive, default=300, help="training steps of each model")
+    p.add_argument("--steps", type=positive, default=600, help="training steps of each model")
     p.add_argument("--batch", type=positive, default=32)
     p.add_argument("--samples", type=positive, default=8, help="samples per class")
     p.add_argument("--sample-steps", type=positive, default=15, help="DDIM steps")
@@ -277,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train {name}: {seconds:.0f} s")
     real = {i: np.stack([images[j] / 255.0 for j in range(i, len(images), len(CLASSES))][:8])
             for i in range(min(len(CLASSES), len(images)))}  # fmt: skip
-    rows = {"real images": score(real)}
+    crops = {i: np.stack([centre_crop(img) for img in imgs]) for i, imgs in real.items()}
+    rows = {"real images": score(real), "real 16x16 crops": score(crops)}
     start = time.perf_counter()
     for name, (net, _) in nets.items():
         sizes = {"bucketed": ["bucket"], "centre crop": ["16x16", "bucket"]}[name]
