@@ -45,16 +45,18 @@ def test_analyser_on_real_renders_and_centre_crops() -> None:
         for _ in range(3):
             img = np.asarray(bench.render(aspect, position, color, rng)) / 255.0
             assert img.shape[:2] == bench.ASPECTS[aspect][0]
-            assert bench.analyse(img, aspect, position, color) == dict.fromkeys(
-                ("found", "color", "position", "whole"), True
-            )
+            found = bench.analyse(img, aspect, position, color)
+            assert found.pop("offset") < 0.75  # the centroid where the render put the disc
+            assert found == dict.fromkeys(("found", "color", "position", "whole"), 1)
             wrong = next(c for c in bench.COLORS if c != color)
             assert not bench.analyse(img, aspect, position, wrong)["color"]
             crop = bench.analyse(_crop16(img), aspect, position, color)
             # the square crop keeps the centre disc whole and cuts every far one at the border
             assert crop["found"] and crop["color"] and crop["whole"] == (position == "centre")
+            assert np.isnan(crop["offset"])  # measured only at the aspect's own size
     blank = np.ones((16, 24, 3))
-    assert not any(bench.analyse(blank, "landscape", "left", "red").values())
+    nothing = bench.analyse(blank, "landscape", "left", "red")
+    assert np.isnan(nothing.pop("offset")) and not any(nothing.values())
 
 
 def test_crop_loss_counts_the_far_discs() -> None:
@@ -93,14 +95,18 @@ def test_sample_shape_range_and_guidance() -> None:
 
 
 def test_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(["--train-samples", "40", "--steps", "2", "--batch", "8", "--samples", "1",
-                "--sample-steps", "2", "--threads", "1"])  # fmt: skip
+    bench.main(["--train-samples", "40", "--steps", "1", "--batch", "8", "--samples", "1",
+                "--sample-steps", "1", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "the 16x16 centre crop cuts the disc" in out
-    for row in ("real images", "bucketed @ bucket", "centre crop @ 16x16", "centre crop @ bucket"):
+    rows = ("real images", "real 16x16 crops", "bucketed @ bucket", "centre crop @ 16x16")
+    for row in (*rows, "centre crop @ bucket"):
         assert out.count(row) == 2  # one line per aspect
-    real = [line for line in out.splitlines() if line.startswith("real images")]
-    assert all(line.split().count("100%") == 8 for line in real)
+    lines = out.splitlines()
+    real = [line.split() for line in lines if line.startswith("real images")]
+    assert all(cells.count("100%") == 8 for cells in real)
+    crops = [line.split() for line in lines if line.startswith("real 16x16 crops")]
+    assert all(cells.count("0%") == 2 and cells.count("-") == 3 for cells in crops)
 
 
 def test_bad_argument_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,4 +140,5 @@ def test_training_feeds_each_image_its_own_label(
     for x0, y in seen:
         for img, cls in zip(x0, y.tolist(), strict=True):
             rgb = ((img.permute(1, 2, 0) + 1) / 2).numpy()  # the batch is in [-1, 1]
-            assert all(bench.analyse(rgb, *bench.CLASSES[cls]).values())
+            found = bench.analyse(rgb, *bench.CLASSES[cls])
+            assert found.pop("offset") < 0.75 and all(found.values())
