@@ -18,8 +18,8 @@ to sqrt((1 − ᾱ_T)/ᾱ_T) ≈ 157, and after a few hundred steps (ε RMS erro
 the first DDIM steps start from x̂0 off by ~15, so every sample is a saturated noise field:
 colour and position at chance whatever the class (``--prediction eps`` shows it).
 
-    python bench/buckets_vs_crop.py --threads 1    # ~9 min on one of 2 shared cores (load 3-5)
-    python bench/buckets_vs_crop.py --threads 1 --steps 300   # ~4 min: colour only ~70-80%
+    python bench/buckets_vs_crop.py --threads 1   # 9-13 min on one of 2 shared cores (load 3-6)
+    python bench/buckets_vs_crop.py --threads 1 --steps 300   # ~4 min: colour only 68-79%
 """
 
 from __future__ import annotations
