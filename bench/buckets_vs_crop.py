@@ -211,7 +211,8 @@ def train(dataset: ShardDataset, steps: int, schedule: NoiseSchedule, prediction
 @torch.no_grad()
 def sample(net: UNetModel, schedule: NoiseSchedule, cls: int, hw: tuple[int, int], n: int,
            steps: int, prediction: str = "v", guidance: float = 1.0) -> np.ndarray:  # fmt: skip
-    """``n`` DDIM samples of class ``cls`` at size ``hw``: (n, H, W, 3) in [0, 1]."""
+    """``n`` DDIM samples of class ``cls`` at size ``hw``, with classifier-free guidance of
+    scale ``guidance`` against `NULL` (1: none): (n, H, W, 3) in [0, 1]."""
     grid = exact_grid(schedule, steps)
     noise = torch.randn(n, 3, *hw, generator=torch.Generator().manual_seed(cls))
     cond, uncond = {"y": torch.full((n,), cls)}, {"y": torch.full((n,), NULL)}
