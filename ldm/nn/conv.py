@@ -52,10 +52,14 @@ def gemm_conv2d(
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, K, L)
+    if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
+        matrix = weight.flatten(1)  # (C_out, K), K = C_in·kh·kw: a view of an NCHW weight
+    else:  # a channels-last weight is (C_out, kh, kw, C_in) in memory: match its order
+        matrix = weight.permute(0, 2, 3, 1).flatten(1)  # a view, K = kh·kw·C_in
+        cols = cols.unflatten(1, (x.shape[1], kh * kw)).transpose(1, 2).flatten(1, 2)
     cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (K, N·L): a view at batch 1
-    matrix = weight.flatten(1)  # (C_out, K), K = C_in·kh·kw
     out = matrix @ cols if bias is None else torch.addmm(bias[:, None], matrix, cols)
-    return out.view(-1, n, h_out, w_out).transpose(0, 1)  # (N, C_out, H_out, W_out)
+    return out.view(-1, n, h_out, w_out).transpose(0, 1).contiguous()  # no copy at batch 1
 
 
 class Conv2d(nn.Conv2d):
@@ -82,5 +86,12 @@ class Conv2d(nn.Conv2d):
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         if self._gemm_pays(input):
-            return gemm_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
+            # im2col of a channels-last input is slow; these maps are small, so reorder them.
+            last = (
+                input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+            )
+            out = gemm_conv2d(
+                input.contiguous(), weight, bias, self.stride, self.padding, self.dilation
+            )
+            return out.contiguous(memory_format=torch.channels_last) if last else out
         return super()._conv_forward(input, weight, bias)

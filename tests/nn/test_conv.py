@@ -20,14 +20,25 @@ from ldm.nn.conv import Conv2d
         (3, 8, 8, 3, 3, 1, True),  # odd side
     ],
 )
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_gemm_path_matches_conv2d(
-    batch: int, channels: int, out: int, side: int, kernel: int, stride: int, bias: bool
+    batch: int,
+    channels: int,
+    out: int,
+    side: int,
+    kernel: int,
+    stride: int,
+    bias: bool,
+    channels_last: bool,
 ) -> None:
     torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     layer = Conv2d(channels, out, kernel, stride=stride, padding=kernel // 2, bias=bias)
-    x = torch.randn(batch, channels, side, side, requires_grad=True)
+    layer.to(memory_format=fmt)
+    x = torch.randn(batch, channels, side, side).contiguous(memory_format=fmt).requires_grad_()
     assert layer._gemm_pays(x)
     y = layer(x)
+    assert y.is_contiguous(memory_format=fmt)
     reference = F.conv2d(x, layer.weight, layer.bias, stride, kernel // 2)
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
