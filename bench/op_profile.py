@@ -3,8 +3,9 @@
 Profiles forward + backward of one training step (torch.profiler, CPU or CUDA) and prints the
 share of self time per kind of op — convolutions, GroupNorm, attention (SDPA), matmuls
 (linear layers), copies and fills (dtype casts, zeroed gradients), elementwise/activation, and
-the rest — plus the top ops, so an optimisation is aimed at what costs. Two configurations by default: the SD1 U-Net at 32×32 latents (batch 1 on
-CPU) and the demo's U-Net at its own batch (32 at 8×8 latents).
+the rest — plus the top ops, so an optimisation is aimed at what costs. Two configurations by
+default: the SD1 U-Net at 32×32 latents (batch 1 on CPU) and the demo's U-Net at its own batch
+(32 at 8×8 latents).
 
     .venv/bin/python bench/op_profile.py                       # both, CPU, fp32
     .venv/bin/python bench/op_profile.py --sizes demo --dtype bf16 --top 15
