@@ -2,14 +2,16 @@
 every step, and glibc hands each one above its mmap threshold (32 MiB at most) to the kernel
 on free, so the next step touches fresh pages again.
 
-Measured on the 2-core sandbox VM (see README, Benchmarks): one SD1 U-Net training step at
-batch 1 spent ~40% of its self time in ``fill_`` and ``copy_`` of weight-sized tensors (the
-first touch of newly mapped pages: page faults), and took 1.3-1.7x longer than with freed
-memory kept in the heap. :func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (large
-blocks come from the heap, which glibc falls back from to ``mmap`` when it cannot grow) and
-raises ``M_TRIM_THRESHOLD`` so the heap is not given back: the process keeps its peak
-footprint, which a training loop reaches every step anyway. It is what ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=…`` in the environment do, applied after start-up.
+Measured on the 2-core sandbox VM (see README, Benchmarks): one fp32 SD1 U-Net training step at
+batch 1 spent 40% of its self time in ``fill_`` of weight-sized gradients (in bf16 autocast, 28%
+in ``copy_`` of the weight casts) — the first touch of newly mapped pages, i.e. page faults —
+and took 1.3-1.8x longer than with freed memory kept in the heap.
+
+:func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (large blocks come from the heap;
+glibc still falls back to ``mmap`` when the heap cannot grow) and raises ``M_TRIM_THRESHOLD``
+so the heap is not given back: the process keeps its peak footprint, which a training loop
+reaches every step anyway. The environment variables ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=…`` do the same at start-up.
 """
 
 from __future__ import annotations
