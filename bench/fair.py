@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.nn.host_memory import keep_freed_memory
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,6 +51,7 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 CLOCK: list[Callable[[], float]] = [time.perf_counter]
+MALLOC = ["glibc default"]
 
 
 def use_cpu_clock() -> None:
@@ -66,6 +69,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "default"],
+        help="keep: glibc keeps freed memory for reuse (ldm.nn.host_memory, process-wide, so "
+        "both libraries alike); default: glibc as started",
+    )
+    parser.add_argument(
         "--clock",
         default="wall",
         choices=["wall", "cpu"],
@@ -74,7 +84,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_common_args(args: argparse.Namespace) -> list[Setting]:
-    """Apply ``--threads``/``--clock``; the parsed ``--settings``."""
+    """Apply ``--threads``/``--clock``/``--malloc``; the parsed ``--settings``."""
+    MALLOC[0] = (
+        "keep freed memory" if args.malloc == "keep" and keep_freed_memory() else "glibc default"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -140,7 +153,7 @@ def print_header(device: torch.device, peaks: dict[str, float], what: str) -> No
     clock = "process CPU time" if CLOCK[0] is time.process_time else "wall time"
     print(
         f"{what}; device={device} threads={torch.get_num_threads()} torch={torch.__version__}, "
-        f"{clock}"
+        f"{clock}, malloc: {MALLOC[0]}"
     )
     print("measured matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print("ratio = median over interleaved rounds of diffusers time / ours (> 1: ours faster); "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ldm.nn.attention import SpatialTransformer
+from ldm.nn.conv import Conv2d
 from ldm.nn.embeddings import timestep_embedding
 from ldm.nn.resnet import Downsample, ResBlock, Upsample, normalization
 from ldm.nn.wrappers import unwrap
@@ -148,7 +149,7 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))]
         )
         skip_chans = [model_channels]
         ch, ds = model_channels, 1
@@ -186,7 +187,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
+            normalization(ch), nn.SiLU(), Conv2d(model_channels, out_channels, 3, padding=1)
         )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)

@@ -1,4 +1,5 @@
-"""Neural-network building blocks: attention, timestep embeddings, U-Net residual blocks."""
+"""Neural-network building blocks: attention, timestep embeddings, U-Net residual blocks, the
+CPU GEMM convolution."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from ldm.nn.attention import (
     FeedForward,
     SpatialTransformer,
 )
+from ldm.nn.conv import Conv2d
 from ldm.nn.embeddings import timestep_embedding
 from ldm.nn.resnet import Downsample, GroupNorm32, ResBlock, Upsample, normalization
 
 __all__ = [
     "GEGLU",
     "BasicTransformerBlock",
+    "Conv2d",
     "CrossAttention",
     "Downsample",
     "FeedForward",

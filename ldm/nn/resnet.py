@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.nn.conv import Conv2d
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, returned in the input dtype."""
@@ -50,7 +52,7 @@ class Downsample(nn.Module):
         out_channels = out_channels or channels
         self.op: nn.Module
         if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = Conv2d(channels, out_channels, 3, stride=2, padding=1)
         else:
             if out_channels != channels:
                 raise ValueError("Downsample without a conv cannot change the channel count")
@@ -75,7 +77,7 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         if not use_conv and out_channels != channels:
             raise ValueError("Upsample without a conv cannot change the channel count")
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.conv = Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Upsample (B, C, H, W) -> (B, C_out, 2H, 2W), or to ``size`` (the skip connection's
@@ -125,7 +127,7 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
         self.h_upd: nn.Module
@@ -144,7 +146,7 @@ class ResBlock(nn.Module):
             normalization(out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         if zero_init:
             nn.init.zeros_(self.out_layers[-1].weight)
@@ -154,7 +156,7 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Identity()
         else:
             kernel = 3 if use_conv else 1
-            self.skip_connection = nn.Conv2d(channels, out_channels, kernel, padding=kernel // 2)
+            self.skip_connection = Conv2d(channels, out_channels, kernel, padding=kernel // 2)
 
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None
