@@ -13,7 +13,8 @@ Measured on the 2-core sandbox (fp32, one thread, forward + backward): 2560→12
 faster. 1×1 kernels gain nothing and keep ``F.conv2d``.
 
 The path is taken only where it pays — CPU, ``groups == 1``, zero padding, a kernel larger than
-1×1 and at most :data:`GEMM_MAX_PIXELS` output pixels over the batch — elsewhere (GPUs, large
+1×1, a weight of at least :data:`GEMM_MIN_WEIGHT` elements and at most
+:data:`GEMM_MAX_PIXELS` output pixels over the batch — elsewhere (GPUs, large
 maps) this is ``nn.Conv2d``. Parameters and their names are ``nn.Conv2d``'s, so checkpoints are
 unchanged; results equal ``F.conv2d``'s up to float summation order.
 """
@@ -26,6 +27,10 @@ from torch import nn
 
 #: Largest batch × output height × width sent to the GEMM path (the 8×8 level at batch 1).
 GEMM_MAX_PIXELS = 64
+#: Smallest weight (elements) sent to the GEMM path: only weight-bound layers gain (SD1's
+#: smallest at ≤ 64 output pixels is 640→640 3×3, 3.7M); small models (the demo, tests) keep
+#: F.conv2d and its rounding, which sampling with x̂0 clipping amplifies step after step.
+GEMM_MIN_WEIGHT = 2**20
 
 
 def gemm_conv2d(
@@ -73,6 +78,7 @@ class Conv2d(nn.Conv2d):
             or self.padding_mode != "zeros"
             or isinstance(self.padding, str)
             or self.kernel_size == (1, 1)
+            or self.weight.numel() < GEMM_MIN_WEIGHT
         ):
             return False
         h, w = x.shape[-2:]

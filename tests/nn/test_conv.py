@@ -30,7 +30,9 @@ def test_gemm_path_matches_conv2d(
     stride: int,
     bias: bool,
     channels_last: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(conv, "GEMM_MIN_WEIGHT", 0)  # small layers here; the rule is tested below
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     layer = Conv2d(channels, out, kernel, stride=stride, padding=kernel // 2, bias=bias)
@@ -52,8 +54,11 @@ def test_gemm_path_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = conv.gemm_conv2d
     monkeypatch.setattr(conv, "gemm_conv2d", lambda *a: calls.append(1) or original(*a))
+    Conv2d(8, 8, 3, padding=1)(torch.randn(1, 8, 8, 8))  # a small weight: F.conv2d
+    assert calls == []
+    monkeypatch.setattr(conv, "GEMM_MIN_WEIGHT", 8 * 8 * 9)
     layer = Conv2d(8, 8, 3, padding=1)
-    layer(torch.randn(1, 8, 8, 8))  # 64 output pixels: GEMM
+    layer(torch.randn(1, 8, 8, 8))  # 64 output pixels, a large enough weight: GEMM
     assert calls == [1]
     layer(torch.randn(2, 8, 8, 8))  # 128: F.conv2d
     layer(torch.randn(1, 8, 16, 16))
