@@ -288,6 +288,13 @@ def test_freeze_patterns_keep_those_weights(
     assert len(errors) == 1 and "'encoder.*' matches no U-Net parameter" in errors[0]
 
 
+def base_text_encoder(src: dict[str, Any]) -> torch.nn.Module:
+    """The source's own (unadapted) text encoder."""
+    from ldm import assemble
+
+    return assemble.load_for_sampling(src["file"], [src["yaml"]], use_ema=False)[0].text_encoder
+
+
 def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     sources: dict[str, Any], shapes_data: dict, tmp_path: Path
 ) -> None:
@@ -306,6 +313,8 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
         "optim.lr=1e-2",
         "model.lora.rank=2",
         "model.lora.alpha=4",
+        "model.lora.text_encoder=true",  # the export must merge these too
+        "optim.text_encoder_lr=3e-2",
         "trainer.max_steps=2",
     )
     assert train.main(args) == 0
@@ -358,6 +367,13 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_samples(
     with torch.no_grad():
         adapted = model.unet(x, t, context=ctx)
         torch.testing.assert_close(plain.unet(x, t, context=ctx), adapted, rtol=1e-5, atol=1e-5)
+        # ... and its plain text encoder what the adapted one does (the adapters moved)
+        prompts = ["a red square", ""]
+        exported, _ = plain.text_encoder.encode(prompts)
+        trained_text, _ = model.text_encoder.encode(prompts)
+        torch.testing.assert_close(exported, trained_text, rtol=1e-5, atol=1e-5)
+        unadapted, _ = base_text_encoder(src).encode(prompts)
+        assert (trained_text - unadapted).abs().max() > 1e-4
 
     # the small LoRA file, merged into the base by sample.py --lora, gives the same U-Net
     import sample
