@@ -36,7 +36,7 @@ from ldm.checkpoint.format import CheckpointError
 from ldm.config import ConfigError
 from ldm.console import Counter
 from ldm.diffusion import SAMPLER_NAMES
-from ldm.sample_args import MAX_SEED, MAX_SIDE, check_args, parse_args, read_prompts  # noqa: F401
+from ldm.sample_args import check_args, parse_args, read_prompts
 
 
 def read_init_image(path: str, flag: str = "--init-image") -> torch.Tensor:

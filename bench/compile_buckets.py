@@ -25,7 +25,8 @@ from ldm import build
 from ldm.config import load
 
 
-def main(argv: list[str] | None = None) -> list[int]:
+def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
+    """Runs the steps; returns (graphs built so far, step seconds) after each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default="configs/ldm/tiny.yaml")
     parser.add_argument(
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[int]:
     steps += [(max(1, args.batch // 2), sizes[0]), (max(1, args.batch - 1), sizes[-1])]
     steps += [(args.batch, sizes[0])]
     channels = cfg.model.unet.in_channels
-    graphs = []
+    record: list[tuple[int, float]] = []
     for batch, (h, w) in steps:
         x = torch.randn(batch, channels, h, w, device=args.device)
         t = torch.randint(0, 1000, (batch,), device=args.device)
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> list[int]:
         unet(x, t, context=context).float().mean().backward()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        graphs.append(int(counters["stats"]["unique_graphs"]))
+        record.append((int(counters["stats"]["unique_graphs"]), time.perf_counter() - start))
         print(
-            f"batch {batch:3d} latent {h:3d}x{w:<3d}  graphs so far {graphs[-1]:2d}  "
-            f"step {time.perf_counter() - start:7.2f} s",
+            f"batch {batch:3d} latent {h:3d}x{w:<3d}  graphs so far {record[-1][0]:2d}  "
+            f"step {record[-1][1]:7.2f} s",
             flush=True,
         )
-    print(f"{len(sizes)} buckets, {len(steps)} steps: {graphs[-1]} graphs ({args.backend})")
-    return graphs
+    print(f"{len(sizes)} buckets, {len(steps)} steps: {record[-1][0]} graphs ({args.backend})")
+    return record
 
 
 if __name__ == "__main__":

@@ -204,14 +204,10 @@ def part_buckets(dry: bool) -> dict[str, Any]:
 
     args = ["--backend", "eager"] if dry else ["--device", "cuda", "-c", "configs/ldm/sd1.yaml"]
     args += [] if dry else ["--buckets", "64x64,48x80,80x48,56x72", "--batch", "8"]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # the child's stdout carries one JSON line
-        graphs = bench_module("compile_buckets").main(args)
-    times = [
-        float(line.split("step")[-1].split()[0])
-        for line in log.getvalue().splitlines()
-        if "graphs so far" in line
-    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # the child's stdout carries one JSON line
+        record = bench_module("compile_buckets").main(args)
+    graphs = [g for g, _ in record]
+    times = [round(s, 3) for _, s in record]
     return {"graphs": graphs[-1], "graphs_per_step": graphs, "step_s": times}
 
 

@@ -92,7 +92,7 @@ def run_point(config: str, shard: Path, size: int, batch: int, steps: int, extra
         wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"train.py failed at {size} px, batch {batch}:\n{out[-2000:]}")
-    return usage, last_step_seconds(out), wall
+    return usage.ru_maxrss / 2**20, last_step_seconds(out), wall  # ru_maxrss: KiB on Linux
 
 
 def last_step_seconds(output: str) -> float:
@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             shard = Path(tmp) / f"photos-{size}.tar"
             write_photo_shard(shard, size, count=max(args.batches) * (args.steps + 1))
             for batch in args.batches:
-                peak, per_step, wall = measure(args, shard, size, batch)
+                peak, per_step, wall = run_point(
+                    args.config, shard, size, batch, args.steps, list(args.overrides)
+                )
                 rows.append((size, batch, peak, per_step, wall))
                 print(
                     f"{size} px  batch {batch}: peak {peak:.2f} GiB  {per_step:.1f} s/step  "
@@ -141,13 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             slope, base = np.polyfit([b for b, _ in pts], [m for _, m in pts], 1)
             print(f"{size} px: peak ≈ {base:.2f} GiB + {slope:.2f} GiB × batch")
     return 0
-
-
-def measure(args: argparse.Namespace, shard: Path, size: int, batch: int):
-    usage, per_step, wall = run_point(
-        args.config, shard, size, batch, args.steps, list(args.overrides)
-    )
-    return usage.ru_maxrss / 2**20, per_step, wall  # ru_maxrss is in KiB on Linux
 
 
 if __name__ == "__main__":
