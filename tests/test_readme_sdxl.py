@@ -68,28 +68,21 @@ def test_readme_sdxl_fine_tune_recipe_runs(shapes_data: dict[str, str], tmp_path
 
 
 def test_readme_sdxl_memory_table_follows_the_parameter_counts() -> None:
-    import transformers
-
     from ldm.config import load
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.lora import add_lora
     from ldm.models.unet import UNetModel
+    from tests.models.sdxl_tiny import sdxl_text_towers
 
     cfg = load([ROOT / "configs" / "ldm" / "sdxl.yaml"])
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    clip = transformers.CLIPTextConfig  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers
     with torch.device("meta"):
         unet = UNetModel(**OmegaConf.to_container(cfg.model.unet))
         vae = AutoencoderKL(**OmegaConf.to_container(cfg.model.autoencoder))
-        vit_l = transformers.CLIPTextModel(clip(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            hidden_act="quick_gelu"))  # fmt: skip
-        vit_g = transformers.CLIPTextModelWithProjection(clip(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-            num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))  # fmt: skip
+        vit_l, vit_g = sdxl_text_towers()
         u, frozen = count(unet), count(vae) + count(vit_l) + count(vit_g)
         add_lora(unet, 16, targets=list(cfg.model.lora.targets))
         a = count(unet) - u

@@ -112,3 +112,19 @@ def build_tiny_sdxl(root: Path) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(root / "sdxl")
     return root / "sdxl"
+
+
+def sdxl_text_towers():  # noqa: ANN201 - transformers types
+    """SDXL's two text encoders at full size (CLIP ViT-L/14, OpenCLIP ViT-bigG/14 as
+    transformers classes), built on the current device (call under ``torch.device("meta")``
+    to count parameters without weights)."""
+    import transformers
+
+    clip = transformers.CLIPTextConfig
+    vit_l = transformers.CLIPTextModel(clip(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu"))  # fmt: skip
+    vit_g = transformers.CLIPTextModelWithProjection(clip(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))  # fmt: skip
+    return vit_l, vit_g

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import sample
 import train
 from ldm.checkpoint.format import load_checkpoint
-from tests.models.sdxl_tiny import build_tiny_refiner, build_tiny_sdxl
+from tests.models.sdxl_tiny import build_tiny_refiner, build_tiny_sdxl, sdxl_text_towers
 from tests.test_lora_interop import assert_close, ours, theirs
 
 diffusers = pytest.importorskip("diffusers")
@@ -216,19 +216,11 @@ def test_readme_sdxl_text_commands_load_with_the_tiny_model(
 
 
 def test_readme_text_encoder_memory_rows_follow_the_parameter_counts() -> None:
-    import transformers
-
     from ldm.models.lora import add_lora
     from ldm.text_tuning import sdxl_unused_modules
 
-    clip = transformers.CLIPTextConfig  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers
     with torch.device("meta"):
-        vit_l = transformers.CLIPTextModel(clip(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            hidden_act="quick_gelu"))  # fmt: skip
-        vit_g = transformers.CLIPTextModelWithProjection(clip(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-            num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))  # fmt: skip
+        vit_l, vit_g = sdxl_text_towers()
 
         def count(modules: list[torch.nn.Module]) -> int:
             return sum(p.numel() for m in modules for p in m.parameters())
