@@ -43,6 +43,7 @@ from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.losses import diffusion_loss
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.eval.image_ops import largest_component
 from ldm.models.unet import UNetModel
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220)}
@@ -94,40 +95,17 @@ def shape_mask(rgb: np.ndarray) -> np.ndarray:
     return np.linalg.norm(1.0 - rgb, axis=-1) > 0.35
 
 
-def largest_blob(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of ``mask`` (flood fill; the images are tiny)."""
-    seen = np.zeros_like(mask)
-    best = np.zeros_like(mask)
-    h, w = mask.shape
-    for start in zip(*np.nonzero(mask), strict=True):
-        if seen[start]:
-            continue
-        blob, stack = [], [start]
-        seen[start] = True
-        while stack:
-            y, x = stack.pop()
-            blob.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        if len(blob) > best.sum():
-            best = np.zeros_like(mask)
-            best[tuple(np.array(blob).T)] = True
-    return best
-
-
 def analyse(rgb: np.ndarray, aspect: str, position: str, color: str) -> dict[str, float]:
     """Found / colour / position / whole (0 or 1) and offset (px) for one image in [0, 1].
 
-    The disc is the largest connected blob of non-background pixels (isolated specks of
+    The disc is the largest 4-connected blob of non-background pixels (isolated specks of
     leftover sampling noise are not part of it): found when it has ≥ 3 pixels, its colour is
     the nearest of `COLORS` to its mean, its position the third of the long side that holds its
     centroid, and it is whole when it touches no image border. The offset is the distance along
     the long side from its centroid to where the training images put that position's disc
     (NaN unless found, and at the aspect's own size; a cut disc's centroid is the visible
     part's, so the offset understates how far out it is)."""
-    mask = largest_blob(shape_mask(rgb))
+    mask = largest_component(shape_mask(rgb), connectivity=4)
     if mask.sum() < 3:
         return {"found": 0, "color": 0, "position": 0, "whole": 0, "offset": np.nan}
     mean = rgb[mask].mean(0) * 255

@@ -64,12 +64,16 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     )
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask ``(H, W)``.
+def largest_component(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
+    """The largest 8-connected (or, ``connectivity=4``, 4-connected) component of a boolean
+    mask ``(H, W)``; of equal ones, the first in row-major order.
 
-    Labels horizontal runs and joins runs of adjacent rows that touch (diagonals included) with
-    union-find: a few Python operations per run instead of per pixel.
+    Labels horizontal runs and joins runs of adjacent rows that touch (diagonals included at 8)
+    with union-find: a few Python operations per run instead of per pixel.
     """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    reach = 1 if connectivity == 8 else 0  # runs [s, e) of adjacent rows join if they overlap
     edges = np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)  # (H, W + 1)
     rows, starts = np.nonzero(edges == 1)
     ends = np.nonzero(edges == -1)[1]  # exclusive; same row-major order as the starts
@@ -86,7 +90,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     for y in range(mask.shape[0] - 1):
         for i in range(first[y], first[y + 1]):
             for j in range(first[y + 1], first[y + 2]):
-                if starts[j] <= ends[i] and starts[i] <= ends[j]:  # overlap or diagonal touch
+                if starts[j] < ends[i] + reach and starts[i] < ends[j] + reach:
                     parent[find(i)] = find(j)
     sizes: dict[int, int] = {}
     for i in range(len(rows)):

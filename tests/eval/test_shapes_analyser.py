@@ -212,13 +212,14 @@ def test_lab_matches_skimage() -> None:
     np.testing.assert_allclose(srgb_to_lab(np.ones(3)), [100, 0, 0], atol=1e-2)
 
 
-def test_largest_component_matches_skimage() -> None:
+@pytest.mark.parametrize("connectivity", [8, 4])
+def test_largest_component_matches_skimage(connectivity: int) -> None:
     measure = pytest.importorskip("skimage.measure")
     rng = np.random.default_rng(0)
     for _ in range(50):
         mask = rng.random((int(rng.integers(1, 25)), int(rng.integers(1, 25)))) < rng.random()
-        ours = largest_component(mask)
-        labels = measure.label(mask, connectivity=2)
+        ours = largest_component(mask, connectivity)
+        labels = measure.label(mask, connectivity=connectivity // 4)
         if labels.max() == 0:
             assert not ours.any()
             continue
