@@ -107,10 +107,11 @@ def resume_location(ckpt: Path) -> list[str]:
 def fit(cfg: Any, resume_ckpt: Path | None = None) -> tuple[Path, dict[str, float]]:
     """Build everything from ``cfg`` and train; returns the run directory and final metrics."""
     from ldm import build
-    from ldm.consistency import check_inputs_exist
+    from ldm.consistency import check_inputs_exist, check_trainable
 
     build.seed_everything(cfg.run.seed)
-    check_inputs_exist(cfg)  # nothing is written before the inputs are known to be there
+    check_trainable(cfg)  # nothing is written before the model and inputs are known to be fit
+    check_inputs_exist(cfg)
     cfg = build.resolve(cfg)
     quality = build.build_quality_monitor(cfg)  # checks its files before the run dir exists
     path = build.prepare_run_dir(cfg, resuming=resume_ckpt is not None)

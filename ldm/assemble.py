@@ -114,17 +114,19 @@ def load_for_sampling(
                 "-c configs/ldm/sd1.yaml (SD 1.x), -c configs/ldm/sd2.yaml (SD 2.x) or "
                 "-c configs/ldm/sdxl.yaml (SDXL)"
             )
+        # Whether the file and the config are of one family comes before the config's own
+        # cross-section checks: a wrong -c is named as such, not by a symptom of it.
+        cfg = load(config_files, overrides, consistency=False)
         sdxl = is_sdxl_file(path)
-        # The refiner's layout samples but does not train, which the load-time checks refuse;
-        # an SDXL file's own checks name a refiner/base mix-up first.
-        cfg = load(config_files, overrides, consistency=not sdxl)
-        if sdxl and check_refiner_config(path, cfg):
-            check_consistency(cfg)
+        if sdxl:
+            check_refiner_config(path, cfg)
+        else:
+            check_not_sd_file_for_sdxl_config(path, cfg)
+        check_consistency(cfg)
         if sdxl:
             model = load_sdxl_single_file(
                 path, cfg, cfg.model.text_encoder.name_or_path, use_ema=use_ema
             )
         else:
-            check_not_sd_file_for_sdxl_config(path, cfg)
             model = sd_single_file_model(path, cfg, use_ema=use_ema)
     return model.eval(), cfg

@@ -189,13 +189,11 @@ def _check_sdxl(cfg: DictConfig) -> None:
     second = json.loads(configs["text_encoder_2"].read_text())
     pooled = int(second.get("projection_dim", 0))
     numbers, rest = divmod(unet.adm_in_channels - pooled, SIZE_EMBED_DIM)
-    if numbers == 5 and not rest:  # before the first encoder, which the refiner lacks
-        raise ConsistencyError(
-            f"model.unet.adm_in_channels {unet.adm_in_channels} is the SDXL refiner's (pooled "
-            f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
-            "--aesthetic-score) but does not train here; train the base layout "
-            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)"
-        )
+    if numbers == 5 and not rest:
+        # The refiner's layout (second encoder alone, aesthetic score): it samples, from files
+        # or folders whose weights fix its widths (strict loads name a mismatch);
+        # check_trainable refuses it for training, before anything is written.
+        return
     if not configs["text_encoder"].is_file():
         raise missing("text_encoder")
     first = json.loads(configs["text_encoder"].read_text())
@@ -374,6 +372,32 @@ def check_consistency(cfg: DictConfig) -> None:
     _check_image_size(cfg)
     check_buckets(cfg)
     _check_cached(cfg)
+
+
+def check_trainable(cfg: DictConfig) -> None:
+    """Before a run writes anything: its model is one that trains here. The SDXL refiner's
+    layout (``adm_in_channels`` = pooled text + 5 numbers with the aesthetic score) samples
+    (``sample.py --aesthetic-score``) but does not train.
+
+    Raises:
+        ConsistencyError: One line naming the base layout to train instead.
+    """
+    from ldm.models.micro_conditioning import SIZE_EMBED_DIM
+
+    m = cfg.model
+    if cfg.task != "ldm" or m.text_encoder.kind != "sdxl" or m.unet.adm_in_channels is None:
+        return
+    second = Path(os.path.expanduser(str(m.text_encoder.name_or_path))) / "text_encoder_2"
+    if not (second / "config.json").is_file():
+        return  # reported at load or when built
+    pooled = int(json.loads((second / "config.json").read_text()).get("projection_dim", 0))
+    if m.unet.adm_in_channels == pooled + 5 * SIZE_EMBED_DIM:
+        raise ConsistencyError(
+            f"model.unet.adm_in_channels {m.unet.adm_in_channels} is the SDXL refiner's (pooled "
+            f"{pooled} + 5 numbers with the aesthetic score): the refiner samples (sample.py "
+            "--aesthetic-score) but does not train here; train the base layout "
+            f"(adm_in_channels={pooled + 6 * SIZE_EMBED_DIM}, configs/ldm/sdxl.yaml)"
+        )
 
 
 def check_inputs_exist(cfg: DictConfig) -> None:

@@ -80,7 +80,7 @@ def _adm_in_channels(path: Path) -> int | None:
         return None
 
 
-def check_refiner_config(path: Any, cfg: Any, state: Mapping[str, Tensor] | None = None) -> bool:
+def check_refiner_config(path: Any, cfg: Any, state: Mapping[str, Tensor] | None = None) -> None:
     """Refuses an SDXL refiner file given the base's config and a base file given the
     refiner's, from the file's ``adm_in_channels`` (pooled width + 5 or 6 numbers × 256).
 
@@ -89,10 +89,6 @@ def check_refiner_config(path: Any, cfg: Any, state: Mapping[str, Tensor] | None
         cfg: The config it is loaded with.
         state: Its tensors (None: its keys and header are read).
 
-    Returns:
-        Whether the config's load-time checks (`ldm.consistency`) apply: not to the refiner,
-        whose layout samples but does not train.
-
     Raises:
         CheckpointError: One line naming the file, both layouts and the config to use.
     """
@@ -100,7 +96,7 @@ def check_refiner_config(path: Any, cfg: Any, state: Mapping[str, Tensor] | None
     tensor = state.get(ADM_KEY)
     file_adm = int(tensor.shape[1]) if tensor is not None else _adm_in_channels(Path(path))
     if file_adm is None or cfg.model.unet.adm_in_channels is None:
-        return not is_refiner_state_dict(state)
+        return
     cfg_adm = int(cfg.model.unet.adm_in_channels)
     kind = "refiner" if is_refiner_state_dict(state) else "base"
     other = "base" if kind == "refiner" else "refiner"
@@ -111,7 +107,6 @@ def check_refiner_config(path: Any, cfg: Any, state: Mapping[str, Tensor] | None
             f"{path} is an SDXL {kind} file (adm_in_channels {file_adm}) but the config is the "
             f"SDXL {other}'s (adm_in_channels {cfg_adm}): use -c configs/ldm/{config}"
         )
-    return kind == "base"
 
 
 def _keys(path: Path) -> dict[str, None]:

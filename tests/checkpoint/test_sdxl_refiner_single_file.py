@@ -95,6 +95,10 @@ def test_refiner_and_base_files_with_the_other_config_fail_in_one_line(
         (refiner["file"], ["-c", str(TINY), f"model.text_encoder.name_or_path={base_folder}"],
          "is an SDXL refiner file (adm_in_channels 1304) but the config is the SDXL base's "
          "(adm_in_channels 1560): use -c configs/ldm/sdxl-refiner.yaml"),
+        # the refiner's own folder (no first encoder): the mix-up, not the missing encoder
+        (refiner["file"], ["-c", str(TINY), f"model.text_encoder.name_or_path={refiner['folder']}"],
+         "is an SDXL refiner file (adm_in_channels 1304) but the config is the SDXL base's "
+         "(adm_in_channels 1560): use -c configs/ldm/sdxl-refiner.yaml"),
         (base, ["-c", str(refiner["yaml"])],
          "is an SDXL base file (adm_in_channels 1560) but the config is the SDXL refiner's "
          "(adm_in_channels 1304): use -c configs/ldm/sdxl.yaml"),
