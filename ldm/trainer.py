@@ -68,6 +68,7 @@ def build_trainer(
     import pytorch_lightning as pl
 
     from ldm.training.callbacks import RNGState, SafetensorsCheckpoint
+    from ldm.training.checkpoint_io import StreamingCheckpointIO
     from ldm.training.loggers import build_logger, define_step_metrics
     from ldm.training.monitors import DataSkipLogger, ImageLogger, ThroughputMonitor
     from ldm.training.progress import progress_callbacks
@@ -123,6 +124,7 @@ def build_trainer(
         deterministic=t.deterministic,
         enable_progress_bar=bar,
         enable_checkpointing=False,
+        plugins=None if t.strategy.startswith("deepspeed") else [StreamingCheckpointIO()],
         default_root_dir=str(path),
         logger=logger,
         callbacks=callbacks,

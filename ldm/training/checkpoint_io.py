@@ -1,0 +1,35 @@
+"""Resume checkpoints written straight to the file, not through a copy in memory.
+
+Lightning's default ``TorchCheckpointIO`` saves through ``_atomic_save``, which serialises the
+whole checkpoint into an ``io.BytesIO`` and only then writes it out: the training state is
+held twice in host memory while it saves. For an SD1 U-Net trained in full that state is ~14 GB
+(weights, AdamW moments, EMA), so a run that trains in 18 GB of a 24 GiB machine is killed at
+its first checkpoint (measured: peak RSS rose from 18 to 24 GB after the last step, then the
+kernel killed it). :class:`StreamingCheckpointIO` lets ``torch.save`` write each storage to the
+file from its own memory. Atomicity does not depend on the buffer: the caller
+(:meth:`ldm.training.callbacks.SafetensorsCheckpoint.save_resume_state`) writes a temporary
+file, fsyncs it and renames it over the old one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+
+class StreamingCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves stream to the file (remote paths: Lightning's)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        protocol = get_filesystem(path).protocol
+        local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        if storage_options is not None or not local:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        torch.save(checkpoint, path)
