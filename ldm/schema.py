@@ -152,6 +152,13 @@ class TrainerConfig:
         "Gradient checkpointing of the trained network (ldm: U-Net, autoencoder: "
         "autoencoder); turns on its use_checkpoint flags when training starts.",
     )
+    host_memory: str = opt(
+        "auto",
+        "CPU host memory: keep (glibc keeps freed blocks for reuse, so weight-sized "
+        "tensors re-allocated every step do not page-fault; the process keeps its peak "
+        "footprint), default (glibc as started), auto (keep when training on the CPU).",
+        ["auto", "keep", "default"],
+    )
     vae_precision: str = opt(
         "float32",
         "Precision of the VAE encode in ldm training: float32 disables autocast "

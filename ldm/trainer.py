@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.config import to_container
+from ldm.nn.host_memory import apply_host_memory
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 #: Smallest positive normal float16: a smaller AdamW epsilon rounds to 0 in fp16 state.
 _FP16_TINY = 6.2e-5
+
+
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` trains on the CPU here."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None:
@@ -38,8 +44,7 @@ def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None
             "rounds to 0 and the first step writes NaN weights: set optim.eps=1e-4, or use "
             "trainer.precision=bf16-true or 16-mixed"
         )
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and str(precision) in ("16-mixed", "16", "fp16-mixed"):
+    if runs_on_cpu(accelerator) and str(precision) in ("16-mixed", "16", "fp16-mixed"):
         raise ConfigError(
             f"trainer.precision={precision} needs a GPU (fp16 autocast does not run on the CPU, "
             "and Lightning would train in bf16 instead): use trainer.precision=bf16-mixed or 32"
@@ -66,6 +71,7 @@ def build_trainer(
     ``resuming``: the run continues from its resume checkpoint (wandb continues the same run).
     """
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_only
 
     from ldm.training.callbacks import RNGState, SafetensorsCheckpoint
     from ldm.training.checkpoint_io import StreamingCheckpointIO
@@ -78,6 +84,10 @@ def build_trainer(
     quiet_expected_warnings()
     t = cfg.trainer
     check_precision(t.precision, t.accelerator, cfg.optim.eps)
+    if apply_host_memory(t.host_memory, runs_on_cpu(t.accelerator)):
+        rank_zero_only(print)(
+            f"host memory: freed blocks kept for reuse (trainer.host_memory={t.host_memory})"
+        )
     config = to_container(cfg)
     strategy = build_strategy(
         t.strategy, find_unused_parameters=t.find_unused_parameters, fsdp_sharding=t.fsdp_sharding

@@ -93,6 +93,8 @@ def test_readme_own_images_recipe_runs(tmp_path: Path) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
+    # a CPU run keeps freed memory for reuse by default (README, Performance)
+    assert "host memory: freed blocks kept for reuse (trainer.host_memory=auto)" in proc.stdout
     for noise in (
         "in eval mode at the start of training",
         "Tip: For seamless",

@@ -48,3 +48,13 @@ def keep_freed_memory() -> bool:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, _INT_MAX))
+
+
+def apply_host_memory(mode: str, on_cpu: bool) -> bool:
+    """``trainer.host_memory``: ``keep``, or ``auto`` on a CPU run, calls
+    :func:`keep_freed_memory`; ``default`` leaves glibc as started.
+
+    Returns:
+        True if freed memory is now kept.
+    """
+    return (mode == "keep" or (mode == "auto" and on_cpu)) and keep_freed_memory()

@@ -1,4 +1,5 @@
-"""ldm.nn.host_memory.keep_freed_memory: large blocks come from the heap, not fresh mmaps."""
+"""ldm.nn.host_memory: with freed memory kept, large blocks come from the heap, not fresh mmaps;
+``trainer.host_memory`` (apply_host_memory) keeps it on CPU runs unless told otherwise."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "keep":
     assert host_memory.keep_freed_memory()
+elif sys.argv[1] != "glibc":  # trainer.host_memory value and where the run trains
+    mode, device = sys.argv[1].split(":")
+    host_memory.apply_host_memory(mode, on_cpu=device == "cpu")
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(64 << 20)
 mapped = libc.mallinfo2().hblkhd - before
@@ -48,5 +52,14 @@ def mapped_bytes(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_serves_large_blocks_from_the_heap() -> None:
-    assert mapped_bytes("default") >= 64 << 20  # glibc maps a 64 MiB block on its own
+    assert mapped_bytes("glibc") >= 64 << 20  # glibc maps a 64 MiB block on its own
     assert mapped_bytes("keep") == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(
+    ("setting", "kept"),
+    [("auto:cpu", True), ("auto:gpu", False), ("keep:gpu", True), ("default:cpu", False)],
+)
+def test_trainer_host_memory_setting(setting: str, kept: bool) -> None:
+    assert (mapped_bytes(setting) == 0) is kept
