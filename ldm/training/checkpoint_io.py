@@ -8,7 +8,8 @@ its first checkpoint (measured: peak RSS rose from 18 to 24 GB after the last st
 kernel killed it). :class:`StreamingCheckpointIO` lets ``torch.save`` write each storage to the
 file from its own memory. Atomicity does not depend on the buffer: the caller
 (:meth:`ldm.training.callbacks.SafetensorsCheckpoint.save_resume_state`) writes a temporary
-file, fsyncs it and renames it over the old one.
+file, fsyncs it and renames it over the old one; a full disk is the write's own ``OSError``
+(which train.py reports in one line), not torch's zip-writer ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -32,4 +33,10 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not local:
             return super().save_checkpoint(checkpoint, path, storage_options)
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        torch.save(checkpoint, path)
+        with open(path, "wb") as f:  # through a Python file: a full disk raises its OSError
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write as a position
+                if isinstance(e.__context__, OSError):  # mismatch; the write's own error is this
+                    raise e.__context__ from None
+                raise
