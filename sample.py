@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args, prompts)
         micro = micro_conditioning_flags(args)
         from ldm import assemble, build
+        from ldm.nn.host_memory import apply_host_memory
+
+        apply_host_memory(args.host_memory, on_cpu=torch.device(args.device).type == "cpu")
 
         model, cfg = assemble.load_for_sampling(
             args.ckpt, args.config, args.overrides, use_ema=not args.no_ema

@@ -103,9 +103,20 @@ def test_non_finite_loss_is_skipped_then_stops(shapes_data: dict[str, str], tmp_
         module.training_step(batch, 1)
 
 
-def test_train_then_sample_end_to_end(shapes_data: dict[str, str], tmp_path: Path) -> None:
+def test_train_then_sample_end_to_end(
+    shapes_data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sample
     import train
+    from ldm.nn import host_memory
+
+    kept = []  # sample.py's --host-memory default on the CPU: auto, applied (freed memory kept)
+    apply = host_memory.apply_host_memory
+    monkeypatch.setattr(
+        host_memory,
+        "apply_host_memory",
+        lambda mode, on_cpu: kept.append((mode, on_cpu)) or apply(mode, on_cpu),
+    )
 
     base = common(shapes_data, tmp_path)
     assert (
@@ -169,6 +180,7 @@ def test_train_then_sample_end_to_end(shapes_data: dict[str, str], tmp_path: Pat
             == 0
         )
         outs.append(out)
+    assert kept == [("auto", True), ("auto", True)]
     files = sorted(p.name for p in outs[0].glob("*.png"))
     assert len(files) == 5 and "grid.png" in files
     for f in files:
