@@ -115,8 +115,8 @@ def storable_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
     A CPU tensor that is contiguous and the sole, whole user of its storage is passed as is
     (safetensors writes from its memory), so saving a CPU run costs no second copy of the
-    weights — a full copy of an SD1 run's U-Net, EMA and encoders is ~8 GB, which is the
-    difference between fitting and being killed at the first checkpoint on a 24 GiB machine.
+    weights (an SD1 run's U-Net, EMA and autoencoder: 7.1 GB, part of what got a full SD1 CPU
+    run killed at its first checkpoint on a 24 GiB machine).
     Views, non-contiguous tensors and the second user of a shared storage are copied.
     """
     out: dict[str, torch.Tensor] = {}

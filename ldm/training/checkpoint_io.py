@@ -2,11 +2,12 @@
 
 Lightning's default ``TorchCheckpointIO`` saves through ``_atomic_save``, which serialises the
 whole checkpoint into an ``io.BytesIO`` and only then writes it out: the training state is
-held twice in host memory while it saves. For an SD1 U-Net trained in full that state is ~14 GB
-(weights, AdamW moments, EMA), so a run that trains in 18 GB of a 24 GiB machine is killed at
-its first checkpoint (measured: peak RSS rose from 18 to 24 GB after the last step, then the
-kernel killed it). :class:`StreamingCheckpointIO` lets ``torch.save`` write each storage to the
-file from its own memory. Atomicity does not depend on the buffer: the caller
+held twice in host memory while it saves. For an SD1 U-Net trained in full that state is a
+13.6 GB file (weights, AdamW moments, EMA), so a run that trains in ~17 GiB of a 24 GiB
+machine was killed at its first checkpoint (RSS rose to 23.2 GiB after the last step);
+streamed, the same run peaks at 17.5-17.8 GiB. :class:`StreamingCheckpointIO` lets
+``torch.save`` write each storage to the file from its own memory. Atomicity does not depend
+on the buffer: the caller
 (:meth:`ldm.training.callbacks.SafetensorsCheckpoint.save_resume_state`) writes a temporary
 file, fsyncs it and renames it over the old one; a full disk is the write's own ``OSError``
 (which train.py reports in one line), not torch's zip-writer ``RuntimeError``.
