@@ -17,11 +17,12 @@ refiner has the second only.
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint.format import Checkpoint, CheckpointError
-from ldm.models.lora import add_lora, merge_lora
+from ldm.models.lora import LoRALinear, add_lora, merge_lora
 
 
 def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
@@ -50,7 +51,41 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
         for module in sdxl_unused_modules(text_encoder.text_encoder):
             merge_lora(module)  # untrained adapters (B = 0) fold away exactly
             module.requires_grad_(False)
+    freeze_unreached(text_encoder)
     return text_encoder
+
+
+def freeze_unreached(text_encoder: nn.Module) -> list[str]:
+    """Freeze the trainable weights the encoder's output never reaches, found by one probe
+    encoding: a pooler (BERT/MiniLM's ``pooler.dense``) and, with ``layer: penultimate`` or a
+    block number, the layers after the one read (SD2's OpenCLIP, our MiniLM configs). Without
+    this they never get a gradient, and DDP's default ``find_unused_parameters=False`` stops at
+    the second step. LoRA adapters there are folded away first (B = 0: exact). Encoders on the
+    meta device are left as they are (nothing can run on them).
+
+    Returns:
+        The names of the weights frozen (adapters: the layer's name).
+    """
+    params = [p for p in text_encoder.parameters() if p.requires_grad]
+    if not params or any(p.is_meta for p in params):
+        return []
+    with torch.enable_grad():
+        out = text_encoder.encode(["a photo"])
+    reached = [t for t in out if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(sum(t.float().sum() for t in reached), params, allow_unused=True)
+    unreached = {id(p) for p, g in zip(params, grads, strict=True) if g is None}
+    frozen = []
+    for name, module in list(text_encoder.named_modules()):
+        if isinstance(module, LoRALinear) and id(module.lora_up.weight) in unreached:
+            parent, _, child = name.rpartition(".")
+            merged = module.merged().requires_grad_(False)
+            setattr(text_encoder.get_submodule(parent), child, merged)
+            frozen.append(name)
+    for name, p in text_encoder.named_parameters():
+        if id(p) in unreached and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def sdxl_unused_modules(first: nn.Module) -> list[nn.Module]:
@@ -60,6 +95,16 @@ def sdxl_unused_modules(first: nn.Module) -> list[nn.Module]:
     default ``find_unused_parameters=False`` needs that) and no optimiser state is spent."""
     text = getattr(first, "text_model", first)  # transformers 5's CLIPTextModel has none
     return [text.encoder.layers[-1], text.final_layer_norm]
+
+
+def _untrained_adapter(state: dict, key: str) -> bool:
+    """Whether ``key`` is half of a LoRA adapter whose up-projection is all zeros (written by
+    versions before :func:`freeze_unreached`, where unreached adapters stayed in)."""
+    for half in (".lora_down.weight", ".lora_up.weight"):
+        if key.endswith(half):
+            up = state.get(key[: -len(half)] + ".lora_up.weight")
+            return up is not None and not up.any()
+    return False
 
 
 def transformers_models(text_encoder: nn.Module) -> list[nn.Module]:
@@ -84,6 +129,8 @@ def load_text_encoder_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     if not state:
         return
     own = model.text_encoder.state_dict()
+    for key in [k for k in state if k not in own and _untrained_adapter(state, k)]:
+        del state[key]  # an adapter that never trained (B = 0), since folded away: exact
     for key, value in state.items():
         if key not in own or own[key].shape != value.shape:
             raise CheckpointError(

@@ -1,0 +1,58 @@
+"""Text-encoder training freezes what the output never reaches (a pooler; with a penultimate
+layer, the last block), so every trained weight gets a gradient each step, as DDP's default
+find_unused_parameters=False requires; older checkpoints with never-trained adapters there load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ldm import build
+from ldm.checkpoint.format import CheckpointError, load_checkpoint, save_checkpoint
+from ldm.config import load
+from ldm.models.lora import add_lora
+from ldm.text_tuning import load_text_encoder_weights, trainable_text_encoder
+
+ROOT = Path(__file__).resolve().parents[2]
+OWN = ROOT / "configs" / "examples" / "own-images" / "ldm.yaml"  # the shipped MiniLM, 6 layers
+LORA = ["model.lora.text_encoder=true", "model.lora.rank=4",
+        "model.lora.text_encoder_targets=['*.query','*.key','*.value']"]  # fmt: skip
+
+
+def encoder(overrides: list[str], layer: str) -> torch.nn.Module:
+    cfg = load([OWN], [*overrides, f"model.text_encoder.layer={layer}", "data.cached=false",
+                       "model.autoencoder_ckpt=x", "data.train_shards=x"])  # fmt: skip
+    return trainable_text_encoder(build.build_text_encoder(cfg.model.text_encoder), cfg.model)
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "last"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_every_trained_weight_gets_a_gradient(mode: str, layer: str) -> None:
+    te = encoder(["model.train_text_encoder=true"] if mode == "full" else LORA, layer)
+    trained = {n for n, p in te.named_parameters() if p.requires_grad}
+    te.encode(["a photo of a cat", "two dogs"])[0].sum().backward()
+    assert trained and all(p.grad is not None for p in te.parameters() if p.requires_grad)
+    assert not any("pooler" in n for n in trained)
+    last_block = [n for n in trained if ".layer.5." in n]
+    assert bool(last_block) is (layer == "last")  # the penultimate layer never reads block 6
+    if mode == "lora":
+        assert all("lora_" in n for n in trained)
+
+
+def test_untrained_adapters_of_older_checkpoints_load(tmp_path: Path) -> None:
+    te = encoder(LORA, "penultimate")
+    old = encoder(["model.train_text_encoder=false"], "penultimate")  # as before: adapters on
+    add_lora(old.model, 4, 4.0, targets=["*.query", "*.key", "*.value"])  # every layer
+    state = {k: v for k, v in old.state_dict().items() if "lora_" in k}
+    assert any(".layer.5." in k for k in state) and not any(".layer.5." in k and "lora_" in k
+                                                            for k in te.state_dict())  # fmt: skip
+    path = save_checkpoint(tmp_path / "old.safetensors", {"text_encoder": state}, {}, "ldm")
+    load_text_encoder_weights(SimpleNamespace(text_encoder=te), load_checkpoint(path))
+    key = next(k for k in state if ".layer.5." in k and k.endswith("lora_up.weight"))
+    state[key] = torch.ones_like(state[key])  # a trained adapter there would be lost: refused
+    path = save_checkpoint(tmp_path / "bad.safetensors", {"text_encoder": state}, {}, "ldm")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_text_encoder_weights(SimpleNamespace(text_encoder=te), load_checkpoint(path))
