@@ -149,3 +149,28 @@ def test_two_process_ddp(shapes_data: dict[str, str], tmp_path: Path) -> None:
     assert set(ddp_state) == set(single_state)
     assert set(ddp_state["state_dict"]) == set(single_state["state_dict"])  # no "module." prefix
     assert ddp_state["global_step"] == single_state["global_step"] == STEPS
+
+
+def test_two_process_ddp_trains_the_text_encoder(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    """model.train_text_encoder=true under DDP's default find_unused_parameters=false: the
+    MiniLM read at its penultimate layer leaves its pooler and last block unreached, which
+    text_tuning.freeze_unreached freezes (without that, rank 1 stops with Lightning's "It looks
+    like your LightningModule has parameters that were not used in producing the loss")."""
+    shards = even_shards(shapes_data["train"])
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-c", str(TINY_LDM),
+         f"data.train_shards=[{','.join(shards)}]", "data.num_workers=0", "data.cached=false",
+         "logging.logger=csv", "logging.image_every_n_steps=0", "trainer.accelerator=cpu",
+         "trainer.enable_progress_bar=false", "trainer.max_steps=3", f"run.root={tmp_path}",
+         "run.name=ddp-te", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2",
+         "model.train_text_encoder=true", "model.text_encoder.layer=penultimate"],
+        cwd=ROOT, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ddp-te" / "checkpoints" / "last.safetensors")
+    trained = [k for k in ckpt.tensors if k.startswith("text_encoder.")]
+    assert trained and not any("pooler" in k or ".layer.5." in k for k in trained)

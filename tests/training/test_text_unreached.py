@@ -56,3 +56,21 @@ def test_untrained_adapters_of_older_checkpoints_load(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "bad.safetensors", {"text_encoder": state}, {}, "ldm")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_text_encoder_weights(SimpleNamespace(text_encoder=te), load_checkpoint(path))
+
+
+def test_clip_at_penultimate_freezes_its_last_layer(tmp_path: Path) -> None:
+    """SD2's layout: CLIP (OpenCLIP converted) read at its penultimate layer, then the norm."""
+    from omegaconf import OmegaConf
+
+    from ldm.models.text_encoders import build_text_encoder
+    from tests.models.test_text_encoders import _tiny_clip
+
+    te = build_text_encoder("clip", name_or_path=str(_tiny_clip(tmp_path / "clip")),
+                            max_length=16, layer="penultimate")  # fmt: skip
+    m = OmegaConf.create({"train_text_encoder": True, "lora": {"text_encoder": False},
+                          "text_encoder": {"kind": "clip"}})  # fmt: skip
+    te = trainable_text_encoder(te, m)
+    frozen = {n for n, p in te.named_parameters() if not p.requires_grad}
+    assert frozen and all(".layers.1." in n for n in frozen)  # the last of 2 layers, not the norm
+    te.encode(["the red"])[0].sum().backward()
+    assert all(p.grad is not None for p in te.parameters() if p.requires_grad)
