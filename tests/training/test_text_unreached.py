@@ -74,3 +74,27 @@ def test_clip_at_penultimate_freezes_its_last_layer(tmp_path: Path) -> None:
     assert frozen and all(".layers.1." in n for n in frozen)  # the last of 2 layers, not the norm
     te.encode(["the red"])[0].sum().backward()
     assert all(p.grad is not None for p in te.parameters() if p.requires_grad)
+
+
+def test_text_lora_at_penultimate_trains_resumes_and_samples(
+    shapes_data: dict[str, str], tmp_path: Path
+) -> None:
+    """The user's path: train.py with text-encoder LoRA on the MiniLM read at its penultimate
+    layer (adapters of the unreached last block folded away), then --resume, then sample.py."""
+    import sample
+    import train
+
+    args = ["-c", str(ROOT / "configs" / "ldm" / "tiny.yaml"), *LORA,
+            "model.text_encoder.layer=penultimate", f"data.train_shards={shapes_data['train']}",
+            "data.num_workers=0", "logging.logger=csv", "logging.image_every_n_steps=0",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            f"run.root={tmp_path}", "run.name=te", "trainer.max_steps=2"]  # fmt: skip
+    assert train.main(args) == 0
+    assert train.main(["--resume", str(tmp_path / "te"), "trainer.max_steps=3"]) == 0
+    ckpt = tmp_path / "te" / "checkpoints" / "last.safetensors"
+    keys = [k for k in load_checkpoint(ckpt).tensors if k.startswith("text_encoder.")]
+    assert keys and all("lora_" in k and ".layer.5." not in k for k in keys)
+    out = tmp_path / "samples"
+    assert sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2",
+                        "--outdir", str(out)]) == 0  # fmt: skip
+    assert (out / "grid.png").is_file()
