@@ -11,8 +11,10 @@ SDXL's two-encoder conditioner (``kind: sdxl``) trains both encoders the same wa
 ``train_dreambooth_lora_sdxl`` (``text_encoder``, ``text_encoder_2``) do: CLIP ViT-L
 (``text_encoder.text_encoder.*`` in our checkpoints) and ViT-bigG
 (``text_encoder.text_encoder_2.*``; unfrozen with its ``text_projection``, so the pooled vector
-follows its weights), less what SDXL never reads of the first (:func:`sdxl_unused_modules`); the
-refiner has the second only.
+follows its weights); the refiner has the second only.
+
+Whatever the encoder's output never reaches stays frozen (:func:`freeze_unreached`): SDXL's first
+encoder past its penultimate layer, a BERT pooler, the layers after ``layer: penultimate``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint.format import Checkpoint, CheckpointError
-from ldm.models.lora import LoRALinear, add_lora, merge_lora
+from ldm.models.lora import LoRALinear, add_lora
 
 
 def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
@@ -47,21 +49,19 @@ def trainable_text_encoder(text_encoder: nn.Module, m: DictConfig) -> nn.Module:
         else:
             add_lora(model, m.lora.rank, m.lora.alpha, m.lora.dropout,
                      list(m.lora.text_encoder_targets))  # fmt: skip
-    if hasattr(text_encoder, "text_encoder_2") and text_encoder.text_encoder is not None:
-        for module in sdxl_unused_modules(text_encoder.text_encoder):
-            merge_lora(module)  # untrained adapters (B = 0) fold away exactly
-            module.requires_grad_(False)
     freeze_unreached(text_encoder)
     return text_encoder
 
 
 def freeze_unreached(text_encoder: nn.Module) -> list[str]:
-    """Freeze the trainable weights the encoder's output never reaches, found by one probe
-    encoding: a pooler (BERT/MiniLM's ``pooler.dense``) and, with ``layer: penultimate`` or a
+    """Freeze the trainable weights the encoder's output never reaches, found from the autograd
+    graph of one probe encoding (a forward pass, no backward): SDXL's first encoder past the
+    penultimate hidden states it is read at (Podell et al. 2023, sec. 2.1: its last layer and
+    final norm), a pooler (BERT/MiniLM's ``pooler.dense``) and, with ``layer: penultimate`` or a
     block number, the layers after the one read (SD2's OpenCLIP, our MiniLM configs). Without
     this they never get a gradient, and DDP's default ``find_unused_parameters=False`` stops at
-    the second step. LoRA adapters there are folded away first (B = 0: exact). Encoders on the
-    meta device are left as they are (nothing can run on them).
+    the first step; nor do they hold optimizer state. LoRA adapters there are folded away
+    (B = 0: exact). Encoders on the meta device are left as they are (nothing can run on them).
 
     Returns:
         The names of the weights frozen (adapters: the layer's name).
@@ -71,30 +71,35 @@ def freeze_unreached(text_encoder: nn.Module) -> list[str]:
         return []
     with torch.enable_grad():
         out = text_encoder.encode(["a photo"])
-    reached = [t for t in out if isinstance(t, torch.Tensor) and t.requires_grad]
-    grads = torch.autograd.grad(sum(t.float().sum() for t in reached), params, allow_unused=True)
-    unreached = {id(p) for p, g in zip(params, grads, strict=True) if g is None}
+    reached = _graph_leaves([t.grad_fn for t in out if isinstance(t, torch.Tensor)])
     frozen = []
     for name, module in list(text_encoder.named_modules()):
-        if isinstance(module, LoRALinear) and id(module.lora_up.weight) in unreached:
+        if isinstance(module, LoRALinear) and id(module.lora_up.weight) not in reached:
             parent, _, child = name.rpartition(".")
             merged = module.merged().requires_grad_(False)
             setattr(text_encoder.get_submodule(parent), child, merged)
             frozen.append(name)
     for name, p in text_encoder.named_parameters():
-        if id(p) in unreached and p.requires_grad:
+        if p.requires_grad and id(p) not in reached:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
 
 
-def sdxl_unused_modules(first: nn.Module) -> list[nn.Module]:
-    """The parts of SDXL's first encoder that its output never reaches: SDXL conditions on its
-    penultimate hidden states (Podell et al. 2023, sec. 2.1), past the last layer and the final
-    norm. They stay frozen, so that every trained parameter gets a gradient each step (DDP's
-    default ``find_unused_parameters=False`` needs that) and no optimiser state is spent."""
-    text = getattr(first, "text_model", first)  # transformers 5's CLIPTextModel has none
-    return [text.encoder.layers[-1], text.final_layer_norm]
+def _graph_leaves(roots: list) -> set[int]:
+    """``id`` of every leaf tensor (parameter) an autograd graph accumulates gradients into."""
+    leaves: set[int] = set()
+    seen: set = set()  # the nodes themselves (kept alive, so no id is reused)
+    stack = [fn for fn in roots if fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: the leaf it writes .grad of
+            leaves.add(id(fn.variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return leaves
 
 
 def _untrained_adapter(state: dict, key: str) -> bool:
