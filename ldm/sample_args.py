@@ -142,17 +142,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """A prompts file: one prompt per line; blank lines and ``#`` comment lines are skipped.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: A file without a prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.from_file:
-        path = Path(args.from_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        from_file = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not from_file:
-            raise ValueError(f"prompt file {path} has no prompts (one per line)")
-        prompts += from_file
+        prompts += read_prompt_file(args.from_file)
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --from-file FILE")
     return prompts

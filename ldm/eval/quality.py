@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="YAML",
         help="model config for checkpoints that carry none (SD single files)",
     )
-    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--prompts", help="text file, one prompt per line (as sample.py --from-file)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
     p.add_argument("--n", type=int, default=None, help="images to generate (default 1000)")
     p.add_argument("--ref", help="reference statistics .npz (for FID, and KID with features)")
@@ -105,12 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    from ldm.sample_args import read_prompt_file
+
     prompts = list(args.prompt)
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise ValueError("no prompts: pass --prompts FILE or --prompt TEXT")
     return prompts

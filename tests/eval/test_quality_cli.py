@@ -169,3 +169,18 @@ def test_two_ranks_sum_statistics_and_gather_rows(tmp_path: Path) -> None:
     single.update(rows)
     assert got["n"] == 6 and torch.equal(got["rows"], rows)
     assert torch.allclose(got["total"], single.total) and torch.allclose(got["outer"], single.outer)
+
+
+def test_prompt_files_read_as_sample_py_reads_them(tmp_path: Path) -> None:
+    """--prompts takes sample.py --from-file's format: blank and # comment lines skipped."""
+    import argparse
+
+    from ldm.eval.quality import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# shapes\na red circle\n\n  two blue squares  \n")
+    args = argparse.Namespace(prompt=["a cat"], prompts=str(path))
+    assert read_prompts(args) == ["a cat", "a red circle", "two blue squares"]
+    path.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        read_prompts(args)
