@@ -107,7 +107,7 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) 
     On the CPU the same product is also timed through oneDNN, as a 1×1 convolution over a
     channels-last ``(1, n, 1, n)`` input, and the faster of the two counts: fp32 ``a @ b`` goes
     to MKL, which on AMD CPUs runs AVX2 code (2026-12-02, AMD EPYC with AVX-512: 158-190
-    GFLOP/s against oneDNN's 330-370), while convolutions take oneDNN — a ceiling from MKL
+    GFLOP/s against oneDNN's 363-392), while convolutions take oneDNN — a ceiling from MKL
     alone read the autoencoder at 158% of it.
     """
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))

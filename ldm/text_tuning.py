@@ -59,9 +59,10 @@ def freeze_unreached(text_encoder: nn.Module) -> list[str]:
     penultimate hidden states it is read at (Podell et al. 2023, sec. 2.1: its last layer and
     final norm), a pooler (BERT/MiniLM's ``pooler.dense``) and, with ``layer: penultimate`` or a
     block number, the layers after the one read (SD2's OpenCLIP, our MiniLM configs). Without
-    this they never get a gradient, and DDP's default ``find_unused_parameters=False`` stops at
-    the first step; nor do they hold optimizer state. LoRA adapters there are folded away
-    (B = 0: exact). Encoders on the meta device are left as they are (nothing can run on them).
+    this they never get a gradient, and DDP's default ``find_unused_parameters=False`` stops the
+    run (Lightning: parameters not used in producing the loss); nor do they hold optimizer
+    state. LoRA adapters there are folded away (B = 0: exact). Encoders on the meta device are
+    left as they are (nothing can run on them).
 
     Returns:
         The names of the weights frozen (adapters: the layer's name).
