@@ -9,13 +9,16 @@ in ``<out>/gpu.jsonl``):
    537 GFLOP per sample) for ours and diffusers' ``UNet2DConditionModel`` with the same weights,
    with gradient checkpointing and ``torch.compile`` on and off: ms/step, images/s, MFU, peak
    memory;
-3. one Lightning run per strategy (DDP and FSDP on one GPU) through ``train.py``: the SD1 U-Net
+3. AdamW's step over the SD1 U-Net's 860M fp32 weights (``bench/optim.py``): ours
+   (``optim.implementation=auto``, the fused kernel) against the peers' ``torch.optim.AdamW``
+   default (``foreach`` on CUDA): ms per step and the ratio;
+4. one Lightning run per strategy (DDP and FSDP on one GPU) through ``train.py``: the SD1 U-Net
    and autoencoder (random weights) on 256 px shapes shards with a small local CLIP text
    encoder (the hub is unreachable), bf16-mixed; images/s, MFU and peak memory from the run's
    own throughput log;
-4. the graphs ``torch.compile`` builds over aspect-ratio buckets (``bench/compile_buckets.py``
+5. the graphs ``torch.compile`` builds over aspect-ratio buckets (``bench/compile_buckets.py``
    on the SD1 U-Net, inductor);
-5. the ``gpu``-marked tests.
+6. the ``gpu``-marked tests.
 
 Every part runs in its own subprocess under a time limit, so a hang or crash in one (a compile
 that takes too long, an OOM) is a row saying so, not a lost run; parts that would start after
@@ -195,6 +198,26 @@ def part_train(dry: bool, strategy: str, work: Path) -> dict[str, Any]:
     }
 
 
+def part_optim(dry: bool) -> dict[str, Any]:
+    """AdamW's step over the U-Net's weights, fused (ours) and PyTorch's default (the peers')."""
+    import statistics
+
+    import torch
+
+    optim = bench_module("optim")
+    device = torch.device("cpu" if dry else "cuda")
+    size, warmup, iters = ("tiny", 1, 2) if dry else ("sd1", 3, 10)
+    impls = ["auto", "default"]
+    numel, labels, times = optim.measure(size, device, "fp32", impls, warmup, iters)
+    _, per_impl = optim.ratios(impls, times)
+    row: dict[str, Any] = {"size": size, "weights_m": round(numel / 1e6)}
+    for name, ts in zip(labels, times, strict=True):
+        row[f"{name.split()[0]}_ms"] = round(statistics.median(ts) * 1e3, 2)
+    row["default_kernel"] = labels[1].split("(")[-1].rstrip(")")
+    row["ratio_vs_default"] = round(per_impl[0], 2)
+    return row
+
+
 def part_buckets(dry: bool) -> dict[str, Any]:
     """How many graphs ``torch.compile`` (inductor) builds for the SD1 U-Net over 4 aspect
     buckets with full and partial batches (``bench/compile_buckets.py``), and the step times:
@@ -301,6 +324,7 @@ def plan() -> list[tuple[str, list[str], int]]:
             parts.append(
                 (name, ["unet", model, str(int(ckpt)), str(int(comp))], 240 if comp else 120)
             )
+    parts.append(("optim adamw", ["optim"], 120))
     parts += [(f"train {s}", ["train", s], 240) for s in ("ddp", "fsdp")]  # fsdp: GPU only
     parts.append(("buckets compile", ["buckets"], 240))  # issue 16: graphs per bucket
     parts.append(("gpu tests", ["tests"], 300))
@@ -362,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             row = part_train(args.dry_run, rest[0], work)
         elif kind == "buckets":
             row = part_buckets(args.dry_run)
+        elif kind == "optim":
+            row = part_optim(args.dry_run)
         else:
             row = part_tests(args.dry_run)
         print(json.dumps(row))

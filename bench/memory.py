@@ -2,8 +2,9 @@ r"""Peak memory and step time of ``train.py`` per image size and batch size, mea
 
 Each point is one real ``train.py`` run (``trainer.max_steps`` steps, no DataLoader workers, csv
 logger) on shards of scikit-image's sample photos at that size; the peak is the run's maximum
-resident set size (``ru_maxrss`` from ``os.wait4``), the step time is taken from the run's last
-two progress lines (1 s resolution; ``--steps`` ≥ 2). The table ends with a least-squares line
+resident set size (``ru_maxrss`` from ``os.wait4``), the step time is taken from the run's
+progress lines after the first step (the clock's 1 s resolution spread over the steps; ``--steps``
+≥ 2, more for finer figures). The table ends with a least-squares line
 ``peak ≈ base + per_image × batch`` per size, which is how the README extrapolates to batch
 sizes that do not fit here.
 
@@ -92,17 +93,22 @@ def run_point(config: str, shard: Path, size: int, batch: int, steps: int, extra
         wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"train.py failed at {size} px, batch {batch}:\n{out[-2000:]}")
-    return usage.ru_maxrss / 2**20, last_step_seconds(out), wall  # ru_maxrss: KiB on Linux
+    return usage.ru_maxrss / 2**20, step_seconds(out), wall  # ru_maxrss: KiB on Linux
 
 
-def last_step_seconds(output: str) -> float:
-    """The last step's time from train.py's progress lines (``step 2/2  loss ..  elapsed
-    0:01:05  ETA ..``): the difference of the last two elapsed clocks; NaN with fewer."""
+def step_seconds(output: str) -> float:
+    """Seconds per step from train.py's progress lines (``step 2/2  loss ..  elapsed 0:01:05
+    ETA ..``): the elapsed clock's rise from the second line to the last over the steps between
+    (the first step, which warms up, left out when there are three or more lines; the clock's
+    1 s resolution divided by their number); NaN with fewer than two lines."""
     clocks = [
         sum(int(part) * 60**i for i, part in enumerate(reversed(hms.split(":"))))
         for hms in re.findall(r"^step \d+/\d+  loss .*elapsed (\d+:\d\d:\d\d)", output, re.M)
     ]
-    return float(clocks[-1] - clocks[-2]) if len(clocks) >= 2 else float("nan")
+    if len(clocks) < 2:
+        return float("nan")
+    first = 1 if len(clocks) >= 3 else 0
+    return (clocks[-1] - clocks[first]) / (len(clocks) - 1 - first)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,13 @@ class OptimConfig:
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     eps: float = opt(1e-8, "AdamW epsilon.")
+    implementation: str = opt(
+        "auto",
+        "AdamW's kernel: auto (PyTorch's fused one wherever it runs: plain float tensors on "
+        "cpu/cuda/xpu/mps, not clipping under 16-mixed; else PyTorch's default), fused, foreach "
+        "or for-loop; the same update, rounded differently.",
+        ["auto", "fused", "foreach", "for-loop"],
+    )
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     schedule: str = opt("constant", "LR after warm-up.", ["constant", "cosine"])
     min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of lr.")

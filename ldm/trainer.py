@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from ldm.config import to_container
 from ldm.nn.host_memory import apply_host_memory
+from ldm.training.optim import FP16_MIXED
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -28,10 +29,18 @@ def runs_on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
-def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None:
+def check_precision(
+    precision: str,
+    accelerator: str,
+    eps: float = 1e-8,
+    implementation: str = "auto",
+    gradient_clip_val: float | None = None,
+) -> None:
     """Refuse precisions that cannot work: fp16 mixed precision on CPU (which Lightning would
-    silently turn into bf16), and ``16-true`` with an AdamW epsilon that rounds to zero in fp16
-    (the first step then divides by zero and every weight becomes NaN).
+    silently turn into bf16), ``16-true`` with an AdamW epsilon that rounds to zero in fp16
+    (the first step then divides by zero and every weight becomes NaN), and the fused AdamW
+    kernel with gradient clipping under fp16 loss scaling (it unscales the gradients inside its
+    step, after Lightning would have to clip them).
 
     Raises:
         ConfigError: Naming the setting and what to use instead.
@@ -44,7 +53,13 @@ def check_precision(precision: str, accelerator: str, eps: float = 1e-8) -> None
             "rounds to 0 and the first step writes NaN weights: set optim.eps=1e-4, or use "
             "trainer.precision=bf16-true or 16-mixed"
         )
-    if runs_on_cpu(accelerator) and str(precision) in ("16-mixed", "16", "fp16-mixed"):
+    if implementation == "fused" and gradient_clip_val and str(precision) in FP16_MIXED:
+        raise ConfigError(
+            f"optim.implementation=fused cannot clip gradients under trainer.precision="
+            f"{precision} (the fused step unscales them itself): set optim.implementation=auto "
+            "or foreach, or trainer.gradient_clip_val=null"
+        )
+    if runs_on_cpu(accelerator) and str(precision) in FP16_MIXED:
         raise ConfigError(
             f"trainer.precision={precision} needs a GPU (fp16 autocast does not run on the CPU, "
             "and Lightning would train in bf16 instead): use trainer.precision=bf16-mixed or 32"
@@ -83,7 +98,9 @@ def build_trainer(
 
     quiet_expected_warnings()
     t = cfg.trainer
-    check_precision(t.precision, t.accelerator, cfg.optim.eps)
+    check_precision(
+        t.precision, t.accelerator, cfg.optim.eps, cfg.optim.implementation, t.gradient_clip_val
+    )
     if apply_host_memory(t.host_memory, runs_on_cpu(t.accelerator)):
         rank_zero_only(print)(
             f"host memory: freed blocks kept for reuse (trainer.host_memory={t.host_memory})"

@@ -30,7 +30,7 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
             "--out",
             str(out),
             "--only",
-            "peak,unet ours ckpt=on compile=on,train,buckets,gpu tests",
+            "peak,unet ours ckpt=on compile=on,optim,train,buckets,gpu tests",
         ],
         capture_output=True,
         text=True,
@@ -43,6 +43,7 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
     assert set(by_part) == {
         "peak",
         "unet ours ckpt=on compile=on",
+        "optim adamw",
         "train ddp",
         "train fsdp",
         "buckets compile",
@@ -52,6 +53,9 @@ def test_dry_run_measures_and_writes_the_table(tmp_path: Path) -> None:
     unet = by_part["unet ours ckpt=on compile=on"]
     assert unet["status"] == "ok" and unet["checkpointing"] and unet["compile"]
     assert unet["ms_per_step"] > 0 and unet["images_per_s"] > 0
+    adamw = by_part["optim adamw"]  # ours fused, the peers' default the loop on a CPU
+    assert adamw["status"] == "ok" and adamw["default_kernel"] == "for-loop", adamw
+    assert adamw["auto_ms"] > 0 and adamw["default_ms"] > 0 and adamw["ratio_vs_default"] > 0
     ddp = by_part["train ddp"]
     assert ddp["status"] == "ok" and float(ddp["images_per_s"]) > 0
     assert by_part["train fsdp"]["status"].startswith("skipped")
@@ -77,7 +81,7 @@ def test_table_reads_mfu_against_both_peaks() -> None:
 def test_plan_covers_every_case_within_limits() -> None:
     names = [name for name, _, _ in gpu.plan()]
     assert sum(n.startswith("unet ") for n in names) == 8  # 2 models x checkpointing x compile
-    assert {"train ddp", "train fsdp", "buckets compile", "gpu tests"} <= set(names)
+    assert {"optim adamw", "train ddp", "train fsdp", "buckets compile", "gpu tests"} <= set(names)
     assert sum(limit for _, _, limit in gpu.plan()) < 3600
 
 

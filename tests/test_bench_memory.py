@@ -21,15 +21,16 @@ def _bench():
     return module
 
 
-def test_last_step_seconds_is_the_difference_of_the_last_two_clocks() -> None:
+def test_step_seconds_is_the_clock_s_rise_after_the_first_step() -> None:
     out = (
         "noise\n"
         "step 1/3  loss 845  0.02 it/s  elapsed 0:00:50  ETA 0:01:40\n"
         "step 2/3  loss 801  0.03 it/s  elapsed 0:01:05  ETA 0:00:30\n"
         "step 3/3  loss 790  0.04 it/s  elapsed 1:00:07  ETA 0:00:00\n"
     )
-    assert _bench().last_step_seconds(out) == 3600 + 7 - 65
-    assert math.isnan(_bench().last_step_seconds(out.splitlines()[1]))
+    assert _bench().step_seconds(out) == 3600 + 7 - 65
+    assert _bench().step_seconds("\n".join(out.splitlines()[:3])) == 65 - 50
+    assert math.isnan(_bench().step_seconds(out.splitlines()[1]))
 
 
 def test_photo_shard_holds_real_photos_at_the_size(tmp_path: Path) -> None:

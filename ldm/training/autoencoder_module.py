@@ -19,7 +19,7 @@ from torch import nn
 
 from ldm.eval.reconstruction import psnr, ssim
 from ldm.training.nonfinite import NonFiniteGuard
-from ldm.training.optim import build_optimizer, build_scheduler
+from ldm.training.optim import build_optimizer, build_scheduler, scaled_clipping
 from ldm.training.sharding import full_state_dict, outermost_module
 
 
@@ -33,6 +33,9 @@ class AutoencoderModule(pl.LightningModule):
         disc_lr: Learning rate of the discriminator group (None: ``lr``).
         betas: AdamW betas (taming/SD use (0.5, 0.9) for GAN training).
         weight_decay: AdamW weight decay.
+        eps: AdamW epsilon.
+        optim_implementation: AdamW's implementation (``optim.implementation``:
+            :func:`ldm.training.optim.implementation_kwargs`).
         warmup_steps: Linear warm-up steps.
         lr_schedule: ``constant`` or ``cosine`` after warm-up.
         min_lr_ratio: Cosine floor.
@@ -53,6 +56,8 @@ class AutoencoderModule(pl.LightningModule):
         disc_lr: float | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        optim_implementation: str = "auto",
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         min_lr_ratio: float = 0.0,
@@ -67,6 +72,8 @@ class AutoencoderModule(pl.LightningModule):
         self.disc_lr = lr if disc_lr is None else disc_lr
         self.betas = tuple(betas)
         self.weight_decay = weight_decay
+        self.eps = eps
+        self.optim_implementation = optim_implementation
         self.warmup_steps = warmup_steps
         self.lr_schedule = lr_schedule
         self.min_lr_ratio = min_lr_ratio
@@ -163,6 +170,9 @@ class AutoencoderModule(pl.LightningModule):
             lr=self.lr,
             betas=self.betas,
             weight_decay=self.weight_decay,
+            eps=self.eps,
+            implementation=self.optim_implementation,
+            scaled_clipping=scaled_clipping(self._trainer, self.gradient_clip_val),
         )
         scheduler = build_scheduler(
             optimizer, self.warmup_steps, self.lr_schedule, self.total_steps, self.min_lr_ratio

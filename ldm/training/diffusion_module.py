@@ -27,7 +27,7 @@ from ldm.models.sdxl import SDXLLatentDiffusion, drop_captions
 from ldm.training.ema import EMA
 from ldm.training.frozen_resume import FROZEN_PREFIXES, FrozenResume  # noqa: F401 (re-export)
 from ldm.training.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-export)
-from ldm.training.optim import build_optimizer, build_scheduler
+from ldm.training.optim import build_optimizer, build_scheduler, scaled_clipping
 from ldm.training.sharding import full_parameters, full_state_dict, outermost_module
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class DiffusionModule(FrozenResume, pl.LightningModule):
         betas: AdamW betas.
         weight_decay: AdamW weight decay.
         eps: AdamW epsilon.
+        optim_implementation: AdamW's implementation (``optim.implementation``:
+            :func:`ldm.training.optim.implementation_kwargs`).
         warmup_steps: Linear warm-up steps.
         lr_schedule: ``constant`` or ``cosine`` after warm-up.
         min_lr_ratio: Cosine floor.
@@ -115,6 +117,7 @@ class DiffusionModule(FrozenResume, pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         eps: float = 1e-8,
+        optim_implementation: str = "auto",
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         min_lr_ratio: float = 0.0,
@@ -145,7 +148,13 @@ class DiffusionModule(FrozenResume, pl.LightningModule):
         self.model = model
         self.loss_fn = loss
         self.p_uncond = p_uncond
-        self.optim_args = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.optim_args = dict(
+            lr=lr,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            eps=eps,
+            implementation=optim_implementation,
+        )
         self.text_encoder_lr = lr if text_encoder_lr is None else text_encoder_lr
         #: The text encoder's trainable parameter names (empty: it is frozen).
         self._text_trainable = {
@@ -357,7 +366,11 @@ class DiffusionModule(FrozenResume, pl.LightningModule):
             groups.append(
                 {"params": list(self.model.text_encoder.parameters()), "lr": self.text_encoder_lr}
             )
-        optimizer = build_optimizer(groups, **self.optim_args)
+        trainer = self._trainer
+        clip = trainer.gradient_clip_val if trainer is not None else None
+        optimizer = build_optimizer(
+            groups, **self.optim_args, scaled_clipping=scaled_clipping(trainer, clip)
+        )
         scheduler = build_scheduler(optimizer, **self.sched_args)
         return {
             "optimizer": optimizer,

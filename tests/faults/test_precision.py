@@ -41,6 +41,15 @@ def test_true_precisions_train(
     [
         (["trainer.precision=16-mixed"], "bf16-mixed"),
         (["trainer.precision=16-true"], "optim.eps=1e-4"),
+        (
+            [
+                "trainer.precision=16-mixed",
+                "trainer.gradient_clip_val=1.0",
+                "optim.implementation=fused",
+            ],
+            "set optim.implementation=auto or foreach",
+        ),
+        (["optim.implementation=adam"], "fused"),
     ],
 )
 def test_precision_that_cannot_work_is_refused(

@@ -75,6 +75,9 @@ def test_sigkill_then_resume_matches_uninterrupted(
     ckpts = tmp_path / "killed" / "checkpoints"
     resume_state = torch.load(ckpts / "resume.ckpt", weights_only=True)
     assert not any(k.startswith(FROZEN_PREFIXES) for k in resume_state["state_dict"])
+    # optim.implementation=auto: the CPU run's AdamW is PyTorch's fused kernel, and says so.
+    (adamw,) = resume_state["optimizer_states"]
+    assert {g["fused"] for g in adamw["param_groups"]} == {True}
     assert load_checkpoint(ckpts / "last.safetensors").metadata["step"] == "3"
 
     assert train.main(["--resume", str(tmp_path / "killed")]) == 0
