@@ -12,6 +12,7 @@ rotating every round, and a ratio is the median of the per-round ratios.
 
     .venv/bin/python bench/optim.py                          # SD1's U-Net, fp32, CPU
     .venv/bin/python bench/optim.py --impls auto,default,foreach,for-loop --dtype bf16
+    .venv/bin/python bench/optim.py --size configs/demo/ldm.yaml --iters 50   # the demo's U-Net
     python bench/optim.py --device cuda                      # on a GPU (bench/gpu.sh runs it)
 """
 
@@ -36,13 +37,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def unet_parameters(size: str, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Leaf tensors shaped like ``configs/ldm/unet-<size>.yaml``'s U-Net weights (built on the
-    meta device, so only the weights themselves are allocated), with gradients."""
+    """Leaf tensors shaped like the U-Net weights of ``configs/ldm/unet-<size>.yaml`` (or of
+    the ``model.unet`` section of the config file ``size`` names), built on the meta device so
+    only the weights themselves are allocated, with gradients."""
     from omegaconf import OmegaConf
 
     from ldm.models.unet import UNetModel
 
-    kwargs = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"unet-{size}.yaml"))["model"]["unet"]
+    path = Path(size) if size.endswith(".yaml") else CONFIGS / f"unet-{size}.yaml"
+    kwargs = OmegaConf.to_container(OmegaConf.load(path))["model"]["unet"]
     with torch.device("meta"):
         shapes = [p.shape for p in UNetModel(**kwargs).parameters()]
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +99,7 @@ def ratios(impls: list[str], times: list[list[float]]) -> tuple[str, list[float]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", default="sd1", help="configs/ldm/unet-<size>.yaml (sd1, sd2, ...)")
+    p.add_argument("--size", default="sd1", help="configs/ldm/unet-<size>.yaml, or a config file")
     p.add_argument(
         "--impls", default="auto,default", help="comma list (auto default fused foreach for-loop)"
     )
@@ -116,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     # Bytes moved per weight: read weight, gradient and both moments, write weight and moments
     # (PyTorch's AdamW keeps the moments in the weights' dtype).
     traffic = numel * DTYPES[args.dtype].itemsize * 7
+    name = Path(args.size).name if args.size.endswith(".yaml") else f"unet-{args.size}"
     print(
-        f"AdamW step over unet-{args.size}'s {numel / 1e6:.0f}M {args.dtype} weights on {device} "
+        f"AdamW step over {name}'s {numel / 1e6:.3g}M {args.dtype} weights on {device} "
         f"(threads={torch.get_num_threads()}, torch={torch.__version__}); median of "
         f"{args.iters} interleaved rounds after {args.warmup} warm-up"
     )
