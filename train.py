@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.trainer.profiler != "off" and (profiles := sorted(path.glob("fit-profile*.txt"))):
+        names = ", ".join(str(f) for f in profiles)  # one per rank under DDP
+        print(f"time per training action (trainer.profiler={cfg.trainer.profiler}): {names}")
     print(f"run directory: {path}")
     return 0
 

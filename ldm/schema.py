@@ -166,6 +166,15 @@ class TrainerConfig:
         "footprint), default (glibc as started), auto (keep when training on the CPU).",
         ["auto", "keep", "default"],
     )
+    profiler: str = opt(
+        "off",
+        "Time per training action (data, training_step, backward, optimizer_step with the "
+        "EMA, callbacks), written to <run>/fit-profile.txt (per rank under DDP: "
+        "fit-profile-<rank>.txt; train.py names them at the end): "
+        "simple (Lightning's SimpleProfiler: mean and total seconds per action) or advanced "
+        "(cProfile per action); off.",
+        ["off", "simple", "advanced"],
+    )
     vae_precision: str = opt(
         "float32",
         "Precision of the VAE encode in ldm training: float32 disables autocast "

@@ -66,6 +66,17 @@ def check_precision(
         )
 
 
+def build_profiler(kind: str, path: Path) -> Any:
+    """``trainer.profiler`` → Lightning's profiler writing ``<path>/fit-profile.txt`` (None:
+    off)."""
+    if kind == "off":
+        return None
+    from pytorch_lightning.profilers import AdvancedProfiler, SimpleProfiler
+
+    profiler = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[kind]
+    return profiler(dirpath=str(path), filename="profile")
+
+
 def build_quality_monitor(cfg: DictConfig) -> Any:
     """``quality`` → the training-time metrics callback, or None when disabled. Checks its
     settings (prompts, files), so call it before anything is written."""
@@ -153,6 +164,7 @@ def build_trainer(
         enable_checkpointing=False,
         plugins=None if t.strategy.startswith("deepspeed") else [StreamingCheckpointIO()],
         default_root_dir=str(path),
+        profiler=build_profiler(t.profiler, path),
         logger=logger,
         callbacks=callbacks,
     )
