@@ -3,7 +3,7 @@
 AdamW (Loshchilov & Hutter 2019, Algorithm 2) runs as PyTorch's *fused* kernel wherever it can
 (``optim.implementation=auto``): one pass over each parameter's weight, gradient and two moments
 instead of the per-tensor loop PyTorch picks on the CPU (or the multi-pass ``foreach`` one it
-picks on GPUs). For SD1's 860M weights on a 2-core CPU that step took 0.43-0.47 s against the
+picks on GPUs). For SD1's 860M weights on a 2-core CPU that step took 0.40-0.47 s against the
 loop's 2.35-2.84 s inside a training step, and 434 against 1473 ms in ``bench/optim.py``
 (README, *Benchmarks*): the largest single share of a CPU training step, before.
 """
