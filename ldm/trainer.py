@@ -142,6 +142,9 @@ def build_trainer(
     progress, bar = progress_callbacks(t.enable_progress_bar, t.log_every_n_steps)
     callbacks.extend(progress)
     manual = cfg.task == "autoencoder"  # manual optimisation clips inside the module
+    plugins = None  # deepspeed saves and loads through its own engine
+    if not t.strategy.startswith("deepspeed"):
+        plugins = [StreamingCheckpointIO(own_optimizer_state=runs_on_cpu(t.accelerator))]
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -162,7 +165,7 @@ def build_trainer(
         deterministic=t.deterministic,
         enable_progress_bar=bar,
         enable_checkpointing=False,
-        plugins=None if t.strategy.startswith("deepspeed") else [StreamingCheckpointIO()],
+        plugins=plugins,
         default_root_dir=str(path),
         profiler=build_profiler(t.profiler, path),
         logger=logger,

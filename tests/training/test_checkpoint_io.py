@@ -1,11 +1,14 @@
 """Resume checkpoints stream to the file: no second copy of the training state in memory
-(Lightning's default serialises into an io.BytesIO first), and train.py's trainer uses it."""
+(Lightning's default serialises into an io.BytesIO first); loads map the file and, on the CPU,
+copy the optimizer state out of it; train.py's trainer uses it."""
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from pathlib import Path
 
+import pytest
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -39,3 +42,58 @@ def test_train_py_trainer_saves_through_it(tmp_path: Path) -> None:
     cfg = load([ROOT / "configs" / "demo" / "ldm.yaml"], ["logging.logger=csv"])
     trainer = build_trainer(cfg, tmp_path)
     assert isinstance(trainer.strategy.checkpoint_io, StreamingCheckpointIO)
+    assert trainer.strategy.checkpoint_io.own_optimizer_state  # the demo trains on the CPU
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process maps ``path`` (Linux: /proc/self/maps)."""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def resume_state() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "state_dict": {"w": torch.randn(MB, generator=g)},
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(MB, generator=g)}},
+                "param_groups": [{"lr": 1e-4, "params": [0]}],
+            }
+        ],
+    }
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("own", [True, False])
+def test_load_maps_the_file_and_copies_optimizer_state_out(tmp_path: Path, own: bool) -> None:
+    """The weights are read from the mapped file (no private copy); on the CPU the moments are
+    copied out, so nothing keeps the file mapped (on disk after a save replaced it) once the
+    checkpoint dict is gone. Without the copy the moments keep it, which is what a GPU run's
+    optimizer (moving them to the device) does not."""
+    state = resume_state()
+    path = tmp_path / "resume.ckpt"
+    StreamingCheckpointIO().save_checkpoint(state, path)
+    loaded = StreamingCheckpointIO(own_optimizer_state=own).load_checkpoint(path, weights_only=True)
+    assert mapped(path)
+    moments = loaded["optimizer_states"][0]["state"][0]
+    assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+    del loaded
+    gc.collect()
+    assert mapped(path) is not own
+    assert torch.equal(moments["exp_avg"], state["optimizer_states"][0]["state"][0]["exp_avg"])
+    assert moments["step"].item() == 3.0
+
+
+def test_legacy_format_file_loads_unmapped(tmp_path: Path) -> None:
+    state = resume_state()
+    path = tmp_path / "legacy.ckpt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    loaded = StreamingCheckpointIO(own_optimizer_state=True).load_checkpoint(
+        path, weights_only=True
+    )
+    assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        StreamingCheckpointIO().load_checkpoint(tmp_path / "nothing.ckpt")

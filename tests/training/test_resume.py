@@ -81,6 +81,8 @@ def test_sigkill_then_resume_matches_uninterrupted(
     assert load_checkpoint(ckpts / "last.safetensors").metadata["step"] == "3"
 
     assert train.main(["--resume", str(tmp_path / "killed")]) == 0
+    maps = Path("/proc/self/maps")  # the resume mapped the file; none of it outlives the restore
+    assert not maps.exists() or str(ckpts / "resume.ckpt") not in maps.read_text()
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
     resumed = load_checkpoint(ckpts / "last.safetensors")
     assert resumed.metadata["step"] == straight.metadata["step"] == "6"
