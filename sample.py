@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         height, width = image_size(args, cfg, model)
         init = None
         if args.init_image is not None:
-            from ldm.models.latent_diffusion import img2img_sigmas
+            from ldm.models.image_to_image import img2img_sigmas
 
             init = read_init_image(args.init_image)
             height, width = init.shape[-2:]
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mask is not None:
             if init is None:
                 raise ValueError("--mask needs --init-image (the image to inpaint)")
-            from ldm.models.latent_diffusion import latent_mask
+            from ldm.models.image_to_image import latent_mask
 
             pixels = read_init_image(args.mask, "--mask")[:, :1] * 0.5 + 0.5  # (1, 1, H, W)
             if pixels.shape[-2:] != init.shape[-2:]:

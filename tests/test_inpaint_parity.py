@@ -11,7 +11,7 @@ import torch
 
 from ldm.config import load
 from ldm.diffusion import Sampler
-from ldm.models.latent_diffusion import latent_mask
+from ldm.models.image_to_image import latent_mask
 from tests.checkpoint.test_stable_diffusion import tiny_clip_dir, tiny_config, tiny_model
 from tests.test_pipeline_parity import GUIDANCE, NEGATIVE, PROMPTS, SIZE, diffusers_pipeline
 

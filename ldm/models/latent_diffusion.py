@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ldm.diffusion import CFGDenoiser, Denoiser, NoiseSchedule, Sampler
 from ldm.diffusion.noise import randn
 from ldm.models.distributions import DiagonalGaussian
+from ldm.models.image_to_image import ConcatInputs, KeepRegion, img2img_start, offset_steps
 
 
 class LatentDiffusion(nn.Module):
@@ -233,9 +234,10 @@ class LatentDiffusion(nn.Module):
             strength: Fraction of the sampler's steps that run, in (0, 1]; as diffusers'
                 ``StableDiffusionImg2ImgPipeline``, the last ``int(steps · strength)`` steps.
             mask: Inpainting with this (4-channel) U-Net: (B, 1, h, w) latent-size mask, 1 where
-                to repaint (see :func:`latent_mask`); after every step the kept region is
-                replaced by ``init_latents`` noised to the step's σ (latent blending, as
-                diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel U-Nets; Heun's
+                to repaint (see :func:`ldm.models.image_to_image.latent_mask`); after every
+                step the kept region is replaced by ``init_latents`` noised to the step's σ
+                (latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` for 4-channel
+                U-Nets; Heun's
                 corrector and DPM++ 2M's next step see the blended state, as there). At
                 ``strength`` 1 sampling starts from pure noise, as there.
             masked_latents: With ``mask``, for SD inpainting U-Nets (``in_channels`` = latent
@@ -270,7 +272,7 @@ class LatentDiffusion(nn.Module):
         if masked_latents is not None:
             if mask is None:
                 raise ValueError("masked_latents need a mask")
-            net = _ConcatInputs(net, torch.cat([mask, masked_latents], 1).to(device, dtype))
+            net = ConcatInputs(net, torch.cat([mask, masked_latents], 1).to(device, dtype))
         denoiser = Denoiser(net, self.schedule, self.prediction)
         extra: dict[str, Any] | None = cond
         if guidance > 1.0:
@@ -310,7 +312,7 @@ class LatentDiffusion(nn.Module):
                 mask = None
             elif sampler.sampler == "dpmpp_2m":  # multistep: one run, every call blended
                 m = mask.to(device).float()
-                keep = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
+                keep = KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
                 z = sampler.run(
                     keep, x, grid, start, generator=generator, callback=callback, extra_args=extra
                 )
@@ -318,9 +320,9 @@ class LatentDiffusion(nn.Module):
                 m = mask.to(device).float()
                 n = len(grid.sigmas) - 1
                 if sampler.sampler == "heun":  # diffusers blends after Heun's predictor too
-                    denoiser = _KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
+                    denoiser = KeepRegion(denoiser, m > 0.5, z0, eps, sigmas[0] if pure else None)
                 for i in range(start, n):
-                    step = None if callback is None else _offset(callback, i - start)
+                    step = None if callback is None else offset_steps(callback, i - start)
                     x = sampler.run(
                         denoiser,
                         x,
@@ -338,91 +340,3 @@ class LatentDiffusion(nn.Module):
             if mask is not None:  # the last blend uses the clean latents, in DDPM space
                 z = (1 - m) * z0 + m * z
         return self.decode_latents(z), z
-
-
-class _ConcatInputs(nn.Module):
-    """``net`` seeing ``[x, extra]`` along channels (extra repeated over a CFG-doubled batch)."""
-
-    def __init__(self, net: Callable[..., Tensor], extra: Tensor) -> None:
-        super().__init__()
-        self.net, self.extra = net, extra
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)
-        return self.net(torch.cat([x, extra.to(x.dtype)], dim=1), *args, **kwargs)
-
-
-class _KeepRegion:
-    """A σ-space ``denoiser`` whose input has the kept region replaced by the init latents
-    noised to the call's σ, ``z0 + σ·ε`` (exact where ``repaint``: ``torch.where``), except at
-    σ = ``unblended`` (the pure-noise start of strength 1, which diffusers does not blend).
-
-    diffusers' ``StableDiffusionInpaintPipeline`` blends after every scheduler step, so Heun's
-    corrector sees the blended predictor state, and DPM-Solver++'s next step starts from (and
-    its network sees) the blended sample. Every update of our samplers is elementwise in x
-    given x̂0, so in the repainted region the arithmetic is then diffusers'; the kept region
-    is overwritten by a blend after the step (Heun) or at the end (the clean latents).
-    """
-
-    def __init__(
-        self,
-        denoiser: Any,
-        repaint: Tensor,
-        z0: Tensor,
-        eps: Tensor,
-        unblended: Tensor | None = None,
-    ) -> None:
-        self.denoiser, self.repaint, self.z0, self.eps = denoiser, repaint, z0, eps
-        self.unblended = unblended
-
-    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _KeepRegion:
-        """The same blending around ``denoiser.with_timesteps(...)``."""
-        inner = self.denoiser
-        if hasattr(inner, "with_timesteps"):
-            inner = inner.with_timesteps(sigmas, timesteps)
-        return _KeepRegion(inner, self.repaint, self.z0, self.eps, self.unblended)
-
-    def __call__(self, x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
-        if self.unblended is not None and bool((sigma.cpu() == self.unblended).all()):
-            return self.denoiser(x, sigma, **extra)
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-        known = self.z0 + s * self.eps
-        return self.denoiser(torch.where(self.repaint, x, known), sigma, **extra)
-
-
-def _offset(callback: Callable[[dict[str, Any]], None], i: int) -> Callable[[dict[str, Any]], None]:
-    """``callback`` with step indices of a one-step run shifted to the full run's ``i``."""
-    return lambda info: callback({**info, "i": i + int(info.get("i", 0))})
-
-
-def latent_mask(mask: Tensor, factor: int) -> Tensor:
-    """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) as the latent-size binary mask, as
-    diffusers' inpaint pipelines: binarised at 0.5, then nearest-neighbour to (H/f, W/f)."""
-    import torch.nn.functional as F
-
-    binary = (mask >= 0.5).float()
-    return F.interpolate(binary, size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
-
-
-def img2img_start(steps: int, strength: float) -> int:
-    """The first step of a ``steps``-step grid that img2img at ``strength`` runs: it runs the
-    last ``int(steps · strength)`` steps, as diffusers' img2img/inpaint pipelines'
-    ``get_timesteps``.
-
-    Raises:
-        ValueError: ``strength`` outside (0, 1], or so small that no step runs.
-    """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    run = min(int(steps * strength), steps)
-    if run < 1:
-        raise ValueError(
-            f"strength {strength} with {steps} steps runs no step; raise --strength "
-            f"to at least {1 / steps:.3g} or --steps"
-        )
-    return steps - run
-
-
-def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
-    """The tail of a (steps + 1,) σ grid that img2img at ``strength`` runs (`img2img_start`)."""
-    return sigmas[img2img_start(steps, strength) :]
