@@ -62,9 +62,8 @@ class StreamingCheckpointIO(TorchCheckpointIO):
             checkpoint = torch.load(
                 os.fspath(path), map_location=map_location, weights_only=weights_only, mmap=True
             )
-        except RuntimeError as e:  # a file in torch's legacy (pre-zip) format cannot be mapped
-            if "mmap" not in str(e):
-                raise
+        except (RuntimeError, OSError):  # torch's legacy (pre-zip) format, or a filesystem that
+            # cannot map: read it as Lightning does (a damaged file raises there, as before)
             return super().load_checkpoint(path, map_location, weights_only)
         if self.own_optimizer_state:
             for optimizer_state in checkpoint.get("optimizer_states", ()):

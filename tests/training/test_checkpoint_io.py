@@ -97,3 +97,22 @@ def test_legacy_format_file_loads_unmapped(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         StreamingCheckpointIO().load_checkpoint(tmp_path / "nothing.ckpt")
+
+
+def test_unmappable_file_is_read_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that cannot map (some network and FUSE mounts) falls back to reading."""
+    state = resume_state()
+    path = tmp_path / "resume.ckpt"
+    StreamingCheckpointIO().save_checkpoint(state, path)
+    real_load = torch.load
+
+    def no_mmap(*args, mmap=None, **kwargs):
+        if mmap:
+            raise OSError("mmap: operation not supported")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    loaded = StreamingCheckpointIO(own_optimizer_state=True).load_checkpoint(
+        path, weights_only=True
+    )
+    assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
