@@ -60,6 +60,24 @@ class Stages:
         print(f"[demo] {name}: done in {self.times[name]:.0f} s", flush=True)
 
 
+def fixed_noise_samples(
+    model: Any, sampler: Any, prompt: str, n: int, size: int, guidance: float
+) -> torch.Tensor:
+    """``n`` images of ``prompt`` drawn from seed 1000's noise: the same noise for every prompt
+    and every model, so scores of two models (the demo's, a fine-tune's) compare samples that
+    differ only by the model."""
+    images, _ = model.generate(
+        [prompt] * n,
+        sampler,
+        guidance=guidance,
+        latents=torch.randn(
+            model.latent_shape(n, size, size), generator=torch.Generator().manual_seed(1000)
+        ),
+        generator=torch.Generator().manual_seed(1000),
+    )
+    return images
+
+
 def evaluate(
     ckpt: Path, metadata: Path, guidances: list[float], n: int, **sampler: Any
 ) -> dict[str, Any]:
@@ -83,17 +101,7 @@ def evaluate(
 
     for guidance in guidances:
         for p in tqdm(prompts, desc=f"evaluating at guidance {guidance:g}", unit="prompt"):
-            noise = torch.randn(
-                model.latent_shape(n, cfg.data.image_size, cfg.data.image_size),
-                generator=torch.Generator().manual_seed(1000),
-            )
-            images, _ = model.generate(
-                [p.prompt] * n,
-                sampler,
-                guidance=guidance,
-                latents=noise,
-                generator=torch.Generator().manual_seed(1000),
-            )
+            images = fixed_noise_samples(model, sampler, p.prompt, n, cfg.data.image_size, guidance)
             scored += score_pairs(
                 [(p, img) for img in images], guidance=guidance, geometry=geometry
             )

@@ -56,6 +56,7 @@ def score(
     """Sample ``n`` images per prompt from ``ckpt`` at its configured guidance (fixed noise, the
     same for every model) and return the adherence row of each group by group name."""
     from ldm import assemble, build
+    from ldm.demo import fixed_noise_samples
     from ldm.eval.adherence import score_pairs, summarise
 
     model, cfg = assemble.load_for_sampling(ckpt)
@@ -65,17 +66,7 @@ def score(
     guidance = float(cfg.sampling.guidance)
     scored, errors = [], {}
     for p in prompts:
-        noise = torch.randn(
-            model.latent_shape(n, cfg.data.image_size, cfg.data.image_size),
-            generator=torch.Generator().manual_seed(1000),
-        )
-        images, _ = model.generate(
-            [p.prompt] * n,
-            sampler,
-            guidance=guidance,
-            latents=noise,
-            generator=torch.Generator().manual_seed(1000),
-        )
+        images = fixed_noise_samples(model, sampler, p.prompt, n, cfg.data.image_size, guidance)
         scored += score_pairs([(p, img) for img in images], guidance=guidance, geometry=geometry)
         errors.setdefault(p.group, []).extend(color_errors(images, p.target["color"], geometry))
     rows = {row.group: row.to_dict() for row in summarise(scored, total=False)}
