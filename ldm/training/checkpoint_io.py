@@ -12,7 +12,7 @@ on the buffer: the caller
 file, fsyncs it and renames it over the old one; a full disk is the write's own ``OSError``
 (which train.py reports in one line), not torch's zip-writer ``RuntimeError``.
 
-Loads map the file (``torch.load(mmap=True, weights_only=...)``) instead of reading it into
+Loads map the file (``torch.load(mmap=True, weights_only=True)``) instead of reading it into
 memory: the weights are copied from the file's pages into the module's parameters, which
 exist already, so the checkpoint's copy of them is page cache the kernel can drop, not a
 second set of weights in the process's own memory. A run on the CPU copies the optimizer
@@ -22,7 +22,9 @@ the mapping would keep the old ``resume.ckpt`` on disk, replaced but not freed, 
 of the run. On a GPU the optimizer moves them itself, and every rank of a node maps the same
 file (one page cache) instead of reading its own copy. Measured on the full SD1 run above:
 a resume peaked at 19.65 GiB of anonymous memory with Lightning's load, at 16.83 GiB mapped
-(the training steps' own peak).
+(the training steps' own peak). Every load, mapped or not, local or remote, is
+``weights_only=True`` whatever the caller asks: a resume checkpoint holds tensors and plain
+values, and no pickled code is ever run.
 """
 
 from __future__ import annotations
@@ -52,19 +54,20 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         self,
         path: Any,
         map_location: Any = lambda storage, loc: storage,
-        weights_only: bool | None = None,
+        weights_only: bool | None = True,
     ) -> dict[str, Any]:
+        del weights_only  # always True: never unpickle code
         if not _is_local(path):
-            return super().load_checkpoint(path, map_location, weights_only)
+            return super().load_checkpoint(path, map_location, weights_only=True)
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         try:
             checkpoint = torch.load(
-                os.fspath(path), map_location=map_location, weights_only=weights_only, mmap=True
+                os.fspath(path), map_location=map_location, weights_only=True, mmap=True
             )
         except (RuntimeError, OSError):  # torch's legacy (pre-zip) format, or a filesystem that
             # cannot map: read it as Lightning does (a damaged file raises there, as before)
-            return super().load_checkpoint(path, map_location, weights_only)
+            return super().load_checkpoint(path, map_location, weights_only=True)
         if self.own_optimizer_state:
             for optimizer_state in checkpoint.get("optimizer_states", ()):
                 for state in optimizer_state.get("state", {}).values():

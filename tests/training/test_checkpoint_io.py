@@ -116,3 +116,14 @@ def test_unmappable_file_is_read_instead(tmp_path: Path, monkeypatch: pytest.Mon
         path, weights_only=True
     )
     assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+
+
+class Pickled:
+    """Not a tensor or a plain value: only full unpickling could rebuild it."""
+
+
+def test_loads_never_unpickle_code(tmp_path: Path) -> None:
+    path = tmp_path / "resume.ckpt"
+    torch.save({"state_dict": {}, "object": Pickled()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        StreamingCheckpointIO().load_checkpoint(path, weights_only=False)
